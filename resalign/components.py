@@ -1,0 +1,280 @@
+"""Typed protocols of the component kinds that plugins provide.
+
+This module sits at the level of :mod:`resalign.hookspecs`: plugins import it, it imports nothing of
+the core. Each component is a class with a ``name``, a ``Config`` dataclass and one or two methods;
+:class:`Component` gives every such class a validating ``make(options)``. Components are pure with
+respect to global state: they receive the model function, the parameters and the batch.
+
+Notation follows the paper: θ (``theta``) the parameters being unlearned, θ_FT (``theta_ft``) the
+parameters after a simulated fine-tuning ADAPT(θ, D_FT, C), γ the Moreau-envelope proximity
+coefficient (Eq. 5), K the number of Richardson iterations (Alg. 1), J the number of sampled
+configurations per outer step (Alg. 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from resalign.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy as np
+    import torch
+
+    from resalign.models.bundle import T2IBundle
+
+    Tensor = torch.Tensor
+else:
+    Tensor = Any
+
+#: Parameters as a flat dict name -> tensor (the UNet's ``named_parameters`` names).
+Params = dict[str, "Tensor"]
+
+#: The component kinds, as shown by ``resalign plugins`` and used by the registry.
+KINDS: tuple[str, ...] = (
+    "harmful-loss",
+    "regularizer",
+    "adapter",
+    "solver",
+    "finetune-loss",
+    "scorer",
+    "model",
+)
+
+
+class Component:
+    """Mixin giving a component class a validated constructor from plain options (TOML, CLI)."""
+
+    name: ClassVar[str]
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else type(self).Config()
+
+    @classmethod
+    def make(cls, options: Mapping[str, Any] | None = None, *, where: str = "") -> Component:
+        """Build the component from ``options``; unknown or mistyped keys raise :class:`ConfigError`."""
+        options = dict(options or {})
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        for key in options:
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"{where or cls.name}: unknown option {key!r}{hint}; "
+                    f"expected one of: {', '.join(sorted(fields)) or '(none)'}"
+                )
+        try:
+            config = cls.Config(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where or cls.name}: {exc}") from exc
+        return cls(config)
+
+
+# --------------------------------------------------------------------------- diffusion data
+
+
+@dataclass
+class DenoiseBatch:
+    """Prompt-image pairs in model space (VAE latents for SD, pixels in [-1, 1] for the toy world)."""
+
+    x0: Tensor  # (B, C, H, W)
+    cond: Tensor  # (B, L, D) text-encoder hidden states of ``prompts``
+    prompts: list[str] = field(default_factory=list)
+    anchor_cond: Tensor | None = None  # CA: embeddings of the anchor concept's prompts
+    prior: DenoiseBatch | None = None  # DreamBooth prior-preservation pairs
+
+
+class ModelFn(Protocol):
+    """ε_θ(x_t, t, c): the UNet as a function of a parameter dict (torch.func.functional_call)."""
+
+    def __call__(self, params: Params, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor: ...
+
+
+class Schedule(Protocol):
+    """The forward diffusion process q(x_t | x_0) used by every loss."""
+
+    num_train_timesteps: int
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor: ...
+
+    def sample(self, x0: Tensor, generator: Any = None) -> tuple[Tensor, Tensor]:
+        """Draw (noise ε, timesteps t) for a batch."""
+        ...
+
+    def weight(self, t: Tensor) -> Tensor:
+        """The loss weight w_t of the paper's L_harmful and R (ones by default)."""
+        ...
+
+
+@dataclass
+class DiffusionContext:
+    """What every loss, regularizer and ADAPT method receives (built once per run by the core)."""
+
+    model: ModelFn
+    theta0: Params  # the frozen original parameters (distillation, ESD and CA targets)
+    schedule: Schedule
+    uncond: Tensor  # (1, L, D) embedding of the empty prompt
+
+
+# --------------------------------------------------------------------------- losses
+
+
+@runtime_checkable
+class HarmfulLoss(Protocol):
+    """L_harmful(θ) of Eq. 3 on harmful prompt-image pairs (GA, ESD, CA, ...)."""
+
+    name: ClassVar[str]
+
+    def __call__(
+        self, ctx: DiffusionContext, params: Params, batch: DenoiseBatch, generator: Any = None
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    """R(θ) of Eq. 3 on preservation prompt-image pairs (distillation to the original model)."""
+
+    name: ClassVar[str]
+
+    def __call__(
+        self, ctx: DiffusionContext, params: Params, batch: DenoiseBatch, generator: Any = None
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class FinetuneLoss(Protocol):
+    """L_FT of the simulated (or real) downstream fine-tuning: denoising, prior preservation, ..."""
+
+    name: ClassVar[str]
+
+    def __call__(
+        self, ctx: DiffusionContext, params: Params, batch: DenoiseBatch, generator: Any = None
+    ) -> Tensor: ...
+
+
+# --------------------------------------------------------------------------- ADAPT
+
+
+@dataclass
+class FinetuneConfig:
+    """One configuration C ~ π(C) of Alg. 2 (learning rate, steps, optimizer, loss, ADAPT method)."""
+
+    adapter: str = "full"
+    lr: float = 1e-5
+    steps: int = 10
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    finetune_loss: str = "denoise"
+    batch_size: int = 1
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        return f"{self.adapter}/{self.optimizer}/lr={self.lr:g}/T={self.steps}/{self.finetune_loss}"
+
+
+@dataclass
+class AdaptResult:
+    """θ_FT in the base parameter space (LoRA / SVDiff / CustomDiffusion deltas merged)."""
+
+    theta_ft: Params
+    losses: list[float] = field(default_factory=list)
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """ADAPT(θ, D_FT, C): run ``steps`` optimizer steps on ``loss`` and return θ_FT.
+
+    ``loss(params)`` evaluates L_FT at base-space parameters on the next fine-tuning batch. With
+    ``differentiable=True`` the returned θ_FT keeps the autograd graph back to ``theta`` (inner
+    gradients taken with ``create_graph=True``), which the unrolled solver differentiates through.
+    """
+
+    name: ClassVar[str]
+
+    def adapt(
+        self,
+        theta: Params,
+        loss: Callable[[Params], Tensor],
+        cfg: FinetuneConfig,
+        *,
+        differentiable: bool = False,
+        generator: Any = None,
+    ) -> AdaptResult: ...
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+@dataclass
+class HypergradProblem:
+    """Everything a solver may use to estimate ∇_θ L_harm(θ_FT) (Alg. 1, Eq. 6/7).
+
+    ``grad_harm`` is g = ∇ L_harm at θ_FT; ``hvp_ft(v)`` is ∇²_{θ_FT} L_FT(θ_FT) · v; ``unroll()``
+    recomputes θ_FT(θ) with the adaptation graph kept (only built when the solver asks for it with
+    ``needs_trajectory``); ``harm_loss(p)`` evaluates L_harm at parameters ``p``.
+    """
+
+    theta: Params
+    theta_ft: Params
+    grad_harm: Params
+    hvp_ft: Callable[[Params], Params]
+    gamma: float = 1.0
+    unroll: Callable[[], Params] | None = None
+    harm_loss: Callable[[Params], Tensor] | None = None
+
+
+@dataclass
+class HypergradResult:
+    hypergrad: Params
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # e.g. x_norms, residuals, omega
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """A hypergradient estimator: Richardson (Alg. 1), first-order, unrolled, or a plugin's."""
+
+    name: ClassVar[str]
+    needs_trajectory: ClassVar[bool]
+
+    def solve(self, problem: HypergradProblem) -> HypergradResult: ...
+
+
+# --------------------------------------------------------------------------- scoring and models
+
+
+@dataclass
+class ScoreResult:
+    """A scorer's figure for a set of images, with per-image rows where it has them."""
+
+    metric: str  # e.g. "harmful_rate", "prompt_accuracy", "frechet_distance"
+    value: float
+    per_image: list[dict[str, Any]] | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # labels, thresholds, versions, paths
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores generated or existing images (uint8 array (N, H, W, 3), RGB)."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+
+    def score(self, images: np.ndarray, prompts: Sequence[str] | None = None) -> ScoreResult: ...
+
+
+@runtime_checkable
+class ModelLoader(Protocol):
+    """Loads a text-to-image bundle (the toy world's, a Stable Diffusion folder, ...)."""
+
+    name: ClassVar[str]
+
+    def can_load(self, path: str | None) -> bool: ...
+
+    def load(self, path: str | None, device: str = "cpu", dtype: str = "fp32") -> T2IBundle: ...

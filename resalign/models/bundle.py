@@ -1,0 +1,200 @@
+"""A text-to-image bundle in diffusers layout: unet, text_encoder, tokenizer, scheduler, optional vae.
+
+The same class serves a Stable Diffusion folder (latent space through the VAE) and the toy world
+(pixel space, no VAE). Weights are read and written as safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resalign.errors import ModelLoadError
+from resalign.models.diffusion import NoiseSchedule
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        from resalign.errors import ConfigError
+
+        raise ConfigError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class T2IBundle:
+    """The pieces of a text-to-image diffusion model that resalign uses."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    text_encoder: Any  # transformers.CLIPTextModel (frozen)
+    tokenizer: Any
+    scheduler: Any  # the sampling scheduler (DDIM / PNDM / ...)
+    vae: Any | None = None  # AutoencoderKL for latent models, None in pixel space
+    source: str = ""
+    kind: str = "diffusers"  # "toy" for the embedded toy world
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return (self.unet.config.in_channels, size, size)
+
+    @property
+    def image_size(self) -> int:
+        c, h, _ = self.latent_shape
+        if self.vae is None:
+            return h
+        return h * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def noise_schedule(self) -> NoiseSchedule:
+        from diffusers import DDPMScheduler
+
+        return NoiseSchedule.from_scheduler(DDPMScheduler.from_config(self.scheduler.config))
+
+    # ------------------------------------------------------------------ text and images
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Text-encoder hidden states c for ``prompts`` (B, L, D), on the UNet's device and dtype."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            tok = self.tokenizer(
+                list(prompts[i : i + batch_size]),
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            ids = tok.input_ids.to(self.text_encoder.device)
+            out.append(self.text_encoder(ids)[0])
+        return torch.cat(out).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> model space x_0 (VAE latents × scaling, or pixels)."""
+        images = images.to(self.device, self.dtype)
+        if self.vae is None:
+            return images
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [-1, 1]."""
+        if self.vae is None:
+            return x0.clamp(-1, 1)
+        images = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return images.clamp(-1, 1)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> T2IBundle:
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None:
+                m.to(device=device, dtype=dtype) if dtype is not None else m.to(device)
+        return self
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike, unet_state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the bundle in diffusers layout (safetensors), atomically: a temp dir then a rename."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if unet_state is not None:
+            self.unet.load_state_dict(unet_state, strict=False)
+        self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp / "tokenizer")
+        self.scheduler.save_pretrained(tmp / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        index = {
+            "_class_name": "StableDiffusionPipeline" if self.vae is not None else "ResAlignToyPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+        }
+        if self.vae is not None:
+            index.update(
+                vae=["diffusers", "AutoencoderKL"],
+                safety_checker=[None, None],
+                feature_extractor=[None, None],
+                requires_safety_checker=False,
+            )
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if path.exists():
+            import shutil
+
+            old = path.with_name(path.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "fp32", kind: str = "diffusers"
+    ) -> T2IBundle:
+        """Load a diffusers-layout folder (a Stable Diffusion checkpoint, a run's ``model/``, the toy model)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelLoadError(f"model folder {str(path)!r} does not exist or is not a directory")
+        missing = [p for p in REQUIRED if not (path / p).is_dir()]
+        if missing:
+            raise ModelLoadError(
+                f"model folder {str(path)!r} lacks {', '.join(missing)}: expected a diffusers layout "
+                "with unet/, text_encoder/, tokenizer/, scheduler/ (and vae/ for latent models)"
+            )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import diffusers
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
+
+        torch_dtype = parse_dtype(dtype)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype)
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch_dtype)
+            tok_dir = path / "tokenizer"
+            tok_cls = CLIPTokenizer if (tok_dir / "vocab.json").exists() else CLIPTokenizerFast
+            tokenizer = tok_cls.from_pretrained(tok_dir)
+            sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+            sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDIMScheduler"), None)
+            if sched_cls is None:
+                sched_cls = diffusers.DDIMScheduler
+            scheduler = sched_cls.from_pretrained(path / "scheduler")
+            vae = None
+            if (path / "vae").is_dir():
+                vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch_dtype)
+        except (OSError, ValueError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot load model folder {str(path)!r}: {exc}") from exc
+        for m in (unet, text_encoder, vae):
+            if m is not None:
+                m.requires_grad_(False)
+                m.eval()
+        bundle = cls(unet, text_encoder, tokenizer, scheduler, vae, source=str(path), kind=kind)
+        return bundle.to(device)

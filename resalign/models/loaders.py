@@ -1,0 +1,27 @@
+"""Built-in model loaders: the embedded toy world and diffusers folders (Stable Diffusion v1.x/2.x)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from resalign.components import Component
+from resalign.hookspecs import hookimpl
+from resalign.models.bundle import T2IBundle
+
+
+class DiffusersFolder(Component):
+    """A folder in diffusers layout (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``vae/``)."""
+
+    name: ClassVar[str] = "diffusers"
+
+    def can_load(self, path: str | None) -> bool:
+        return path is not None and (Path(path) / "unet").is_dir()
+
+    def load(self, path: str | None, device: str = "cpu", dtype: str = "fp32") -> T2IBundle:
+        return T2IBundle.load(path, device=device, dtype=dtype)
+
+
+@hookimpl
+def register_models(register):
+    register("diffusers", DiffusersFolder)
