@@ -1,0 +1,1 @@
+"""Evaluation: batched generation, scoring, statistics, reports and plots."""
