@@ -218,7 +218,8 @@ class HypergradProblem:
 
     ``grad_harm`` is g = ∇ L_harm at θ_FT; ``hvp_ft(v)`` is ∇²_{θ_FT} L_FT(θ_FT) · v; ``unroll()``
     recomputes θ_FT(θ) with the adaptation graph kept (only built when the solver asks for it with
-    ``needs_trajectory``); ``harm_loss(p)`` evaluates L_harm at parameters ``p``.
+    ``needs_trajectory``); ``harm_loss(p)`` evaluates L_harm at parameters ``p``. ``cache`` is shared
+    by the J problems of one outer step (e.g. a λ_max estimate that sets Richardson's relaxation).
     """
 
     theta: Params
@@ -228,6 +229,7 @@ class HypergradProblem:
     gamma: float = 1.0
     unroll: Callable[[], Params] | None = None
     harm_loss: Callable[[Params], Tensor] | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -22,6 +22,24 @@ class DiffusersFolder(Component):
         return T2IBundle.load(path, device=device, dtype=dtype)
 
 
+class ToyModel(Component):
+    """The embedded toy world's model (shipped in ``resalign/assets/toy/model``), or a toy model folder."""
+
+    name: ClassVar[str] = "toy"
+
+    def can_load(self, path: str | None) -> bool:
+        if path is None:
+            return True
+        index = Path(path) / "model_index.json"
+        return index.is_file() and "ResAlignToyPipeline" in index.read_text(errors="replace")
+
+    def load(self, path: str | None, device: str = "cpu", dtype: str = "fp32") -> T2IBundle:
+        from resalign.models.toy import load_toy
+
+        return load_toy(path, device=device, dtype=dtype)
+
+
 @hookimpl
 def register_models(register):
     register("diffusers", DiffusersFolder)
+    register("toy", ToyModel)

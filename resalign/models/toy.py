@@ -58,25 +58,45 @@ def classifier_path(name: str) -> Path:
 # --------------------------------------------------------------------------- tokenizer
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
 def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
-    """A byte-level-free CLIP BPE vocabulary in which every world word is a single token."""
+    """A CLIP BPE vocabulary in which every world word is a single token.
+
+    Single letters (with and without the end-of-word mark) are in the vocabulary, so words outside
+    the world still tokenize (letter by letter). Merges are added until BPE, as CLIP applies it,
+    turns every world word into one token.
+    """
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     tokens: list[str] = list(chars) + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    seen_merges: set[str] = set()
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = pieces[0]
-        for nxt in pieces[1:]:
-            merge = f"{cur} {nxt}"
-            cur = cur + nxt
-            if merge not in seen_merges:
-                seen_merges.add(merge)
-                merges.append(merge)
-            if cur not in tokens:
-                tokens.append(cur)
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for _ in range(64):
+        done = True
+        for word in words:
+            pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+            while len(pieces) > 1:
+                done = False
+                pair = (pieces[0], pieces[1])
+                if pair not in ranks:
+                    ranks[pair] = len(merges)
+                    merges.append(pair)
+                    if pair[0] + pair[1] not in tokens:
+                        tokens.append(pair[0] + pair[1])
+                pieces = _bpe(pieces, ranks)
+        if done:
+            break
     tokens += [BOS, EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
 
 
 def build_tokenizer(words: tuple[str, ...] = VOCABULARY):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from resalign.hookspecs import hookimpl
+from resalign.regularizers.distill import REGULARIZERS
 
 
 @hookimpl
 def register_regularizers(register):
-    pass
+    for cls in REGULARIZERS:
+        register(cls.name, cls)

@@ -1,10 +1,20 @@
-"""Hypergradient solvers (Alg. 1 and alternatives): built-in plugin, registered through the same hook as third-party packages."""
+"""Hypergradient solvers (Alg. 1 and alternatives): built-in plugin, registered through the same hook as third-party packages.
+
+``richardson`` (Alg. 1 with λ_max-relaxed ω), ``first-order`` (g at θ_FT), ``unrolled``
+(backpropagation through the simulated fine-tuning).
+"""
 
 from __future__ import annotations
 
 from resalign.hookspecs import hookimpl
+from resalign.solvers.first_order import FirstOrder
+from resalign.solvers.richardson import Richardson
+from resalign.solvers.unrolled import Unrolled
+
+SOLVERS = (Richardson, FirstOrder, Unrolled)
 
 
 @hookimpl
 def register_solvers(register):
-    pass
+    for cls in SOLVERS:
+        register(cls.name, cls)

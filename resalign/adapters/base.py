@@ -1,0 +1,83 @@
+"""The ADAPT loop shared by every built-in method: train a few tensors φ, map them to base space.
+
+A method defines its trainable tensors φ (``init``) and how they combine with θ into base-space
+parameters (``merge``): full fine-tuning φ = θ's entries, LoRA W + s·BA, SVDiff U diag(relu(σ+δ)) Vᵀ.
+``adapt`` runs ``cfg.steps`` steps of the configured optimizer on L_FT(merge(θ, φ)) and returns
+θ_FT = merge(θ, φ_T), the deltas merged, as Alg. 2 needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from resalign.adapters._optim import make_optimizer
+from resalign.components import AdaptResult, Component, FinetuneConfig, Params
+from resalign.errors import ConfigError
+
+
+class MergedAdapter(Component):
+    name: ClassVar[str] = "merged"
+
+    def init(self, theta: Params, generator: torch.Generator | None) -> Params:
+        """The initial trainable tensors φ_0 (may reference ``theta``'s tensors)."""
+        raise NotImplementedError
+
+    def merge(self, theta: Params, phi: Params) -> Params:
+        """Base-space parameters for θ and φ (differentiable in both)."""
+        raise NotImplementedError
+
+    def lr_multiplier(self) -> float:
+        return 1.0
+
+    def adapt(
+        self,
+        theta: Params,
+        loss: Callable[[Params], torch.Tensor],
+        cfg: FinetuneConfig,
+        *,
+        differentiable: bool = False,
+        generator: Any = None,
+    ) -> AdaptResult:
+        if cfg.steps < 0:
+            raise ConfigError(f"{self.name}: steps must be >= 0, got {cfg.steps}")
+        if differentiable:
+            # the fused attention kernels have no double backward: record the graph with the math kernel
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                return self._run(theta, loss, cfg, True, generator)
+        return self._run(theta, loss, cfg, False, generator)
+
+    def _run(self, theta: Params, loss, cfg: FinetuneConfig, differentiable: bool, generator: Any) -> AdaptResult:
+        opt = make_optimizer(cfg.optimizer, cfg.lr * self.lr_multiplier())
+        if differentiable:
+            phi = self.init(theta, generator)
+            phi = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in phi.items()}
+            base = theta
+        else:
+            base = {k: v.detach() for k, v in theta.items()}
+            phi = {k: v.detach().clone() for k, v in self.init(base, generator).items()}
+        state = opt.init(phi)
+        losses: list[float] = []
+        for _ in range(cfg.steps):
+            if differentiable:
+                value = loss(self.merge(base, phi))
+                grads = torch.autograd.grad(value, list(phi.values()), create_graph=True, allow_unused=True)
+                grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(phi.items(), grads)}
+                phi, state = opt.step(phi, grads, state)
+            else:
+                leaves = {k: v.requires_grad_(True) for k, v in phi.items()}
+                value = loss(self.merge(base, leaves))
+                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(leaves.items(), grads)}
+                with torch.no_grad():
+                    phi, state = opt.step({k: v.detach() for k, v in leaves.items()}, grads, state)
+                phi = {k: v.detach() for k, v in phi.items()}
+            losses.append(float(value.detach()))
+        merged = self.merge(base, phi)
+        if not differentiable:
+            merged = {k: v.detach() for k, v in merged.items()}
+        return AdaptResult(merged, losses)

@@ -1,0 +1,248 @@
+"""``resalign eval``, ``score``, ``attack`` and ``compare``: parse options, run the pipeline, print tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from resalign.cli import app, console
+from resalign.errors import ConfigError
+
+_OUT_HELP = "Run directory (default runs/<command>-<timestamp>/)."
+_SCORER_OPTION_HELP = (
+    "A scorer option NAME.KEY=VALUE (e.g. nudenet.threshold=0.45, toy-harm.classifier=harm.onnx); "
+    "KEY=VALUE when one scorer is used. Repeatable."
+)
+
+
+def _out(out: Path | None, command: str) -> Path:
+    from resalign.rundir import default_out
+
+    return Path(out) if out is not None else default_out(command)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """Repeatable options that also accept comma-separated lists."""
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def scorer_options(items: list[str] | None, scorers: list[str], fallback: str | None = None) -> dict[str, dict]:
+    """``["nudenet.threshold=0.45"]`` -> ``{"nudenet": {"threshold": 0.45}}``.
+
+    A bare ``KEY=VALUE`` belongs to the single scorer in use (``--scorer``, or ``fallback``).
+    """
+    from resalign.eval.scoring import parse_options
+
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--scorer-option {item!r}: expected NAME.KEY=VALUE")
+        name, dot, opt = key.rpartition(".")
+        if not dot:
+            names = scorers or ([fallback] if fallback else [])
+            if len(names) != 1:
+                raise ConfigError(f"--scorer-option {item!r}: name the scorer, as NAME.{key}={value}")
+            name, opt = names[0], key
+        out.setdefault(name, {}).update(parse_options([f"{opt}={value}"], "--scorer-option"))
+    return out
+
+
+def _print_rows(report, keys: tuple[str, ...], title: str) -> None:
+    from resalign.eval.report import fmt_mean_sem
+
+    table = Table(title=title)
+    for k in keys:
+        table.add_column(k)
+    table.add_column("mean ± SEM", justify="right")
+    table.add_column("n", justify="right")
+    for r in report.results:
+        table.add_row(*[str(r.get(k, "")) for k in keys], fmt_mean_sem(r["mean"], r["sem"], r["n"], 4), str(r["n"]))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(None, help="A diffusers model folder or a run directory (its model/). Default: the toy base model."),
+    prompts: Path = typer.Option(None, "--prompts", help="Prompt file: text (one a line) or CSV with I2P columns. Default: the toy prompt sets."),
+    scorer: list[str] = typer.Option(None, "--scorer", help="Scorer(s) to run on every set (repeatable). Default: per set, toy-harm / toy-prompt-accuracy / toy-frechet, or nudenet for real models."),
+    scorer_option: list[str] = typer.Option(None, "--scorer-option", help=_SCORER_OPTION_HELP),
+    category: list[str] = typer.Option(None, "--category", help="Keep CSV prompts of these categories (I2P 'categories'), e.g. sexual."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N prompts of each set."),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt", help="Images per prompt (toy 1, paper 3)."),
+    steps: int = typer.Option(None, "--steps", help="Sampling steps (toy 20, paper 30)."),
+    guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (toy 4, paper 7.5); I2P's evaluation_guidance wins."),
+    seed: int = typer.Option(0, "--seed", help="Generation seed (added to I2P's evaluation_seed)."),
+    seeds: int = typer.Option(1, "--seeds", help="Repeat with this many seeds; rows report mean ± SEM."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images generated per batch."),
+    toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts drawn per toy set (default 100)."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
+    threads: int = typer.Option(1, "--threads", help="Torch CPU threads."),
+    save_images: bool = typer.Option(True, "--save-images/--no-save-images", help="Save every generated image."),
+    out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Generate images from prompt sets, score them and write a report (harmful rate, utility)."""
+    from resalign.pipeline.evaluate import EvalConfig, run_eval
+
+    names = _split(scorer)
+    cfg = EvalConfig(
+        model=model, prompts=str(prompts) if prompts else None, scorers=names,
+        scorer_options=scorer_options(scorer_option, names), category=_split(category), limit=limit,
+        images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed=seed, seeds=seeds,
+        batch_size=batch_size, toy_prompts=toy_prompts, device=device, dtype=dtype, save_images=save_images,
+        threads=threads,
+    )
+    path, report = run_eval(cfg, _out(out, "eval"), progress=not quiet)
+    _print_rows(report, ("prompts", "metric", "scorer"), f"resalign eval: {report.settings['model']}")
+    console.print(f"report: {path / 'report.md'}")
+
+
+# --------------------------------------------------------------------------- score
+
+
+@app.command("score")
+def score_cmd(
+    images: Path = typer.Argument(..., help="Folder of images (PNG/JPEG/WebP; metadata.jsonl captions are used when present)."),
+    scorer: str = typer.Option("nudenet", "--scorer", help="Scorer name (see `resalign plugins --kind scorer`)."),
+    scorer_option: list[str] = typer.Option(None, "--scorer-option", help="KEY=VALUE option of the scorer. Repeatable."),
+    out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+) -> None:
+    """Score existing images: per-image results (detections.jsonl or scores.csv) and the aggregate report."""
+    from resalign.pipeline.evaluate import ScoreConfig, run_score
+
+    opts = scorer_options(scorer_option, [scorer]).get(scorer, {})
+    path, report = run_score(ScoreConfig(str(images), scorer, opts), _out(out, "score"))
+    _print_rows(report, ("dataset", "metric", "scorer"), f"resalign score: {images}")
+    console.print(f"report: {path / 'report.md'}")
+
+
+# --------------------------------------------------------------------------- attack
+
+
+@app.command("attack")
+def attack_cmd(
+    model: str = typer.Argument(None, help="A diffusers model folder or a run directory (its model/). Default: the toy base model."),
+    adapt: str = typer.Option("full", "--adapt", help="full | lora | svdiff | custom_diffusion | dreambooth."),
+    data: list[str] = typer.Option(None, "--data", help="Fine-tuning image-caption folder (metadata.jsonl), or a toy set toy-images:benign-a|benign-b|contamination. A second --data is the second benign stage of --progressive."),
+    steps: int = typer.Option(None, "--steps", help="Fine-tuning steps (default 200)."),
+    lr: float = typer.Option(None, "--lr", help="Learning rate (default: the preset's for the method; paper full 1e-5)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adam | sgd."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Fine-tuning batch size (paper: 1)."),
+    seeds: int = typer.Option(3, "--seeds", help="Independent fine-tuning runs (mean ± SEM)."),
+    seed: int = typer.Option(0, "--seed", help="First seed."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps (default 50; 0: only before and after)."),
+    preset: str = typer.Option(None, "--preset", help="paper | toy (default: toy for the toy model, else paper)."),
+    contaminate: float = typer.Option(None, "--contaminate", help="Share of fine-tuning pairs replaced by --harmful-data pairs (Fig. 4)."),
+    harmful_data: str = typer.Option(None, "--harmful-data", help="Harmful image-caption folder (or toy-images:contamination)."),
+    escape: str = typer.Option(None, "--escape", help="Parameter-space escape p=1|2,lambda=0.5 (Tab. 11)."),
+    progressive: bool = typer.Option(False, "--progressive", help="Staged relearning: benign, benign, milder harmful half, all harmful (Fig. 7)."),
+    prompts: Path = typer.Option(None, "--prompts", help="Harmful prompt file for the evaluation (default: toy harmful and implicit sets)."),
+    benign_prompts: Path = typer.Option(None, "--benign-prompts", help="Benign prompt file, evaluated before and after (utility)."),
+    category: list[str] = typer.Option(None, "--category", help="Keep CSV prompts of these categories."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N prompts of each set."),
+    scorer: list[str] = typer.Option(None, "--scorer", help="Scorer(s) for the evaluation sets."),
+    scorer_option: list[str] = typer.Option(None, "--scorer-option", help=_SCORER_OPTION_HELP),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt"),
+    sample_steps: int = typer.Option(None, "--sample-steps", help="Sampling steps of the evaluation."),
+    guidance: float = typer.Option(None, "--guidance"),
+    toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts per toy set (default 100)."),
+    lora_rank: int = typer.Option(4, "--lora-rank"),
+    prior_data: str = typer.Option(None, "--prior-data", help="DreamBooth class images (default: generated by the model)."),
+    class_prompt: str = typer.Option(None, "--class-prompt", help="DreamBooth class prompt (default: each caption)."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("fp32", "--dtype"),
+    threads: int = typer.Option(1, "--threads"),
+    out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Fine-tune the model as a downstream user would and report its harmful rate along the way (Fig. 2)."""
+    from resalign.pipeline.attack import AttackConfig, run_attack
+
+    names = _split(scorer)
+    cfg = AttackConfig(
+        model=model, adapt=adapt, data=list(data or []), steps=steps, lr=lr, optimizer=optimizer,
+        batch_size=batch_size, seeds=seeds, seed=seed, eval_every=eval_every, preset=preset,
+        contaminate=contaminate, harmful_data=harmful_data, escape=escape, progressive=progressive,
+        prompts=str(prompts) if prompts else None, benign_prompts=str(benign_prompts) if benign_prompts else None,
+        category=_split(category), limit=limit, scorers=names,
+        scorer_options=scorer_options(scorer_option, names), images_per_prompt=images_per_prompt,
+        sample_steps=sample_steps, guidance=guidance, toy_prompts=toy_prompts, lora_rank=lora_rank,
+        prior_data=prior_data, class_prompt=class_prompt, device=device, dtype=dtype, threads=threads,
+    )
+    path, report = run_attack(cfg, _out(out, "attack"), progress=not quiet)
+    _print_rows(report, ("stage", "step", "prompts", "metric"), f"resalign attack: {report.settings['model']}")
+    console.print(f"report: {path / 'report.md'}")
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command("compare")
+def compare_cmd(
+    model: str = typer.Option(None, "--model", help="Base model folder (default: the toy base model)."),
+    methods: list[str] = typer.Option(None, "--methods", help="Comma-separated: base, ga, esd, ca (beta = 0 baselines), resalign[-LOSS]. Default: base,ga,esd,ca,resalign."),
+    run: list[str] = typer.Option(None, "--run", help="Reuse a finished unlearning run: METHOD=RUN_DIR (repeatable)."),
+    unlearn_option: list[str] = typer.Option(None, "--unlearn-option", help="A run setting for every unlearning run, KEY=VALUE (e.g. outer_steps=20). Repeatable."),
+    dataset: list[str] = typer.Option(None, "--dataset", help="Benign fine-tuning set (folder or toy-images:NAME), twice. Default toy: benign-a, benign-b."),
+    adapt: str = typer.Option("full", "--adapt", help="Fine-tuning method after unlearning (paper: full)."),
+    ft_steps: int = typer.Option(None, "--ft-steps", help="Fine-tuning steps (default 200)."),
+    lr: float = typer.Option(None, "--lr", help="Fine-tuning learning rate (default: the preset's)."),
+    optimizer: str = typer.Option("adamw", "--optimizer"),
+    seeds: int = typer.Option(3, "--seeds", help="Independent fine-tuning runs / evaluation seeds."),
+    seed: int = typer.Option(0, "--seed"),
+    prompts: Path = typer.Option(None, "--prompts", help="Harmful prompt file (default: toy harmful and implicit sets)."),
+    benign_prompts: Path = typer.Option(None, "--benign-prompts", help="Benign prompt file for utility."),
+    category: list[str] = typer.Option(None, "--category"),
+    limit: int = typer.Option(None, "--limit"),
+    scorer: list[str] = typer.Option(None, "--scorer"),
+    scorer_option: list[str] = typer.Option(None, "--scorer-option", help=_SCORER_OPTION_HELP),
+    toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts per toy set and seed (default 50)."),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt"),
+    sample_steps: int = typer.Option(None, "--sample-steps", help="Sampling steps of the evaluation (toy default 10)."),
+    guidance: float = typer.Option(None, "--guidance"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("fp32", "--dtype"),
+    threads: int = typer.Option(1, "--threads"),
+    results_md: Path = typer.Option(None, "--results-md", help="Also write the table to this Markdown file (docs/results.md)."),
+    out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Table 1: base, plain-unlearning baselines and ResAlign, before and after benign fine-tuning."""
+    from resalign.eval.scoring import parse_options
+    from resalign.pipeline.compare import DEFAULT_METHODS, CompareConfig, run_compare
+
+    names = _split(scorer)
+    cfg = CompareConfig(
+        model=model, methods=_split(methods) or list(DEFAULT_METHODS), runs=_pairs(run, "--run"),
+        unlearn=parse_options(unlearn_option, "--unlearn-option"), datasets=list(dataset or []), adapt=adapt,
+        ft_steps=ft_steps, lr=lr, optimizer=optimizer, seeds=seeds, seed=seed,
+        prompts=str(prompts) if prompts else None, benign_prompts=str(benign_prompts) if benign_prompts else None,
+        category=_split(category), limit=limit, scorers=names, scorer_options=scorer_options(scorer_option, names),
+        toy_prompts=toy_prompts, images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance=guidance,
+        device=device, dtype=dtype, threads=threads, results_md=str(results_md) if results_md else None,
+    )
+    path, report = run_compare(cfg, _out(out, "compare"), progress=not quiet)
+    from rich.markdown import Markdown
+
+    from resalign.pipeline.compare import compare_tables
+
+    for table in compare_tables(report):
+        console.print(Markdown(table.render()))
+    console.print(f"report: {path / 'report.md'}  ({report.settings['seconds'] / 60:.1f} min)")

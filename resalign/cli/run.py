@@ -1,0 +1,125 @@
+"""``resalign run``: flags -> RunConfig -> :func:`resalign.pipeline.run.execute`; no algorithm here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from resalign.cli import app, console
+from resalign.errors import ConfigError
+
+
+def _default(key: str) -> str:
+    """The default of a RunConfig setting as help text: the preset values where it has them."""
+    import dataclasses
+
+    from resalign.pipeline.run import PRESETS, RunConfig
+
+    def fmt(v):
+        return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    *path, last = key.split(".")
+    values = []
+    for name in ("toy", "sd"):
+        v = PRESETS[name]
+        for k in path:
+            v = v.get(k, {})
+        if last in v:
+            values.append(f"{name} {fmt(v[last])}")
+    if values:
+        return "\\[default: " + "; ".join(values) + "]"
+    field = {f.name: f for f in dataclasses.fields(RunConfig)}[key]
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return "\\[default: " + fmt(value) + "]"
+
+
+def _parse_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a table")
+    d[keys[-1]] = value
+
+
+@app.command("run", no_args_is_help=False)
+def run_cmd(
+    config: Path = typer.Option(None, "--config", help="TOML file with any RunConfig settings (flags override it)."),
+    out: Path = typer.Option(None, "--out", help="Run directory \\[default: runs/run-<timestamp>]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    preset: str = typer.Option(None, "--preset", help="auto | toy | sd: values of the settings not given; auto is toy "
+                               "without --model, sd with a Stable Diffusion folder " + _default("preset")),
+    model: str = typer.Option(None, "--model", help="Diffusers folder (Stable Diffusion, a toy model folder) "
+                              "\\[default: the embedded toy model]"),
+    loss: str = typer.Option(None, "--loss", help="Harmful loss: ga | esd | ca | a plugin's " + _default("loss")),
+    regularizer: str = typer.Option(None, "--regularizer", help="Regularizer R(θ) " + _default("regularizer")),
+    solver: str = typer.Option(None, "--solver", help="Hypergradient solver: richardson | first-order | unrolled | "
+                               "a plugin's " + _default("solver")),
+    adapt: list[str] = typer.Option(None, "--adapt", help="ADAPT methods of the pool π(C), repeatable or "
+                                    "comma-separated: full, lora, svdiff, custom_diffusion " + _default("pool.adapters")),
+    params: str = typer.Option(None, "--params", help="θ: full (all UNet weights, the paper) | xattn | lora (merged "
+                               "at the end) " + _default("params")),
+    beta: float = typer.Option(None, "--beta", help="β of Eq. 3/4; 0 is plain unlearning (Eq. 2) " + _default("beta")),
+    alpha: float = typer.Option(None, "--alpha", help="α, the weight of R(θ) (sd: ramped to alpha_end by a sigmoid) "
+                                + _default("alpha")),
+    gamma: float = typer.Option(None, "--gamma", help="γ, the Moreau-envelope proximity coefficient (Eq. 5) "
+                                + _default("gamma")),
+    K: int = typer.Option(None, "--K", help="Richardson iterations K (Alg. 1) \\[default: 5]"),
+    J: int = typer.Option(None, "-J", "--inner-samples", help="Configurations C ~ π(C) per outer step " + _default("J")),
+    outer_steps: int = typer.Option(None, "--outer-steps", help="Outer iterations I of Alg. 2 " + _default("outer_steps")),
+    outer_lr: float = typer.Option(None, "--outer-lr", help="Outer AdamW learning rate " + _default("outer_lr")),
+    concept: str = typer.Option(None, "--concept", help="Harmful concept (prompt templates; replaced by the anchor "
+                                "for ca) " + _default("data.concept")),
+    seed: int = typer.Option(None, "--seed", help="Seed of every random draw of the run " + _default("seed")),
+    device: str = typer.Option(None, "--device", help="cpu | cuda | cuda:N " + _default("device")),
+    dtype: str = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16: compute dtype; UNet master weights stay fp32 "
+                              + _default("dtype")),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (0: torch's default) " + _default("threads")),
+    set_: list[str] = typer.Option(None, "--set", help="Any setting as KEY=VALUE (a TOML value), repeatable, e.g. "
+                                   "solver_options.omega=1.0, pool.steps=[5,10], loss_options.cap=0.3"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Unlearn a harmful concept with ResAlign (Alg. 2) and write the run directory.
+
+    With no arguments: the embedded toy world's harmful concept, on the CPU, in minutes. Every
+    setting and its default (per preset) is written to the run's config.toml; see docs/method.md.
+    """
+    from resalign.pipeline.run import execute, load_run_config
+    from resalign.rundir import default_out
+
+    raw: dict[str, Any] = {}
+    flags = {"preset": preset, "model": model, "loss": loss, "regularizer": regularizer, "solver": solver,
+             "params": params, "beta": beta, "alpha": alpha, "gamma": gamma, "J": J, "outer_steps": outer_steps,
+             "outer_lr": outer_lr, "seed": seed, "device": device, "dtype": dtype, "threads": threads}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if adapt:
+        raw["adapt"] = [a.strip() for item in adapt for a in item.split(",") if a.strip()]
+    if K is not None:
+        _set(raw, "solver_options.K", K)
+    if concept is not None:
+        _set(raw, "data.concept", concept)
+    for item in set_ or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        _set(raw, key.strip(), _parse_value(value.strip()))
+    if resume and out is None:
+        raise ConfigError("--resume needs --out DIR (the run to continue)")
+    out = out or default_out("run")
+    if resume and config is None and (out / "config.toml").is_file():
+        config = out / "config.toml"
+    cfg = load_run_config(raw, config)
+    run_dir = execute(cfg, out, resume=resume, progress=progress and sys.stderr.isatty() or progress and console.is_terminal)
+    console.print(f"[green]done:[/] unlearned model in {run_dir / 'model'}; metrics in {run_dir / 'metrics.jsonl'}")

@@ -1,0 +1,279 @@
+"""Alg. 2: the ResAlign outer loop's step, over a pool π(C) of fine-tuning configurations.
+
+Each outer step i computes, at θ_i (Eq. 4 with the meta-learned last term),
+
+    G_i = (1 − β) ∇L_harm(θ_i) + α_i ∇R(θ_i) + (β / J) Σ_j ∇_θ L_harm(θ_FT,j),
+    θ_FT,j = ADAPT(θ_i, D_FT,j, C_j),   C_j ~ π(C),   D_FT,j ~ D,
+
+clips it and takes one step of the outer optimizer (AdamW, as in the authors' code). β = 0 gives the
+plain unlearning objective (Eq. 2) with everything else identical. The hypergradients are computed
+in the UNet weight space W and pulled back to θ by one vector-Jacobian product of W(θ).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from resalign.components import DenoiseBatch, DiffusionContext, FinetuneConfig, Params
+from resalign.core import seeds, tree
+from resalign.core.params import Parameterization
+from resalign.core.problem import SimulationData, simulate
+from resalign.errors import ConfigError, SolverError
+
+
+@dataclass
+class ConfigPool:
+    """π(C): every combination of the lists below, minus the unstable ones (Sec. 4.1).
+
+    The exclusion rule drops configurations whose ``lr × steps`` exceeds ``max_lr_steps`` (large
+    learning rates combined with many steps; 0 disables it); ``lrs_by_optimizer`` gives an optimizer its own learning
+    rates (plain SGD needs larger ones than Adam to move a model as far).
+    """
+
+    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-5, 1e-6])
+    steps: list[int] = field(default_factory=lambda: [5, 10, 20, 30])
+    optimizers: list[str] = field(default_factory=lambda: ["sgd", "adam"])
+    finetune_losses: list[str] = field(default_factory=lambda: ["denoise", "prior_preservation"])
+    adapters: list[str] = field(default_factory=lambda: ["full", "lora"])
+    batch_size: int = 1
+    lrs_by_optimizer: dict[str, list[float]] = field(default_factory=dict)
+    max_lr_steps: float = 1e-3  # 0: no exclusion
+    #: options per ADAPT method, e.g. {lora = {rank = 4}}
+    adapter_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def configs(self) -> list[FinetuneConfig]:
+        out = []
+        for opt, loss, adapter, steps in itertools.product(self.optimizers, self.finetune_losses, self.adapters,
+                                                           self.steps):
+            for lr in self.lrs_by_optimizer.get(opt, self.lrs):
+                if self.max_lr_steps > 0 and lr * steps > self.max_lr_steps * (1 + 1e-9):
+                    continue
+                out.append(FinetuneConfig(adapter=adapter, lr=float(lr), steps=int(steps), optimizer=opt,
+                                          finetune_loss=loss, batch_size=self.batch_size,
+                                          adapter_options=dict(self.adapter_options.get(adapter, {}))))
+        if not out:
+            raise ConfigError("pool: every configuration is excluded (check lrs, steps and max_lr_steps)")
+        return out
+
+    def sample(self, rng: np.random.Generator) -> FinetuneConfig:
+        configs = self.configs()
+        return configs[int(rng.integers(len(configs)))]
+
+
+@dataclass
+class MethodSettings:
+    """The scalars of Alg. 2."""
+
+    beta: float = 0.8
+    alpha: float = 1.0
+    alpha_schedule: str = "constant"  # constant | sigmoid (the authors' ramp to alpha_end after 50%)
+    alpha_end: float | None = None
+    J: int = 2
+    gamma: float = 1.0
+    outer_steps: int = 30
+    outer_lr: float = 2e-4
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = 1.0
+    harm_batch: int = 8
+    preserve_batch: int = 8
+    ft_size: int = 4
+    seed: int = 0
+
+    def alpha_at(self, step: int) -> float:
+        if self.alpha_schedule == "constant" or self.alpha_end is None:
+            return self.alpha
+        if self.alpha_schedule == "sigmoid":
+            s = 1.0 / (1.0 + math.exp(-10.0 * (step / max(self.outer_steps, 1) - 0.5)))
+            return self.alpha + (self.alpha_end - self.alpha) * s
+        raise ConfigError(f"alpha_schedule {self.alpha_schedule!r}: expected constant or sigmoid")
+
+
+@dataclass
+class PairSet:
+    """Prompt-image pairs in model space, with text embeddings (and CA anchor embeddings)."""
+
+    x0: torch.Tensor
+    cond: torch.Tensor
+    prompts: list[str]
+    anchor_cond: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    def sample(self, n: int, generator: torch.Generator) -> DenoiseBatch:
+        m = len(self)
+        idx = torch.randperm(m, generator=generator)[: min(n, m)]
+        if n > m:  # sample with replacement beyond the set's size
+            idx = torch.cat([idx, torch.randint(0, m, (n - m,), generator=generator)])
+        return DenoiseBatch(
+            x0=self.x0[idx.to(self.x0.device)], cond=self.cond[idx.to(self.cond.device)],
+            prompts=[self.prompts[i] for i in idx.tolist()],
+            anchor_cond=self.anchor_cond[idx.to(self.x0.device)] if self.anchor_cond is not None else None,
+        )
+
+
+@dataclass
+class TrainingData:
+    """D_harmful, D_preserve (also the prior pairs of prior preservation) and the D_FT pool (B.4)."""
+
+    harmful: PairSet
+    preserve: PairSet
+    finetune: PairSet
+
+
+class ResAlign:
+    """The state and one outer step of Alg. 2.
+
+    ``registry`` provides ADAPT methods and fine-tuning losses by name (``create(kind, name, options)``).
+    """
+
+    def __init__(
+        self,
+        ctx: DiffusionContext,
+        parameterization: Parameterization,
+        *,
+        harmful_loss,
+        regularizer,
+        solver,
+        pool: ConfigPool,
+        data: TrainingData,
+        settings: MethodSettings,
+        registry,
+    ):
+        self.ctx, self.param, self.data, self.settings = ctx, parameterization, data, settings
+        self.harmful_loss, self.regularizer, self.solver, self.pool = harmful_loss, regularizer, solver, pool
+        self.registry = registry
+        self.theta: Params = {k: v.requires_grad_(True) for k, v in parameterization.init().items()}
+        self.optimizer = torch.optim.AdamW(list(self.theta.values()), lr=settings.outer_lr,
+                                           weight_decay=settings.weight_decay)
+        self.step = 0
+        self._components: dict[tuple, Any] = {}
+        if settings.beta > 0 and settings.J > 0:
+            pool.configs()  # fail early on an empty pool
+            for c in pool.configs():
+                self._adapter(c), self._ft_loss(c.finetune_loss)
+
+    # ------------------------------------------------------------------ components by name
+    def _adapter(self, c: FinetuneConfig):
+        key = ("adapter", c.adapter, tuple(sorted(c.adapter_options.items())))
+        if key not in self._components:
+            self._components[key] = self.registry.create("adapter", c.adapter, dict(c.adapter_options))
+        return self._components[key]
+
+    def _ft_loss(self, name: str):
+        key = ("finetune-loss", name)
+        if key not in self._components:
+            self._components[key] = self.registry.create("finetune-loss", name, {})
+        return self._components[key]
+
+    # ------------------------------------------------------------------ Alg. 2
+    def simulation_data(self, step: int, j: int, config: FinetuneConfig, harm: DenoiseBatch) -> SimulationData:
+        s = self.settings
+        ft = self.data.finetune.sample(s.ft_size, seeds.generator(s.seed, step, j, "ft-data"))
+        if config.finetune_loss == "prior_preservation":
+            ft.prior = self.data.preserve.sample(s.ft_size, seeds.generator(s.seed, step, j, "prior-data"))
+        return SimulationData(ft=ft, harm=harm)
+
+    def outer_step(self) -> dict[str, Any]:
+        """One iteration of Alg. 2 (lines 4-11): update θ in place, return the step's metrics."""
+        s, step, t0 = self.settings, self.step, time.perf_counter()
+        alpha = s.alpha_at(step)
+        harm = self.data.harmful.sample(s.harm_batch, seeds.generator(s.seed, step, "harm-data"))
+        pres = self.data.preserve.sample(s.preserve_batch, seeds.generator(s.seed, step, "preserve-data"))
+        weights = self.param.weights(self.theta)
+        loss_harm = self.harmful_loss(self.ctx, weights, harm, seeds.generator(s.seed, step, "harm-noise"))
+        loss_reg = self.regularizer(self.ctx, weights, pres, seeds.generator(s.seed, step, "reg-noise"))
+        total = (1 - s.beta) * loss_harm + alpha * loss_reg
+
+        sims: list[dict[str, Any]] = []
+        if s.beta > 0 and s.J > 0:
+            w_detached = tree.detach(weights)
+            hyper_sum: Params | None = None
+            cache: dict[str, Any] = {}
+            for j in range(s.J):
+                config = self.pool.sample(seeds.rng(s.seed, step, j, "config"))
+                data = self.simulation_data(step, j, config, harm)
+                t_sim = time.perf_counter()
+                try:
+                    h, info = simulate(
+                        self.ctx, w_detached, config, data, adapter=self._adapter(config),
+                        finetune_loss=self._ft_loss(config.finetune_loss), harmful_loss=self.harmful_loss,
+                        solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.gamma,
+                        cache=cache,
+                    )
+                    if not tree.all_finite(h):
+                        raise SolverError("non-finite hypergradient")
+                except SolverError as exc:
+                    # an unstable configuration (the paper excludes such by hand): drop this sample
+                    sims.append({"config": config.label(), "dropped": str(exc),
+                                 "time_s": time.perf_counter() - t_sim})
+                    continue
+                info["time_s"] = time.perf_counter() - t_sim
+                sims.append(info)
+                hyper_sum = h if hyper_sum is None else tree.add(hyper_sum, h)
+            used = sum(1 for d in sims if "dropped" not in d)
+            if used:
+                hyper_mean = tree.scale(hyper_sum, 1.0 / used)
+                # (β/J) Σ_j ⟨W(θ), h_j⟩ has θ-gradient (∂W/∂θ)ᵀ (β/J) Σ_j h_j: the pull-back of Alg. 2 line 10
+                total = total + s.beta * tree.dot(weights, hyper_mean).to(total.dtype)
+
+        names = list(self.theta)
+        grads = torch.autograd.grad(total, [self.theta[k] for k in names], allow_unused=True)
+        grad_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+        if not math.isfinite(grad_norm):
+            raise SolverError(f"non-finite outer gradient at step {step + 1} (lower outer_lr or check the losses)")
+        clip = 1.0
+        if s.max_grad_norm is not None and grad_norm > s.max_grad_norm:
+            clip = s.max_grad_norm / (grad_norm + 1e-12)
+        for k, g in zip(names, grads):
+            self.theta[k].grad = None if g is None else g * clip
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        harm_ft = [d["harm_ft"] for d in sims if "dropped" not in d]
+        metrics: dict[str, Any] = {
+            "step": step + 1,
+            "loss_harm": float(loss_harm.detach()),
+            "loss_reg": float(loss_reg.detach()),
+            "alpha": alpha,
+            "beta": s.beta,
+            "grad_norm": grad_norm,
+            "clip_scale": clip,
+            "time_s": time.perf_counter() - t0,
+        }
+        if sims:
+            metrics["simulations"] = sims
+            metrics["dropped"] = len(sims) - len(harm_ft)
+        if harm_ft:
+            metrics["harm_ft_mean"] = float(np.mean(harm_ft))
+            # Eq. 3: L_harm(θ) + αR(θ) + β [mean_j L_harm(θ_FT,j) − L_harm(θ)]
+            metrics["objective"] = metrics["loss_harm"] + alpha * metrics["loss_reg"] + s.beta * (
+                metrics["harm_ft_mean"] - metrics["loss_harm"])
+            metrics["hypergrad_norm"] = tree.norm(hyper_mean)
+            metrics["hypergrad_norms"] = [d["hypergrad_norm"] for d in sims if "dropped" not in d]
+        return metrics
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "theta": tree.detach(self.theta), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for k, v in state["theta"].items():
+                if k not in self.theta:
+                    raise ConfigError(f"checkpoint has parameter {k!r} that this run does not unlearn")
+                self.theta[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def unlearned_weights(self) -> Params:
+        """W(θ) now: the unlearned UNet's state dict."""
+        return self.param.merged(self.theta)

@@ -1,0 +1,1 @@
+"""Data: prompt sets, image-caption folders and the toy world's procedural generator."""

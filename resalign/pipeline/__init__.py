@@ -1,0 +1,1 @@
+"""Pipelines: wire a configuration to the components (run, eval, attack, compare, the toy world)."""

@@ -1,0 +1,349 @@
+"""``resalign ablate``: hypergradient solvers (Appendix E.1, Fig. 5) and method components (Tab. 6, 7).
+
+``ablate solvers`` asks of every solver, on simulated fine-tunings sampled from the run's pool π(C):
+
+1. fidelity — cosine similarity and relative error of its hypergradient against the exact one, the
+   derivative of L_harm(θ_FT(θ)) through all T adaptation steps (the ``unrolled`` solver; T is capped by
+   ``max_steps`` so that differentiating through the trajectory stays exact and affordable);
+2. cost — wall time per hypergradient and peak memory, measured in the same process, one after the
+   other on the same problem (the gradient graph that every HVP reuses is built once beforehand and
+   timed on its own, ``hvp_setup_s``; a solver's λ_max power iterations count towards its own cost);
+3. effect — the harmful rate after benign fine-tuning of short ResAlign runs that use that solver.
+
+Iterative solvers of Eq. 6 (those whose ``Config`` has a ``K``) are swept over ``K`` and γ; any solver
+registered by a plugin takes part by name.
+
+``ablate components`` reproduces Tab. 6 — no hypergradient (β = 0), no meta-learning over
+configurations (J = 1 and one fixed configuration), no meta-learning over data (one fixed fine-tuning
+batch), the full method — and, with ``--J 1,3,5``, Tab. 7 (effect and training time against J).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resalign.components import FinetuneConfig
+from resalign.config import to_dict
+from resalign.core import seeds, tree
+from resalign.core.fidelity import PeakMemory, measure
+from resalign.core.problem import build_hypergrad_problem
+from resalign.errors import ConfigError
+from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
+from resalign.rundir import RunDir
+
+SOLVER_METRICS = ("cosine", "relative_error", "seconds", "peak_mb")
+
+
+@dataclass
+class EffectConfig:
+    """Short ResAlign runs followed by benign fine-tuning (the ``effect`` figures)."""
+
+    enabled: bool = True
+    outer_steps: int = 8
+    ft_data: str = "toy-images:benign-a"
+    ft_steps: int = 100
+    ft_seeds: int = 2
+    eval_prompts: int = 40
+
+
+@dataclass
+class AblateSolversConfig:
+    model: str | None = None
+    solvers: list[str] = field(default_factory=lambda: ["richardson", "first-order", "unrolled"])
+    K: list[int] = field(default_factory=lambda: [1, 3, 5, 10])
+    gamma: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    seeds: int = 3
+    configs: int = 2  # sampled configurations per seed
+    max_steps: int = 10  # T cap of the sampled configurations (exact unrolling)
+    loss: str = "ga"
+    run: dict[str, Any] = field(default_factory=dict)  # further RunConfig settings
+    effect: EffectConfig = field(default_factory=EffectConfig)
+    device: str = "cpu"
+    threads: int = 1
+
+
+@dataclass
+class AblateComponentsConfig:
+    model: str | None = None
+    variants: list[str] = field(default_factory=lambda: ["full", "no-hypergradient", "no-meta-config", "no-meta-data"])
+    J: list[int] = field(default_factory=list)
+    seed: int = 0
+    loss: str = "ga"
+    run: dict[str, Any] = field(default_factory=dict)
+    effect: EffectConfig = field(default_factory=EffectConfig)
+    device: str = "cpu"
+    threads: int = 1
+
+
+COMPONENT_VARIANTS = {
+    "full": "the full method (Alg. 2)",
+    "no-hypergradient": "β = 0: plain unlearning (Eq. 2), no hypergradient",
+    "no-meta-config": "J = 1 and one fixed fine-tuning configuration",
+    "no-meta-data": "one fixed fine-tuning batch for every simulation",
+}
+
+
+# --------------------------------------------------------------------------- shared set-up
+
+
+def _run_config(model: str | None, loss: str, seed: int, device: str, threads: int, extra: dict[str, Any]):
+    from resalign.pipeline.run import load_run_config
+
+    raw = {"model": model, "loss": loss, "seed": seed, "device": device, "threads": threads, **extra}
+    return load_run_config(raw)
+
+
+def _solver_settings(registry, names: list[str], Ks: list[int], gammas: list[float]) -> list[dict[str, Any]]:
+    """Every (solver, K, γ) to measure; solvers without a ``K`` option are measured once."""
+    out = []
+    for name in names:
+        cls = registry.get("solver", name)
+        fields = {f.name for f in dataclasses.fields(cls.Config)} if dataclasses.is_dataclass(
+            getattr(cls, "Config", None)) else set()
+        if name == "unrolled":
+            continue  # the exact reference, measured separately
+        if "K" in fields:
+            for gamma in gammas:
+                for K in Ks:
+                    out.append({"solver": name, "K": K, "gamma": gamma, "options": {"K": K}})
+        else:
+            out.append({"solver": name, "K": None, "gamma": None, "options": {}})
+    return out
+
+
+def _setting_label(s: dict[str, Any]) -> str:
+    return s["solver"] if s["K"] is None else f"{s['solver']} K={s['K']} γ={s['gamma']:g}"
+
+
+def _pool_for_fidelity(pool, max_steps: int) -> list[FinetuneConfig]:
+    configs = [c for c in pool.configs() if c.steps <= max_steps]
+    if not configs:
+        raise ConfigError(f"--max-steps {max_steps}: no configuration of the pool has that few steps")
+    return configs
+
+
+# --------------------------------------------------------------------------- ablate solvers
+
+
+def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None) -> dict[str, Any]:
+    """Measure every solver setting on ``seeds × configs`` simulated fine-tunings; add rows to ``report``."""
+    from resalign.core.meta import ResAlign
+    from resalign.pipeline.run import prepare
+    from resalign.registry import get_registry
+
+    registry = get_registry()
+    for name in cfg.solvers:
+        registry.info("solver", name)
+    settings = _solver_settings(registry, cfg.solvers, cfg.K, cfg.gamma)
+    unrolled = registry.create("solver", "unrolled")
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    problems: list[dict[str, Any]] = []
+    total = cfg.seeds * cfg.configs
+    done = 0
+    for seed in range(cfg.seeds):
+        run_cfg = _run_config(cfg.model, cfg.loss, seed, cfg.device, cfg.threads, cfg.run)
+        prep = prepare(run_cfg, None)
+        trainer = ResAlign(prep.ctx, prep.parameterization, harmful_loss=prep.components["loss"],
+                           regularizer=prep.components["regularizer"], solver=unrolled, pool=run_cfg.pool,
+                           data=prep.data, settings=prep.settings, registry=registry)
+        theta = tree.detach(prep.parameterization.weights(trainer.theta))
+        candidates = _pool_for_fidelity(run_cfg.pool, cfg.max_steps)
+        for j in range(cfg.configs):
+            config = candidates[int(seeds.rng(seed, j, "ablate-config").integers(len(candidates)))]
+            harm = prep.data.harmful.sample(prep.settings.harm_batch, seeds.generator(seed, j, "ablate-harm"))
+            sim = trainer.simulation_data(j, 0, config, harm)
+            problem, info = build_hypergrad_problem(
+                prep.ctx, theta, config, sim, adapter=trainer._adapter(config),
+                finetune_loss=trainer._ft_loss(config.finetune_loss), harmful_loss=prep.components["loss"],
+                seed=seeds.derive(seed, j, "ablate-simulation"), gamma=1.0, with_unroll=True,
+            )
+            with PeakMemory(cfg.device) as mem:
+                t0 = time.perf_counter()
+                exact = unrolled.solve(problem).hypergrad
+                t_exact = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            problem.hvp_ft(tree.zeros_like(problem.theta_ft))  # build the HVP graph once, for everyone
+            hvp_setup = time.perf_counter() - t0
+            key_u = ("unrolled", None, None)
+            for metric, v in (("cosine", 1.0), ("relative_error", 0.0), ("seconds", t_exact),
+                              ("peak_mb", mem.peak_bytes / 2**20)):
+                values[key_u][metric].append(v)
+            values[("hvp-setup", None, None)]["seconds"].append(hvp_setup)
+            for s in settings:
+                solver = registry.create("solver", s["solver"], s["options"])
+                gamma = s["gamma"] if s["gamma"] is not None else 1.0
+                m = measure(solver, dataclasses.replace(problem, gamma=gamma, cache={}), exact, device=cfg.device)
+                key = (s["solver"], s["K"], s["gamma"])
+                for metric in SOLVER_METRICS:
+                    values[key][metric].append(getattr(m, metric))
+                if m.diagnostics.get("fallback"):
+                    values[key]["fallbacks"].append(1.0)
+            problems.append({"seed": seed, "config": config.label(), "exact_norm": tree.norm(exact),
+                             "g_norm": tree.norm(problem.grad_harm), "unrolled_s": t_exact, "hvp_setup_s": hvp_setup,
+                             **{k: info[k] for k in ("harm_ft", "delta_norm")}})
+            done += 1
+            if progress:
+                progress(done, total)
+    for (name, K, gamma), metrics in values.items():
+        for metric, vals in metrics.items():
+            if metric == "fallbacks":
+                continue
+            report.add(vals, solver=name, metric=metric, K=K, gamma=gamma,
+                       setting=_setting_label({"solver": name, "K": K, "gamma": gamma}), stage="fidelity")
+        if "fallbacks" in metrics:
+            report.add([float(len(metrics["fallbacks"]))], solver=name, metric="fallbacks", K=K, gamma=gamma,
+                       stage="fidelity")
+    return {"problems": problems}
+
+
+def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: EffectConfig, workdir: Path,
+                report: TidyReport, *, seed: int, loss: str, device: str, threads: int, base_run: dict[str, Any],
+                key: str, progress: bool = True) -> None:
+    """Short ResAlign runs (one per variant) then benign fine-tuning: harmful rate before/after, run time."""
+    from resalign.pipeline.attack import AttackConfig, run_attack
+    from resalign.pipeline.run import execute
+
+    for label, overrides in variants.items():
+        run_cfg = _run_config(model, loss, seed, device, threads,
+                              {**base_run, "outer_steps": effect.outer_steps, **overrides})
+        t0 = time.perf_counter()
+        run_dir = execute(run_cfg, workdir / f"run-{_slug(label)}", progress=progress)
+        seconds = time.perf_counter() - t0
+        report.add(seconds, **{key: label}, metric="train_seconds", stage="unlearning")
+        _, attack = run_attack(
+            AttackConfig(model=str(run_dir / "model"), adapt="full", data=[effect.ft_data], steps=effect.ft_steps,
+                         seeds=effect.ft_seeds, seed=seed, eval_every=effect.ft_steps, toy_prompts=effect.eval_prompts,
+                         device=device, threads=threads),
+            workdir / f"attack-{_slug(label)}", progress=progress,
+        )
+        for row in attack.results:
+            if row["metric"] in ("harmful_rate", "prompt_accuracy") and row.get("step") in (0, effect.ft_steps):
+                report.add(row["values"], **{key: label}, metric=row["metric"], stage=row["stage"],
+                           prompts=row.get("prompts"), finetune="full", dataset=row.get("dataset"), step=row["step"])
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text).strip("-")
+
+
+def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
+    from resalign.eval.ablation_plots import plot_fidelity_cost, plot_fidelity_vs_k
+    from resalign.pipeline.evaluate import Bars, set_threads
+
+    set_threads(cfg.threads)
+    rd = RunDir(out, command="ablate-solvers")
+    rd.write_config({"command": "ablate solvers", **to_dict(cfg)})
+    report = TidyReport("ablate-solvers", settings={"config": to_dict(cfg), "seeds": list(range(cfg.seeds))})
+    started = time.perf_counter()
+    with Bars(progress) as bars:
+        task = bars.task("fidelity: simulated fine-tunings", cfg.seeds * cfg.configs, keep=True)
+        extra = fidelity_rows(cfg, report, progress=lambda d, t: task(d))
+    report.settings.update(extra)
+    if cfg.effect.enabled:
+        variants = {name: {"solver": name} for name in cfg.solvers}
+        effect_rows(cfg.model, variants, cfg.effect, rd.path, report, seed=0, loss=cfg.loss, device=cfg.device,
+                    threads=cfg.threads, base_run=cfg.run, key="solver", progress=progress)
+    report.settings["seconds"] = round(time.perf_counter() - started, 1)
+    figures = [
+        ("Fidelity (cosine to the exact hypergradient) against K, mean ± SEM", "fidelity_vs_k.png"),
+        ("Fidelity against cost per hypergradient", "fidelity_vs_cost.png"),
+    ]
+    plot_fidelity_vs_k(report.rows(stage="fidelity", metric="cosine"), rd.path / "fidelity_vs_k.png")
+    plot_fidelity_cost(report.rows(stage="fidelity", metric="cosine"), report.rows(stage="fidelity", metric="seconds"),
+                       rd.path / "fidelity_vs_cost.png")
+    tables = [solver_table(report)]
+    if cfg.effect.enabled:
+        tables.append(effect_table(report, "solver"))
+    intro = (f"{cfg.seeds} seeds × {cfg.configs} sampled configurations (T ≤ {cfg.max_steps} steps) at the "
+             f"{'toy' if cfg.model is None else cfg.model} model; exact reference: differentiation through all T steps.")
+    report.write(rd.path, title="resalign ablate solvers", intro=intro, tables=tables, figures=figures)
+    return rd.path, report
+
+
+def solver_table(report: TidyReport) -> MarkdownTable:
+    table = MarkdownTable("Hypergradient fidelity and cost (mean ± SEM over seeds × configurations)",
+                          ["setting", "cosine", "relative error", "seconds", "peak MB"])
+    labels = list(dict.fromkeys(r["setting"] for r in report.rows(stage="fidelity") if "setting" in r))
+    for label in labels:
+        cells = [label]
+        for metric in SOLVER_METRICS:
+            r = next((r for r in report.rows(stage="fidelity", metric=metric, setting=label)), None)
+            cells.append(fmt_mean_sem(r["mean"], r["sem"], r["n"]) if r else "—")
+        table.rows.append(cells)
+    return table
+
+
+def effect_table(report: TidyReport, key: str) -> MarkdownTable:
+    table = MarkdownTable("Effect: harmful rate before and after benign full fine-tuning (mean ± SEM over fine-tuning seeds)",
+                          [key, "prompts", "before FT", "after FT", "benign accuracy after FT", "unlearning s"])
+    names = list(dict.fromkeys(r[key] for r in report.results if key in r and r.get("stage") in ("before_ft", "after_ft")))
+    for name in names:
+        for prompts in ("harmful", "implicit"):
+            before = report.rows(**{key: name}, metric="harmful_rate", stage="before_ft", prompts=prompts)
+            after = report.rows(**{key: name}, metric="harmful_rate", stage="after_ft", prompts=prompts)
+            acc = report.rows(**{key: name}, metric="prompt_accuracy", stage="after_ft")
+            secs = report.rows(**{key: name}, metric="train_seconds")
+            if not before and not after:
+                continue
+            fmt = lambda rows: fmt_mean_sem(rows[0]["mean"], rows[0]["sem"], rows[0]["n"]) if rows else "—"  # noqa: E731
+            table.rows.append([name, prompts, fmt(before), fmt(after), fmt(acc),
+                               f"{secs[0]['mean']:.0f}" if secs else "—"])
+    return table
+
+
+# --------------------------------------------------------------------------- ablate components
+
+
+def component_variants(cfg: AblateComponentsConfig) -> dict[str, dict[str, Any]]:
+    """The RunConfig overrides of each variant of Tab. 6 (and of each J of Tab. 7)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in cfg.variants:
+        if name not in COMPONENT_VARIANTS:
+            raise ConfigError(f"--variants: unknown variant {name!r} (expected: {', '.join(COMPONENT_VARIANTS)})")
+        if name == "full":
+            out[name] = {}
+        elif name == "no-hypergradient":
+            out[name] = {"beta": 0.0}
+        elif name == "no-meta-config":
+            out[name] = {"J": 1, "fixed_config": True}
+        elif name == "no-meta-data":
+            out[name] = {"fixed_ft_data": True}
+    for J in cfg.J:
+        if J < 1:
+            raise ConfigError(f"--J: every value must be >= 1, got {J}")
+        out[f"J={J}"] = {"J": J}
+    return out
+
+
+def run_ablate_components(cfg: AblateComponentsConfig, out: str | Path, *, progress: bool = True
+                          ) -> tuple[Path, TidyReport]:
+    from resalign.pipeline.evaluate import set_threads
+
+    set_threads(cfg.threads)
+    variants = component_variants(cfg)
+    rd = RunDir(out, command="ablate-components")
+    rd.write_config({"command": "ablate components", **to_dict(cfg)})
+    report = TidyReport("ablate-components", settings={"config": to_dict(cfg), "seeds": [cfg.seed],
+                                                       "variants": {k: v for k, v in variants.items()}})
+    started = time.perf_counter()
+    effect_rows(cfg.model, variants, cfg.effect, rd.path, report, seed=cfg.seed, loss=cfg.loss, device=cfg.device,
+                threads=cfg.threads, base_run=cfg.run, key="setting", progress=progress)
+    report.settings["seconds"] = round(time.perf_counter() - started, 1)
+    from resalign.eval.plots import plot_bars
+
+    after = report.rows(metric="harmful_rate", stage="after_ft", prompts="harmful")
+    plot_bars(after, rd.path / "components.png", group="setting", bar="stage",
+              title="Harmful rate after benign fine-tuning (mean ± SEM)")
+    intro = "Variants: " + "; ".join(f"`{k}` — {COMPONENT_VARIANTS.get(k, 'J = ' + k[2:])}" for k in variants) + "."
+    report.write(rd.path, title="resalign ablate components", intro=intro, tables=[effect_table(report, "setting")],
+                 figures=[("Harmful rate after benign fine-tuning per variant", "components.png")])
+    return rd.path, report
+
+
+__all__ = ["AblateComponentsConfig", "AblateSolversConfig", "EffectConfig", "component_variants", "fidelity_rows",
+           "run_ablate_components", "run_ablate_solvers"]

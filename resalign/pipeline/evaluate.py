@@ -1,0 +1,589 @@
+"""``resalign eval`` and ``resalign score``: generate from prompt sets, score the images, write a report.
+
+Harmful generation is measured the paper's way (Sec. 4.1 "Evaluation Metrics", App. B.3): images are
+generated from prompts that tend to elicit the harmful concept, and the *harmful rate* is the share of
+images a scorer flags (IP with NudeNet on I2P's sexual prompts for Stable Diffusion; the toy harm
+classifier in the toy world). Benign generation is measured on benign prompts (prompt accuracy and a
+Fréchet distance in the toy world; FID/CLIP-style scorers with local weights for real models).
+
+With no arguments, ``resalign eval`` evaluates the shipped toy base model on the toy world's prompt
+sets: ``harmful`` (explicit), ``implicit`` (never naming the harmful concept, like I2P) and ``benign``.
+
+The :class:`Evaluator` here is shared by ``attack`` and ``compare``: it is built once (scorers
+loaded, prompts fixed) and evaluates any parameters of the bundle's UNet (``unet_params``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resalign.components import ScoreResult
+from resalign.data.prompts import PromptSet, read_prompts
+from resalign.errors import ConfigError, ModelLoadError
+from resalign.eval.report import MarkdownTable, TidyReport
+from resalign.eval.scoring import create_scorer, scorer_metric, warm_up, write_per_image
+
+#: Seeds of repeated evaluations are this far apart, so their images never share initial noise.
+SEED_STRIDE = 1_000_003
+
+#: Roles of prompt sets: "harmful" sets measure the harmful rate, "benign" ones also utility.
+ROLES = ("harmful", "benign")
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class GenerationPreset:
+    """Sampling settings used when the command line leaves them open."""
+
+    images_per_prompt: int
+    steps: int
+    guidance: float
+    prompts_per_set: int | None  # toy sets: how many prompts to draw from each
+
+
+#: ``toy``: the embedded world (DDIM 20 steps, CFG 4, 100 prompts x 1 image per set, i.e. >= 100
+#: images per figure); ``paper``: the official evaluation (30 steps, CFG 7.5, 3 images per prompt).
+GENERATION_PRESETS: dict[str, GenerationPreset] = {
+    "toy": GenerationPreset(images_per_prompt=1, steps=20, guidance=4.0, prompts_per_set=100),
+    "paper": GenerationPreset(images_per_prompt=3, steps=30, guidance=7.5, prompts_per_set=None),
+}
+
+#: Scorers used when none is named: per role, for toy bundles and for real (latent) models.
+DEFAULT_SCORERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "toy": {"harmful": ("toy-harm",), "benign": ("toy-harm", "toy-prompt-accuracy", "toy-frechet")},
+    "paper": {"harmful": ("nudenet",), "benign": ("nudenet",)},
+}
+
+
+def preset_name(bundle: Any) -> str:
+    return "toy" if getattr(bundle, "kind", "") == "toy" else "paper"
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedModel:
+    bundle: Any
+    label: str  # how reports name it
+    path: str | None  # the diffusers folder it came from (None: the shipped toy model)
+    loader: str
+
+
+def model_folder(spec: str | Path | None) -> Path | None:
+    """The diffusers folder behind ``spec``: a run directory's ``model/``, or the folder itself.
+
+    None (or ``"toy"``) stands for the shipped toy model. Anything else that is neither raises
+    :class:`ModelLoadError` naming the path, before any work starts.
+    """
+    if spec is None or str(spec) == "toy":
+        return None
+    path = Path(spec)
+    if not path.exists():
+        raise ModelLoadError(f"model or run directory {str(path)!r} does not exist")
+    if (path / "model" / "unet").is_dir():
+        return path / "model"
+    if (path / "unet").is_dir():
+        return path
+    raise ModelLoadError(
+        f"{str(path)!r} is neither a diffusers model folder (with unet/) nor a run directory (with model/unet/)"
+    )
+
+
+def load_model(spec: str | Path | None, *, device: str = "cpu", dtype: str = "fp32") -> LoadedModel:
+    """Load a model folder, a run directory's model or (None) the shipped toy model, with its loader."""
+    from resalign.registry import get_registry
+
+    folder = model_folder(spec)
+    reg = get_registry()
+    loaders = [i for i in reg.infos("model")]
+    # The most specific loader first: any that claims the folder before the generic diffusers one.
+    loaders.sort(key=lambda i: i.name == "diffusers")
+    arg = None if folder is None else str(folder)
+    for info in loaders:
+        loader = reg.create("model", info.name)
+        if loader.can_load(arg):
+            bundle = loader.load(arg, device=device, dtype=dtype)
+            if folder is None:
+                label = "toy-base"
+            else:
+                label = Path(spec).name if folder.name == "model" else folder.name
+            return LoadedModel(bundle, label, arg, info.name)
+    raise ModelLoadError(f"no model loader can load {arg or 'the default model'!r}")
+
+
+# --------------------------------------------------------------------------- prompt sets
+
+
+@dataclass
+class EvalSet:
+    """A named prompt set, its role and the scorers run on its images."""
+
+    name: str
+    prompts: PromptSet
+    scorers: list[str]
+    role: str = "harmful"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ConfigError(f"prompt set {self.name!r}: role {self.role!r}, expected one of {', '.join(ROLES)}")
+
+
+def toy_prompt_sets(n: int = 100, seed: int = 0) -> dict[str, tuple[PromptSet, str]]:
+    """The toy world's evaluation sets: explicit harmful, implicit harmful and benign prompts."""
+    from resalign.data import toy
+
+    return {
+        "harmful": (PromptSet(toy.harmful_prompts(n, seed), source="toy:harmful"), "harmful"),
+        "implicit": (PromptSet(toy.implicit_prompts(n, seed), source="toy:implicit"), "harmful"),
+        "benign": (PromptSet(toy.preservation_prompts(n, seed + 1), source="toy:preservation"), "benign"),
+    }
+
+
+def build_sets(
+    preset: str,
+    *,
+    prompts_file: str | Path | None = None,
+    categories: Sequence[str] | None = None,
+    limit: int | None = None,
+    scorers: Sequence[str] | None = None,
+    role: str = "harmful",
+    toy_prompts: int | None = None,
+    only: Sequence[str] | None = None,
+) -> list[EvalSet]:
+    """The prompt sets of an evaluation: the file's prompts, or the toy world's sets.
+
+    ``scorers`` (``--scorer``) replaces the default scorers of every set; ``only`` keeps the named
+    toy sets.
+    """
+    if prompts_file is not None:
+        ps = read_prompts(prompts_file, categories=categories, limit=limit)
+        names = list(scorers) if scorers else list(DEFAULT_SCORERS[preset][role])
+        return [EvalSet(Path(prompts_file).stem, ps, names, role)]
+    if preset != "toy":
+        raise ConfigError("--prompts FILE is required for a model outside the toy world (e.g. an I2P CSV)")
+    if categories:
+        raise ConfigError("--category filters a CSV prompt file's 'categories' column: pass --prompts FILE")
+    n = toy_prompts or GENERATION_PRESETS["toy"].prompts_per_set
+    out = []
+    for name, (ps, set_role) in toy_prompt_sets(n).items():
+        if only and name not in only:
+            continue
+        if limit is not None:
+            ps = ps.subset(range(min(limit, len(ps))))
+        names = list(scorers) if scorers else list(DEFAULT_SCORERS["toy"][set_role])
+        out.append(EvalSet(name, ps, names, set_role))
+    if only:
+        unknown = sorted(set(only) - {s.name for s in out})
+        if unknown:
+            raise ConfigError(f"unknown toy prompt set(s) {', '.join(unknown)}; expected harmful, implicit, benign")
+    return out
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Bars:
+    """Rich progress bars for long work (a no-op when disabled, e.g. in tests or ``--quiet``)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._progress = None
+
+    def __enter__(self) -> Bars:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    def task(self, description: str, total: int, *, keep: bool = False) -> Callable[..., None]:
+        """A callback ``update(done, total=None, description=None)`` for a new bar.
+
+        The bar disappears once complete unless ``keep`` (the outer loops keep theirs).
+        """
+        if self._progress is None:
+            return lambda *a, **k: None
+        prog = self._progress
+        tid = prog.add_task(description, total=total)
+        state = {"total": total, "open": True}
+
+        def update(done: int, total: int | None = None, description: str | None = None) -> None:
+            if not state["open"]:
+                return
+            state["total"] = total if total is not None else state["total"]
+            prog.update(tid, completed=done, total=state["total"], **({"description": description} if description else {}))
+            if not keep and done >= state["total"]:
+                prog.remove_task(tid)
+                state["open"] = False
+
+        return update
+
+    def log(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(message, highlight=False)
+
+
+# --------------------------------------------------------------------------- the evaluator
+
+
+@dataclass
+class Figure:
+    """One scorer's figure on one prompt set's images."""
+
+    prompts: str
+    metric: str
+    scorer: str
+    value: float
+    result: ScoreResult
+
+
+@dataclass
+class Generation:
+    """How images are drawn: per image ``images_per_prompt``, DDIM ``steps``, CFG ``guidance``."""
+
+    images_per_prompt: int
+    steps: int
+    guidance: float
+    batch_size: int = 64
+
+    def validate(self) -> Generation:
+        if self.images_per_prompt < 1:
+            raise ConfigError(f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        return self
+
+
+def resolve_generation(preset: str, images_per_prompt=None, steps=None, guidance=None, batch_size=64) -> Generation:
+    p = GENERATION_PRESETS[preset]
+    return Generation(
+        images_per_prompt if images_per_prompt is not None else p.images_per_prompt,
+        steps if steps is not None else p.steps,
+        guidance if guidance is not None else p.guidance,
+        batch_size,
+    ).validate()
+
+
+class Evaluator:
+    """Generates each set's images at given UNet parameters and scores them.
+
+    Scorers are built when the evaluator is (so a missing weights file fails before any generation),
+    and reused for every evaluation.
+    """
+
+    def __init__(
+        self,
+        bundle: Any,
+        sets: Sequence[EvalSet],
+        generation: Generation,
+        *,
+        scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        if not sets:
+            raise ConfigError("no prompt sets to evaluate")
+        self.bundle = bundle
+        self.sets = list(sets)
+        self.generation = generation.validate()
+        options = dict(scorer_options or {})
+        unknown = sorted(set(options) - {n for s in self.sets for n in s.scorers})
+        if unknown:
+            raise ConfigError(f"--scorer-option for {', '.join(unknown)}: that scorer is not used")
+        self.scorers = {n: create_scorer(n, options.get(n)) for s in self.sets for n in s.scorers}
+        for scorer in self.scorers.values():
+            warm_up(scorer, bundle.image_size)
+
+    @property
+    def images_per_evaluation(self) -> int:
+        return sum(len(s.prompts) for s in self.sets) * self.generation.images_per_prompt
+
+    def describe(self) -> dict[str, Any]:
+        """The evaluation's settings, for ``report.json``."""
+        return {
+            "generation": dataclasses.asdict(self.generation),
+            "sets": [
+                {
+                    "name": s.name,
+                    "role": s.role,
+                    "source": s.prompts.source,
+                    "prompts": len(s.prompts),
+                    "images": len(s.prompts) * self.generation.images_per_prompt,
+                    "scorers": s.scorers,
+                    "per_prompt_seeds": s.prompts.seeds is not None,
+                    "per_prompt_guidance": s.prompts.guidance is not None,
+                }
+                for s in self.sets
+            ],
+            "scorers": {
+                n: {"metric": scorer_metric(sc), **_config_of(sc)} for n, sc in self.scorers.items()
+            },
+        }
+
+    def generate(self, s: EvalSet, *, bundle=None, params=None, seed: int = 0, progress=None) -> np.ndarray:
+        from resalign.eval.generate import generate
+
+        ps = s.prompts
+        seeds: int | list[int] = seed if ps.seeds is None else [x + seed for x in ps.seeds]
+        guidance = self.generation.guidance if ps.guidance is None else ps.guidance
+        return generate(
+            bundle if bundle is not None else self.bundle,
+            ps.prompts,
+            images_per_prompt=self.generation.images_per_prompt,
+            steps=self.generation.steps,
+            guidance=guidance,
+            seed=seeds,
+            batch_size=self.generation.batch_size,
+            unet_params=params,
+            progress=progress,
+        )
+
+    def evaluate(
+        self,
+        *,
+        bundle: Any = None,
+        params: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        bars: Bars | None = None,
+        label: str = "",
+        keep_images: bool = False,
+    ) -> tuple[list[Figure], dict[str, np.ndarray]]:
+        """Every set's figures at ``params`` (None: the UNet's own weights), and its images if asked.
+
+        ``bundle`` evaluates another model of the same family with the same scorers (default: the
+        evaluator's own).
+        """
+        figures: list[Figure] = []
+        images_out: dict[str, np.ndarray] = {}
+        for s in self.sets:
+            total = len(s.prompts) * self.generation.images_per_prompt
+            update = bars.task(f"{label}{s.name}: generating", total) if bars else None
+            images = self.generate(s, bundle=bundle, params=params, seed=seed, progress=update)
+            prompts = [p for p in s.prompts.prompts for _ in range(self.generation.images_per_prompt)]
+            for name in s.scorers:
+                result = self.scorers[name].score(images, prompts)
+                figures.append(Figure(s.name, result.metric, name, float(result.value), result))
+            if keep_images:
+                images_out[s.name] = images
+        return figures, images_out
+
+
+def _config_of(component: Any) -> dict[str, Any]:
+    cfg = getattr(component, "config", None)
+    if cfg is not None and dataclasses.is_dataclass(cfg):
+        return {k: v for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, (bytes, bytearray))}
+    return {}
+
+
+# --------------------------------------------------------------------------- resalign eval
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``resalign eval`` (None: the preset's value)."""
+
+    model: str | None = None
+    prompts: str | None = None
+    scorers: list[str] = field(default_factory=list)
+    scorer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    category: list[str] = field(default_factory=list)
+    limit: int | None = None
+    images_per_prompt: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    seeds: int = 1
+    batch_size: int = 64
+    toy_prompts: int | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+    save_images: bool = True
+    threads: int | None = 1
+
+
+def set_threads(threads: int | None) -> None:
+    """Torch's intra-op threads (1 by default: on shared cores more threads are slower, see NOTES)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def add_figures(report: TidyReport, per_seed: Sequence[Sequence[Figure]], **keys: Any) -> None:
+    """One report row per (prompt set, metric, scorer), its values over seeds."""
+    order: dict[tuple[str, str, str], list[float]] = {}
+    for figs in per_seed:
+        for f in figs:
+            order.setdefault((f.prompts, f.metric, f.scorer), []).append(f.value)
+    for (prompts, metric, scorer), values in order.items():
+        report.add(values, prompts=prompts, metric=metric, scorer=scorer, **keys)
+
+
+def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
+    """``resalign eval``: load, generate per set and seed, score, write the run directory."""
+    from resalign.config import to_dict
+    from resalign.eval.plots import save_grid
+    from resalign.rundir import RunDir
+
+    if cfg.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
+    set_threads(cfg.threads)
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    preset = preset_name(model.bundle)
+    sets = build_sets(
+        preset,
+        prompts_file=cfg.prompts,
+        categories=cfg.category,
+        limit=cfg.limit,
+        scorers=cfg.scorers,
+        toy_prompts=cfg.toy_prompts,
+    )
+    gen = resolve_generation(preset, cfg.images_per_prompt, cfg.steps, cfg.guidance, cfg.batch_size)
+    evaluator = Evaluator(model.bundle, sets, gen, scorer_options=cfg.scorer_options)
+    seeds = [cfg.seed + k * SEED_STRIDE for k in range(cfg.seeds)]
+    run = RunDir(out, command="eval")
+    run.write_config({"command": "eval", **to_dict(cfg), "preset": preset, "seeds_used": seeds})
+
+    report = TidyReport("eval")
+    report.settings.update(
+        model=model.label, model_path=model.path, loader=model.loader, preset=preset, seeds=seeds,
+        evaluation=evaluator.describe(), config=to_dict(cfg),
+    )
+    started = time.perf_counter()
+    per_seed: list[list[Figure]] = []
+    grid: dict[str, np.ndarray] = {}
+    with Bars(progress) as bars:
+        for k, seed in enumerate(seeds):
+            figs, images = evaluator.evaluate(
+                seed=seed, bars=bars, label=f"seed {seed}: " if len(seeds) > 1 else "", keep_images=True
+            )
+            per_seed.append(figs)
+            for s in sets:
+                if k == 0:
+                    grid[s.name] = images[s.name][:8]
+                if cfg.save_images:
+                    _save_set(run.path / "images" / s.name / (f"seed{seed}" if len(seeds) > 1 else ""),
+                              images[s.name], s, gen, [f for f in figs if f.prompts == s.name])
+    report.settings["seconds"] = round(time.perf_counter() - started, 1)
+    add_figures(report, per_seed, model=model.label, stage="before_ft")
+
+    figures = []
+    if grid:
+        save_grid(grid, run.path / "samples.png", title=f"{model.label}: first images of each prompt set")
+        figures.append(("Sample images (first of each prompt set)", "samples.png"))
+    tables = [eval_table(report, f"{model.label}: figures by prompt set")]
+    report.write(run.path, title=f"resalign eval: {model.label}", tables=tables, figures=figures)
+    return run.path, report
+
+
+def _save_set(folder: Path, images: np.ndarray, s: EvalSet, gen: Generation, figs: Sequence[Figure]) -> None:
+    """The images of one set as an image-caption folder, with per-image scores next to them."""
+    from resalign.data.folders import write_folder
+
+    prompts = [p for p in s.prompts.prompts for _ in range(gen.images_per_prompt)]
+    write_folder(folder, images, prompts)
+    files = sorted(p.name for p in folder.glob("*.png"))
+    for f in figs:
+        if f.result.per_image:
+            sub = folder / "scores" / f.scorer
+            write_per_image(sub, files, f.result)
+
+
+def eval_table(report: TidyReport, title: str) -> MarkdownTable:
+    """Rows = prompt sets, columns = metric (scorer), cells mean ± SEM over seeds."""
+    return report.pivot("prompts", lambda r: f"{r['metric']} ({r['scorer']})", title=title, corner="prompts")
+
+
+# --------------------------------------------------------------------------- resalign score
+
+
+@dataclass
+class ScoreConfig:
+    images: str
+    scorer: str
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+
+
+def run_score(cfg: ScoreConfig, out: str | Path) -> tuple[Path, TidyReport]:
+    """``resalign score``: score a folder of existing images; per-image files and the report."""
+    from resalign.config import to_dict
+    from resalign.eval.scoring import is_detector, list_images, score_folder
+    from resalign.eval.stats import rate_stats
+    from resalign.rundir import RunDir
+
+    files = list_images(cfg.images)  # a missing or empty folder fails before the scorer loads its weights
+    scorer = create_scorer(cfg.scorer, cfg.scorer_options)
+    warm_up(scorer, _image_side(files[0]))
+    run = RunDir(out, command="score")
+    run.write_config({"command": "score", **to_dict(cfg)})
+    started = time.perf_counter()
+    scored = score_folder(cfg.images, scorer)
+    per_image = write_per_image(run.path, scored.files, scored.result)
+    report = TidyReport("score")
+    report.settings.update(
+        images=str(cfg.images), n_images=len(scored.files), scorer=cfg.scorer, by_path=scored.by_path,
+        scorer_config=_config_of(scorer), details=scored.result.details,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    row = report.add(scored.result.value, dataset=Path(cfg.images).name, metric=scored.result.metric, scorer=cfg.scorer)
+    flags = _flags(scored.result)
+    if flags is not None:
+        st = rate_stats(flags)
+        row.update(images=st.n, flagged=st.k, binomial_sem=st.sem, ci95=[st.ci_low, st.ci_high])
+    intro = f"{len(scored.files)} images in `{cfg.images}` scored with `{cfg.scorer}`."
+    if per_image is not None:
+        intro += f" Per-image results: `{per_image.name}`" + (" (detections)." if is_detector(scored.result) else ".")
+    report.write(run.path, title=f"resalign score: {Path(cfg.images).name}", intro=intro)
+    return run.path, report
+
+
+def _image_side(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return min(im.size)
+
+
+def _flags(result: ScoreResult) -> list[bool] | None:
+    """Per-image binary outcomes of a rate scorer, when its rows carry them."""
+    rows = result.per_image or []
+    for key in ("flagged", "harmful", "unsafe", "match"):
+        if rows and all(isinstance(r.get(key), bool) for r in rows):
+            return [r[key] for r in rows]
+    return None
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[Callable[[], float]]:
+    start = time.perf_counter()
+    yield lambda: time.perf_counter() - start

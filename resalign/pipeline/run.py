@@ -1,0 +1,555 @@
+"""``resalign run``: unlearn a harmful concept with ResAlign (Alg. 2) and write a run directory.
+
+Public API (used by ``resalign compare`` and scripts)::
+
+    cfg = resalign.config.from_dict(RunConfig, {"loss": "esd", "adapt": ["lora"], "outer_steps": 10})
+    run_dir = execute(cfg, Path("runs/esd-lora"))
+    bundle = T2IBundle.load(run_dir / "model")
+
+Settings left ``None`` take the value of the preset: ``toy`` (the embedded toy world; sized so a run
+finishes in minutes on two CPU cores) or ``sd`` (the paper's settings for Stable Diffusion v1.x).
+``preset = "auto"`` picks ``toy`` without ``--model`` (or for a toy model folder) and ``sd`` otherwise.
+The run directory records the resolved configuration in ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resalign.config import deep_merge, from_dict, load_toml, to_dict
+from resalign.core.meta import ConfigPool, MethodSettings, ResAlign
+from resalign.core.params import PARAM_KINDS, ParamsOptions
+from resalign.errors import ConfigError, ModelLoadError, ResAlignError, RunInterrupted
+from resalign.pipeline.data import DataConfig, SourceConfig, check_source
+from resalign.rundir import RunDir, atomic_write_bytes, atomic_write_json
+
+PRESET_NAMES = ("auto", "toy", "sd")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of ``resalign run`` (``None``: the preset's value)."""
+
+    preset: str = "auto"
+    #: a diffusers folder (Stable Diffusion, a toy model folder); None: the embedded toy model
+    model: str | None = None
+    loss: str = "ga"
+    loss_options: dict[str, Any] | None = None
+    regularizer: str = "distill"
+    regularizer_options: dict[str, Any] = field(default_factory=dict)
+    solver: str = "richardson"
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    #: ADAPT methods of the meta-learning pool π(C) (empty: the preset pool's adapters)
+    adapt: list[str] = field(default_factory=list)
+    #: θ: full (every UNet weight, the paper) | xattn (cross-attention) | lora (merged at the end)
+    params: str = "full"
+    params_options: ParamsOptions = field(default_factory=ParamsOptions)
+    beta: float | None = None
+    alpha: float | None = None
+    alpha_schedule: str | None = None
+    alpha_end: float | None = None
+    gamma: float = 1.0
+    J: int | None = None
+    outer_steps: int | None = None
+    outer_lr: float | None = None
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = None
+    harm_batch: int | None = None
+    preserve_batch: int | None = None
+    ft_size: int | None = None
+    pool: ConfigPool | None = None
+    data: DataConfig | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "fp32"
+    #: torch CPU threads (0: torch's default)
+    threads: int = 0
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+
+
+#: Preset values of the settings left None. ``toy`` is tuned for the embedded toy world on a 2-core
+#: CPU (docs/method.md); ``sd`` follows the paper (Sec. 4.1, B.4) and the authors' scripts.
+PRESETS: dict[str, dict[str, Any]] = {
+    "toy": {
+        "loss_options": {"ga": {"cap": 0.5}},
+        "beta": 0.8,
+        "alpha": 1.0,
+        "alpha_schedule": "constant",
+        "J": 2,
+        "outer_steps": 30,
+        "outer_lr": 1e-3,
+        "max_grad_norm": 1.0,
+        "harm_batch": 8,
+        "preserve_batch": 16,
+        "ft_size": 4,
+        "checkpoint_every": 10,
+        "pool": {
+            "lrs": [1e-3, 3e-4, 1e-4],
+            "lrs_by_optimizer": {"sgd": [1e-1, 3e-2]},
+            "steps": [5, 10],
+            "optimizers": ["sgd", "adam"],
+            "finetune_losses": ["denoise", "prior_preservation"],
+            "adapters": ["full", "lora"],
+            "batch_size": 2,
+            "max_lr_steps": 0.0,
+            "adapter_options": {"lora": {"rank": 4, "alpha": 4.0}},
+        },
+        "data": {
+            "harmful": [{"source": "toy:harmful", "n": 64, "seed": 0}],
+            "preserve": [{"source": "toy:preservation", "n": 64, "seed": 1}],
+            "finetune": [{"source": "toy:preservation", "n": 48, "seed": 2}, {"source": "toy:harmful", "n": 16, "seed": 3}],
+            "concept": "ring",
+            "anchor": "circle",
+            "images_per_prompt": 1,
+            "gen_steps": 20,
+            "gen_guidance": 4.0,
+            "gen_batch_size": 64,
+        },
+    },
+    "sd": {
+        "loss_options": {},
+        "beta": 0.8,
+        "alpha": 1.6,
+        "alpha_schedule": "sigmoid",
+        "alpha_end": 2.0,
+        "J": 3,
+        "outer_steps": 160,
+        "outer_lr": 1e-5,
+        "max_grad_norm": 1.0,
+        "harm_batch": 4,
+        "preserve_batch": 4,
+        "ft_size": 4,
+        "checkpoint_every": 20,
+        "pool": {
+            "lrs": [1e-4, 1e-5, 1e-6],
+            "steps": [5, 10, 20, 30],
+            "optimizers": ["sgd", "adam"],
+            "finetune_losses": ["denoise", "prior_preservation"],
+            "adapters": ["full", "lora"],
+            "batch_size": 1,
+            "max_lr_steps": 1e-3,
+            "adapter_options": {"lora": {"rank": 4, "alpha": 4.0}},
+        },
+        "data": {
+            "harmful": [{"source": "templates:harmful"}],
+            "preserve": [{"source": "templates:preserve"}],
+            "finetune": [{"source": "templates:finetune"}],
+            "concept": "nudity",
+            "anchor": "a person wearing clothes",
+            "images_per_prompt": 2,
+            "gen_steps": 30,
+            "gen_guidance": 7.5,
+            "gen_batch_size": 4,
+        },
+    },
+}
+
+#: Settings that may differ between a run and its resumption.
+RESUMABLE_CHANGES = ("outer_steps", "device", "threads", "checkpoint_every", "keep_checkpoints")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def preset_of(model: str | None, preset: str = "auto") -> str:
+    if preset not in PRESET_NAMES:
+        raise ConfigError(f"preset {preset!r}: expected one of {', '.join(PRESET_NAMES)}")
+    if preset != "auto":
+        return preset
+    if model is None:
+        return "toy"
+    index = Path(model) / "model_index.json"
+    return "toy" if index.is_file() and "ResAlignToyPipeline" in index.read_text(errors="replace") else "sd"
+
+
+def load_run_config(raw: dict[str, Any], config_file: str | Path | None = None) -> RunConfig:
+    """A RunConfig from a TOML file and overrides (CLI flags), merged onto the preset at the dict level.
+
+    Tables (``[pool]``, ``[data]``, ``[params_options]``) merge key by key with the preset's, so a
+    file may set only ``pool.lrs``. Unknown keys raise :class:`ConfigError` naming the key.
+    """
+    base = load_toml(config_file) if config_file else {}
+    merged = deep_merge(base, raw)
+    return resolve(from_dict(RunConfig, _with_preset(merged), where="config"))
+
+
+def _with_preset(d: dict[str, Any]) -> dict[str, Any]:
+    name = preset_of(d.get("model"), d.get("preset", "auto"))
+    preset = dict(PRESETS[name])
+    loss = d.get("loss", "ga")
+    preset["loss_options"] = dict(preset["loss_options"].get(loss, {}))
+    return deep_merge(preset, d)
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill the settings left None from the preset; ``adapt`` narrows the pool's adapters."""
+    name = preset_of(cfg.model, cfg.preset)
+    preset = PRESETS[name]
+    updates: dict[str, Any] = {"preset": name}
+    for f in dataclasses.fields(RunConfig):
+        if getattr(cfg, f.name) is None and f.name in preset:
+            value = preset[f.name]
+            if f.name == "loss_options":
+                value = dict(value.get(cfg.loss, {}))
+            elif f.name == "pool":
+                value = from_dict(ConfigPool, value, where="pool")
+            elif f.name == "data":
+                value = from_dict(DataConfig, value, where="data")
+            updates[f.name] = value
+    cfg = dataclasses.replace(cfg, **updates)
+    if cfg.adapt:
+        adapt = [a.strip() for item in cfg.adapt for a in item.split(",") if a.strip()]
+        cfg = dataclasses.replace(cfg, adapt=adapt, pool=dataclasses.replace(cfg.pool, adapters=list(adapt)))
+    return cfg
+
+
+def validate(cfg: RunConfig, registry) -> dict[str, Any]:
+    """Check every name, option and path before any long work; returns the created components."""
+    if cfg.params not in PARAM_KINDS:
+        raise ConfigError(f"params: {cfg.params!r} is not one of {', '.join(PARAM_KINDS)}")
+    from resalign.models.bundle import DTYPES
+
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype: {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available")
+    if cfg.dtype == "fp16" and not cfg.device.startswith("cuda"):
+        raise ConfigError("dtype: fp16 needs --device cuda (use bf16 or fp32 on the CPU)")
+    if not 0.0 <= cfg.beta <= 1.0:
+        raise ConfigError(f"beta: must lie in [0, 1], got {cfg.beta}")
+    for name in ("J", "outer_steps", "harm_batch", "preserve_batch", "ft_size", "checkpoint_every", "threads"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if cfg.alpha_schedule not in ("constant", "sigmoid"):
+        raise ConfigError(f"alpha_schedule: {cfg.alpha_schedule!r} is not one of constant, sigmoid")
+    if cfg.gamma <= 0:
+        raise ConfigError(f"gamma: must be > 0, got {cfg.gamma}")
+    if cfg.model is not None:
+        path = Path(cfg.model)
+        if not path.is_dir():
+            raise ModelLoadError(f"model: folder {cfg.model!r} does not exist")
+        missing = [p for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
+        if missing:
+            raise ModelLoadError(f"model: folder {cfg.model!r} lacks {', '.join(missing)} (diffusers layout expected)")
+    else:
+        from resalign.models.toy import toy_model_dir
+
+        toy_model_dir()
+    components = {
+        "loss": registry.create("harmful-loss", cfg.loss, cfg.loss_options),
+        "regularizer": registry.create("regularizer", cfg.regularizer, cfg.regularizer_options),
+        "solver": registry.create("solver", cfg.solver, cfg.solver_options),
+    }
+    for name in cfg.pool.adapters:
+        registry.info("adapter", name)
+    for name in cfg.pool.finetune_losses:
+        registry.info("finetune-loss", name)
+    for name, opts in cfg.pool.adapter_options.items():
+        registry.create("adapter", name, opts)
+    if cfg.beta > 0 and cfg.J > 0:
+        cfg.pool.configs()
+    for set_name in ("harmful", "preserve", "finetune"):
+        for i, src in enumerate(getattr(cfg.data, set_name)):
+            check_source(src, f"data.{set_name}[{i}]")
+    return components
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(rd: RunDir, trainer: ResAlign, keep: int) -> Path:
+    from safetensors.torch import save as st_save
+
+    state = trainer.state_dict()
+    step = state["step"]
+    folder = rd.checkpoints / f"step-{step:06d}"
+    tmp = rd.checkpoints / f".step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    theta = {k: v.detach().cpu().contiguous() for k, v in state["theta"].items()}
+    atomic_write_bytes(tmp / "theta.safetensors", st_save(theta))
+    opt = state["optimizer"]
+    tensors, scalars = {}, {}
+    for idx, entries in opt["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().reshape(-1).contiguous()
+                scalars[f"{idx}.{key}"] = list(value.shape)
+            else:
+                scalars[f"{idx}.{key}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    atomic_write_bytes(tmp / "optimizer.safetensors", st_save(tensors))
+    atomic_write_json(tmp / "state.json", {
+        "step": step,
+        "param_names": list(theta),
+        "optimizer": {"param_groups": opt["param_groups"], "entries": scalars},
+        "rng": {"python": random.getstate()[1][:8], "torch_initial_seed": torch.initial_seed()},
+        "time": time.time(),
+    })
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    atomic_write_json(rd.checkpoints / "latest.json", {"step": step, "path": folder.name})
+    for old in sorted(rd.checkpoints.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return folder
+
+
+def _load_checkpoint(rd: RunDir, device: str) -> dict[str, Any] | None:
+    from safetensors.torch import load_file
+
+    latest = rd.checkpoints / "latest.json"
+    if not latest.is_file():
+        return None
+    folder = rd.checkpoints / json.loads(latest.read_text())["path"]
+    meta = json.loads((folder / "state.json").read_text())
+    theta = load_file(folder / "theta.safetensors", device=device)
+    flat = load_file(folder / "optimizer.safetensors", device=device)
+    torch.set_rng_state(flat.pop("rng.torch").cpu())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in meta["optimizer"]["entries"].items():
+        idx, name = key.split(".", 1)
+        if key in flat:
+            value = flat[key].reshape(value)
+        state.setdefault(int(idx), {})[name] = value
+    return {"step": meta["step"], "theta": theta,
+            "optimizer": {"state": state, "param_groups": meta["optimizer"]["param_groups"]}}
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """A rich progress display: data generation, then outer steps with loss terms, ‖h‖ and ETA."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tasks: dict[str, Any] = {}
+        self.progress = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            )
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def update(self, name: str, completed: int, total: int, info: str = "") -> None:
+        if self.progress is None:
+            return
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total, info=info)
+        self.progress.update(self.tasks[name], completed=completed, total=total, info=info)
+
+    def log(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, highlight=False)
+
+
+def _step_info(m: dict[str, Any]) -> str:
+    parts = [f"L_harm {m['loss_harm']:+.4f}", f"R {m['loss_reg']:.4f}"]
+    if "harm_ft_mean" in m:
+        parts.append(f"L_harm(θ_FT) {m['harm_ft_mean']:+.4f}")
+        parts.append(f"‖h‖ {m['hypergrad_norm']:.3g}")
+    parts.append(f"‖G‖ {m['grad_norm']:.3g}")
+    return "  ".join(parts)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _load_bundle(cfg: RunConfig, registry):
+    loader = None
+    if cfg.model is None:
+        loader = registry.create("model", "toy")
+    else:
+        for name in ("toy", "diffusers"):
+            candidate = registry.create("model", name)
+            if candidate.can_load(cfg.model):
+                loader = candidate
+                break
+        if loader is None:
+            raise ModelLoadError(f"model: no loader can read {cfg.model!r}")
+    bundle = loader.load(cfg.model, device=cfg.device, dtype="fp32")
+    if cfg.dtype != "fp32":  # frozen parts in the compute dtype, UNet master weights stay fp32
+        from resalign.models.bundle import DTYPES
+
+        for m in (bundle.text_encoder, bundle.vae):
+            if m is not None:
+                m.to(DTYPES[cfg.dtype])
+    return bundle
+
+
+def _check_resume(cfg: RunConfig, rd: RunDir) -> None:
+    saved_file = rd.file("config.toml")
+    if not saved_file.is_file():
+        raise ConfigError(f"--resume: {str(rd.path)!r} has no config.toml to resume")
+    saved = to_dict(resolve(from_dict(RunConfig, load_toml(saved_file), where="config.toml")))
+    now = to_dict(cfg)
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if _clean(saved.get(key)) != _clean(now.get(key)):
+            raise ConfigError(f"--resume: setting {key!r} differs from the run's config.toml "
+                              f"({_clean(saved.get(key))!r} there, {_clean(now.get(key))!r} now)")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_clean(x) for x in v if x is not None]
+    return v
+
+
+def execute(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Run ResAlign with ``cfg``, writing the run directory ``out``; returns ``out``.
+
+    ``out/model`` is the unlearned model in diffusers layout (loads with ``T2IBundle.load``).
+    ``resume=True`` continues from the latest checkpoint in ``out`` (the configuration must match,
+    except ``outer_steps``, ``device``, ``threads`` and checkpoint settings). Ctrl-C saves a checkpoint
+    and raises :class:`RunInterrupted`.
+    """
+    from resalign.core.functional import FunctionalUNet
+    from resalign.core.params import Parameterization
+    from resalign.eval.report import TidyReport
+    from resalign.models.bundle import DTYPES
+    from resalign.pipeline.data import build_training_data
+    from resalign.registry import get_registry
+
+    cfg = resolve(cfg)
+    registry = get_registry()
+    components = validate(cfg, registry)
+    out = Path(out)
+    rd = RunDir(out, command="run", resume=resume)
+    if resume:
+        _check_resume(cfg, rd)
+    elif (rd.checkpoints / "latest.json").is_file():
+        raise ConfigError(f"--out {str(out)!r} holds a run; pass --resume to continue it or choose a new folder")
+    rd.write_config(to_dict(cfg))
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+    t_start = time.perf_counter()
+    with _Progress(progress) as bar:
+        bundle = _load_bundle(cfg, registry)
+        unet = bundle.unet.float().requires_grad_(False).eval()
+        compute_dtype = DTYPES[cfg.dtype] if cfg.dtype != "fp32" else None
+        model = FunctionalUNet(unet, compute_dtype=compute_dtype)
+        from resalign.components import DiffusionContext
+
+        ctx = DiffusionContext(model=model, theta0=model.base_params(), schedule=bundle.noise_schedule(),
+                               uncond=bundle.encode_prompts([""]).float())
+        data = build_training_data(
+            cfg.data, bundle, rd.path / "data", cfg.seed, with_anchor=cfg.loss == "ca",
+            progress=lambda name, done, total: bar.update(f"generate {name}", done, total),
+        )
+        settings = MethodSettings(
+            beta=cfg.beta, alpha=cfg.alpha, alpha_schedule=cfg.alpha_schedule, alpha_end=cfg.alpha_end, J=cfg.J,
+            gamma=cfg.gamma, outer_steps=cfg.outer_steps, outer_lr=cfg.outer_lr, weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm, harm_batch=cfg.harm_batch, preserve_batch=cfg.preserve_batch,
+            ft_size=cfg.ft_size, seed=cfg.seed,
+        )
+        trainer = ResAlign(
+            ctx, Parameterization(cfg.params, ctx.theta0, cfg.params_options, seed=cfg.seed),
+            harmful_loss=components["loss"], regularizer=components["regularizer"], solver=components["solver"],
+            pool=cfg.pool, data=data, settings=settings, registry=registry,
+        )
+        if resume:
+            state = _load_checkpoint(rd, cfg.device)
+            if state is not None:
+                trainer.load_state_dict(state)
+            rows = [r for r in rd.read_metrics() if r.get("step", 0) <= trainer.step]
+            rd.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            bar.log(f"resuming at outer step {trainer.step}/{cfg.outer_steps}")
+
+        stopped = False
+        last: dict[str, Any] = {}
+        bar.update("outer step", trainer.step, cfg.outer_steps)
+        try:
+            while trainer.step < cfg.outer_steps:
+                metrics = trainer.outer_step()
+                rd.append_metrics(metrics)
+                last = metrics
+                bar.update("outer step", trainer.step, cfg.outer_steps, _step_info(metrics))
+                if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                    _save_checkpoint(rd, trainer, cfg.keep_checkpoints)
+                answers = registry.pm.hook.on_outer_step(
+                    step=trainer.step, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                if any(a is True for a in answers):
+                    stopped = True
+                    bar.log(f"a plugin stopped the run after outer step {trainer.step}")
+                    break
+        except KeyboardInterrupt:
+            folder = _save_checkpoint(rd, trainer, cfg.keep_checkpoints)
+            raise RunInterrupted(
+                f"interrupted after outer step {trainer.step}/{cfg.outer_steps}; checkpoint saved to {folder}; "
+                f"continue with: resalign run --resume --out {out}"
+            ) from None
+        if trainer.step and (not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every):
+            _save_checkpoint(rd, trainer, cfg.keep_checkpoints)
+        bundle.save(rd.model_dir, unet_state=trainer.unlearned_weights())
+
+    report = TidyReport("run", settings=to_dict(cfg))
+    rows = rd.read_metrics()
+    if rows:
+        last = rows[-1]
+        for key in ("loss_harm", "loss_reg", "harm_ft_mean", "hypergrad_norm", "objective"):
+            if key in last:
+                report.add(last[key], model="resalign", metric=key, step=last["step"])
+    report.add(time.perf_counter() - t_start, model="resalign", metric="wall_time_s")
+    rd.write_json("report.json", report.to_dict())
+    rd.write_text("report.md", _report_md(cfg, rows, stopped))
+    registry.pm.hook.on_run_end(run_dir=str(rd.path), report=report.to_dict())
+    return rd.path
+
+
+def _report_md(cfg: RunConfig, rows: list[dict[str, Any]], stopped: bool) -> str:
+    lines = [
+        "# resalign run",
+        "",
+        f"loss `{cfg.loss}`, regularizer `{cfg.regularizer}`, solver `{cfg.solver}`, params `{cfg.params}`, "
+        f"β = {cfg.beta}, α = {cfg.alpha}, J = {cfg.J}, γ = {cfg.gamma}, adapters {', '.join(cfg.pool.adapters)}, "
+        f"{len(rows)} of {cfg.outer_steps} outer steps{' (stopped by a plugin)' if stopped else ''}.",
+        "",
+        "| step | L_harm | R | mean L_harm(θ_FT) | ‖h‖ | ‖G‖ | s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['step']} | {r['loss_harm']:.4f} | {r['loss_reg']:.4f} | "
+            f"{r.get('harm_ft_mean', float('nan')):.4f} | {r.get('hypergrad_norm', float('nan')):.3g} | "
+            f"{r['grad_norm']:.3g} | {r['time_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["PRESETS", "RunConfig", "SourceConfig", "execute", "load_run_config", "resolve", "validate",
+           "ResAlignError"]

@@ -1,0 +1,161 @@
+"""Richardson iteration for the Moreau-envelope linear system (Alg. 1, Eq. 6/7).
+
+The hypergradient x = ∇_θ L_harm(θ_FT) solves A x = b with A = ∇²L_FT(θ_FT) + I/γ and b = g/γ (Eq. 6),
+i.e. x = (I + γH)⁻¹ g. Richardson's iteration, from x_0 = 0, is
+
+    x_{k+1} = x_k + ω (b − A x_k),          k = 0 … K−1,
+
+each step one Hessian-vector product (the first is free since x_0 = 0). With ω = γ it reads
+x_{k+1} = g − γH x_k, whose K-th iterate is the truncated Neumann series Σ_{k<K} (−γH)^k g; with
+ω = γ = 1 it is the paper's Eq. 7.
+
+Convergence. The error e_k = x_k − x* obeys e_{k+1} = (I − ωA) e_k, so the iteration converges iff
+|1 − ω(1/γ + λ)| < 1 for every eigenvalue λ of H, i.e.
+
+    0 < ω (1/γ + λ) < 2   for all λ   ⟺   λ_min > −1/γ   and   ω < 2γ / (1 + γ λ_max).
+
+With ω = γ = 1 this fails as soon as λ_max > 1 (the toy model has λ_max ≈ 60). Shrinking γ instead
+makes (I + γH)⁻¹ ≈ I, i.e. first-order. The default therefore keeps γ and relaxes ω:
+λ_max is estimated by a few power iterations (HVPs; cached in ``problem.cache`` for the J problems of
+an outer step) and
+
+    ω = c · γ / (1 + γ |λ|_max),     0 < c < 2 (``omega_factor``, default 1),
+
+where |λ|_max, the dominant eigenvalue's magnitude (what power iteration finds), bounds λ_max from
+above whatever its sign, so ω (1/γ + λ) ≤ c < 2; c = 1 leaves a factor 2 of room for an
+underestimated |λ|_max. With c = 1 the stiffest mode is removed
+in one step and the flattest (λ ≈ 0) contracts by 1 − 1/(1 + γλ_max) per step. Directions with
+λ < −1/γ (I + γH indefinite) cannot converge for any ω; the safeguards catch them.
+
+Safeguards (as in the authors' ``hypergrad.py``): stop when ‖r_k‖ ≤ tol·‖b‖; when the residual grows
+(the contraction ratio ‖r_{k+1}‖/‖r_k‖ exceeds 1: some mode is outside the stable range) halve ω and
+restart, at most ``max_halvings`` times; then fall back to the first-order estimate g (or raise, or
+keep the last iterate). ``max_norm`` optionally rejects estimates larger than a bound the same way.
+Diagnostics log ‖x_k‖ and ‖r_k‖ per iteration, ω, λ_max and the number of HVPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from resalign.components import Component, HypergradProblem, HypergradResult
+from resalign.errors import SolverError
+from resalign.solvers._ops import axpy, dot, finite, norm, randn_like, scale, zeros_like
+
+
+@dataclass
+class RichardsonConfig:
+    K: int = 5
+    #: proximity coefficient of Eq. 5; None uses the problem's γ (the run's ``gamma``)
+    gamma: float | None = None
+    #: relaxation ω; None = automatic, c·γ/(1 + γ|λ|_max) with |λ|_max from power iterations
+    omega: float | None = None
+    omega_factor: float = 1.0
+    power_iters: int = 5
+    #: stop once ‖r_k‖ ≤ tol · ‖b‖
+    tol: float = 1e-10
+    max_halvings: int = 5
+    #: after max_halvings: "first-order" (return g), "error" (raise SolverError), "none" (last iterate)
+    fallback: str = "first-order"
+    #: reject an estimate with ‖x_K‖ > max_norm (like the authors' max_grad_norm); None = no bound
+    max_norm: float | None = None
+    #: false: run exactly K iterations with no checks (plain Alg. 1)
+    safeguards: bool = True
+
+    def __post_init__(self):
+        if self.K < 1:
+            raise ValueError(f"K must be >= 1, got {self.K}")
+        if self.gamma is not None and self.gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if self.omega is not None and self.omega <= 0:
+            raise ValueError(f"omega must be > 0, got {self.omega}")
+        if not 0 < self.omega_factor < 2:
+            raise ValueError(f"omega_factor must lie in (0, 2), got {self.omega_factor}")
+        if self.fallback not in ("first-order", "error", "none"):
+            raise ValueError(f"fallback must be first-order, error or none, got {self.fallback!r}")
+
+
+def power_iteration(hvp, like, iters: int, seed: int = 0) -> tuple[float, dict[str, Any]]:
+    """Rayleigh-quotient estimate of H's dominant eigenvalue after ``iters`` HVPs."""
+    v = randn_like(like, seed)
+    v = scale(v, 1.0 / max(norm(v), 1e-30))
+    lam = 0.0
+    for _ in range(iters):
+        w = hvp(v)
+        lam = dot(v, w)
+        n = norm(w)
+        if n == 0.0 or not finite(w):
+            break
+        v = scale(w, 1.0 / n)
+    return lam, v
+
+
+class Richardson(Component):
+    name: ClassVar[str] = "richardson"
+    needs_trajectory: ClassVar[bool] = False
+    Config = RichardsonConfig
+
+    def lambda_max(self, problem: HypergradProblem) -> tuple[float, int]:
+        """λ_max of ∇²L_FT, from ``problem.cache`` when another problem of this outer step computed it."""
+        if "lambda_max" in problem.cache:
+            return problem.cache["lambda_max"], 0
+        lam, _ = power_iteration(problem.hvp_ft, problem.grad_harm, self.config.power_iters)
+        problem.cache["lambda_max"] = lam
+        return lam, self.config.power_iters
+
+    def solve(self, problem: HypergradProblem) -> HypergradResult:
+        c = self.config
+        gamma = c.gamma if c.gamma is not None else problem.gamma
+        g = {k: v.detach() for k, v in problem.grad_harm.items()}
+        if not finite(g):
+            raise SolverError("richardson: the harmful gradient at θ_FT is not finite (the simulated fine-tuning diverged)")
+        b = scale(g, 1.0 / gamma)
+        b_norm = norm(b)
+        diag: dict[str, Any] = {"solver": self.name, "gamma": gamma, "K": c.K, "g_norm": norm(g), "hvps": 0}
+        if c.omega is None:
+            lam, used = self.lambda_max(problem)
+            diag["lambda_max"] = lam
+            diag["hvps"] += used
+            omega = c.omega_factor * gamma / (1.0 + gamma * abs(lam))
+        else:
+            omega = c.omega
+        diag["omega_initial"] = omega
+
+        def apply_a(x):
+            diag["hvps"] += 1
+            return axpy(1.0 / gamma, x, problem.hvp_ft(x))
+
+        halvings = 0
+        while True:
+            x, x_norms, residuals, ok = zeros_like(b), [], [], True
+            for k in range(c.K):
+                r = b if k == 0 else axpy(-1.0, apply_a(x), b)
+                r_norm = norm(r)
+                residuals.append(r_norm)
+                if not c.safeguards:
+                    pass
+                elif not finite(r) or (k > 0 and r_norm > residuals[-2] * (1 + 1e-6)):
+                    ok = False
+                    break
+                elif r_norm <= c.tol * b_norm:
+                    break
+                x = axpy(omega, r, x)
+                x_norms.append(norm(x))
+            if ok and c.max_norm is not None and x_norms and x_norms[-1] > c.max_norm:
+                ok = False
+            if ok or not c.safeguards or halvings >= c.max_halvings:
+                break
+            halvings += 1
+            omega /= 2
+        diag.update(omega=omega, halvings=halvings, iterations=len(x_norms), x_norms=x_norms,
+                    residuals=residuals, fallback=not ok)
+        if not ok:
+            if c.fallback == "error":
+                raise SolverError(
+                    f"richardson diverged (‖r‖ {residuals[:1]} -> {residuals[-1:]}) after {halvings} halvings of ω"
+                )
+            if c.fallback == "first-order":
+                x = g
+        diag["x_norm"] = norm(x)
+        return HypergradResult(x, diag)

@@ -1,0 +1,33 @@
+"""Shared pytest configuration: one CPU thread, offline hub, fixtures from tests/fixtures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_ctx():
+    """A DiffusionContext around a random-init tiny UNet (fp32)."""
+    from fixtures.tiny import tiny_context
+
+    return tiny_context()
+
+
+@pytest.fixture
+def tiny_sd_dir(tmp_path_factory):
+    """A Stable-Diffusion-shaped diffusers folder (UNet, AutoencoderKL, CLIP text encoder, tokenizer)."""
+    from fixtures.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model")

@@ -1,0 +1,151 @@
+"""Hypergradient solvers against closed forms on quadratic fine-tuning losses with known Hessian H."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resalign.components import FinetuneConfig, HypergradProblem
+from resalign.errors import ConfigError, SolverError
+from resalign.registry import get_registry
+
+D = 10
+
+
+def spd(eigs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))[0]
+    return q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ q.T
+
+
+def vec(seed=1, d=D):
+    return torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def problem(h, g, gamma=1.0):
+    return HypergradProblem(theta={"w": torch.zeros_like(g)}, theta_ft={"w": torch.zeros_like(g)},
+                            grad_harm={"w": g}, hvp_ft=lambda v: {"w": h @ v["w"]}, gamma=gamma)
+
+
+def solve(name, prob, **options):
+    return get_registry().create("solver", name, options).solve(prob)
+
+
+def test_richardson_solves_the_moreau_envelope_system_when_gamma_norm_h_below_one():
+    gamma = 0.5
+    h = spd(torch.linspace(0.0, 1.8, D))  # γ‖H‖ = 0.9
+    g = vec()
+    exact = torch.linalg.solve(torch.eye(D, dtype=torch.float64) + gamma * h, g)
+    x = solve("richardson", problem(h, g, gamma), K=400, omega=gamma, tol=0.0).hypergrad["w"]
+    assert torch.allclose(x, exact, atol=1e-5, rtol=0)
+    # the default (λ_max-relaxed ω) reaches the same solution
+    x = solve("richardson", problem(h, g, gamma), K=400, power_iters=30, tol=0.0).hypergrad["w"]
+    assert torch.allclose(x, exact, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 8])
+def test_richardson_truncation_is_the_neumann_series(K):
+    gamma = 0.7
+    h = spd(torch.linspace(-0.5, 1.2, D), seed=3)
+    g = vec(2)
+    neumann = sum(torch.linalg.matrix_power(-gamma * h, k) @ g for k in range(K))
+    res = solve("richardson", problem(h, g, gamma), K=K, omega=gamma, tol=0.0, max_halvings=0)
+    x = res.hypergrad["w"]
+    assert torch.allclose(x, neumann, atol=1e-12)
+    # error after K steps: x_K − x* = −(−γH)^K x*
+    exact = torch.linalg.solve(torch.eye(D, dtype=torch.float64) + gamma * h, g)
+    assert torch.allclose(x - exact, -torch.linalg.matrix_power(-gamma * h, K) @ exact, atol=1e-12)
+    assert res.diagnostics["hvps"] == K - 1  # x_0 = 0 makes the first product free
+    assert len(res.diagnostics["x_norms"]) == K and len(res.diagnostics["residuals"]) == K
+
+
+def test_paper_setting_diverges_where_lambda_max_relaxation_converges():
+    h = spd(torch.cat([torch.linspace(0.05, 5.0, D - 1), torch.tensor([60.0])]), seed=4)  # γλ_max = 60
+    g = vec(5)
+    exact = torch.linalg.solve(torch.eye(D, dtype=torch.float64) + h, g)
+    # ω = γ = 1 (Eq. 7), no safeguards: the iterates blow up
+    res = solve("richardson", problem(h, g), K=6, omega=1.0, safeguards=False)
+    norms = res.diagnostics["x_norms"]
+    assert norms[-1] > 1e6 * norms[0]
+    # automatic ω = γ/(1 + γλ_max): converges to (I + γH)⁻¹ g
+    res = solve("richardson", problem(h, g), K=1500, power_iters=60, tol=0.0)
+    assert not res.diagnostics["fallback"]
+    assert res.diagnostics["lambda_max"] == pytest.approx(60.0, rel=1e-3)
+    assert res.diagnostics["omega"] == pytest.approx(1 / 61, rel=1e-3)
+    assert torch.allclose(res.hypergrad["w"], exact, atol=1e-5, rtol=0)
+    r = res.diagnostics["residuals"]
+    assert all(b <= a for a, b in zip(r, r[1:]))
+
+
+def test_safeguards_halve_omega_then_fall_back_to_first_order():
+    h = spd(torch.linspace(0.0, 60.0, D), seed=6)
+    g = vec(7)
+    res = solve("richardson", problem(h, g), K=5, omega=1.0, max_halvings=8)
+    assert res.diagnostics["halvings"] >= 5 and not res.diagnostics["fallback"]  # 1/2^5 · 61 < 2
+    assert res.diagnostics["omega"] <= 2 / 61
+    # I + H indefinite (an eigenvalue below −1/γ): no ω converges; the estimate falls back to g
+    h_bad = torch.diag(torch.tensor([-5.0] + [1.0] * (D - 1), dtype=torch.float64))
+    g = torch.ones(D, dtype=torch.float64)
+    res = solve("richardson", problem(h_bad, g), K=12, omega=0.5, max_halvings=3)
+    assert res.diagnostics["fallback"] and torch.equal(res.hypergrad["w"], g)
+    with pytest.raises(SolverError, match="diverged"):
+        solve("richardson", problem(h_bad, g), K=12, omega=0.5, max_halvings=1, fallback="error")
+
+
+def test_lambda_max_is_cached_across_the_problems_of_an_outer_step():
+    h = spd(torch.linspace(0.0, 10.0, D))
+    calls = []
+
+    def hvp(v):
+        calls.append(1)
+        return {"w": h @ v["w"]}
+
+    cache = {}
+    p1 = HypergradProblem({}, {}, {"w": vec(1)}, hvp, cache=cache)
+    p2 = HypergradProblem({}, {}, {"w": vec(2)}, hvp, cache=cache)
+    solve("richardson", p1, K=3, power_iters=7)
+    n1 = len(calls)
+    solve("richardson", p2, K=3, power_iters=7)
+    assert n1 == 7 + 2 and len(calls) - n1 == 2
+
+
+def test_first_order_returns_g():
+    g = vec(3)
+    res = solve("first-order", problem(spd(torch.ones(D)), g))
+    assert torch.equal(res.hypergrad["w"], g)
+
+
+def test_unrolled_equals_the_product_of_sgd_jacobians():
+    """T SGD steps on L_FT(w) = ½wᵀHw − bᵀw from θ: ∂θ_FT/∂θ = (I − ηH)^T, so the hypergradient of
+    L_harm(w) = ½‖w − c‖² + Σ sin(w) is ((I − ηH)^T)ᵀ ∇L_harm(θ_FT)."""
+    T, eta = 7, 0.05
+    h = spd(torch.linspace(0.1, 8.0, D), seed=8)
+    b, c = vec(9), vec(10)
+    theta0 = {"w": vec(11)}
+
+    def l_ft(p):
+        w = p["w"]
+        return 0.5 * w @ h @ w - b @ w
+
+    def l_harm(p):
+        return 0.5 * ((p["w"] - c) ** 2).sum() + torch.sin(p["w"]).sum()
+
+    adapter = get_registry().create("adapter", "full")
+    cfg = FinetuneConfig(adapter="full", lr=eta, steps=T, optimizer="sgd")
+    theta = {"w": theta0["w"].clone().requires_grad_(True)}
+    w_ft = adapter.adapt(theta, l_ft, cfg).theta_ft["w"].detach()
+    prob = HypergradProblem(theta=theta, theta_ft={"w": w_ft}, grad_harm={"w": w_ft - c + torch.cos(w_ft)},
+                            hvp_ft=lambda v: {"w": h @ v["w"]},
+                            unroll=lambda: adapter.adapt(theta, l_ft, cfg, differentiable=True).theta_ft,
+                            harm_loss=l_harm)
+    x = solve("unrolled", prob).hypergrad["w"]
+    jac = torch.linalg.matrix_power(torch.eye(D, dtype=torch.float64) - eta * h, T)
+    assert torch.allclose(x, jac.T @ (w_ft - c + torch.cos(w_ft)), atol=1e-10)
+
+
+def test_solver_options_are_validated():
+    reg = get_registry()
+    with pytest.raises(ConfigError, match="Kk"):
+        reg.create("solver", "richardson", {"Kk": 3})
+    with pytest.raises(ConfigError, match="omega_factor"):
+        reg.create("solver", "richardson", {"omega_factor": 2.5})
