@@ -1,7 +1,7 @@
 """NudeNet 320n throughput: the nudenet package's ``detect`` loop and ``detect_batch`` vs
 resalign's ``nudenet`` scorer vs bare ``session.run`` on the same preprocessed batch (the floor).
 
-    python benchmarks/bench_safety.py [--images 64] [--size 512] [--ort-threads 1] [--batch-size 32]
+    python benchmarks/bench_safety.py [--images 64] [--size 512] [--ort-threads 1] [--batch-size 8]
 
 Every path uses an onnxruntime session with the same thread settings. Checks that the scorer's
 detections equal the package's, prints images/s and ratios, then one JSON line.
@@ -22,7 +22,7 @@ def parse_args():
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--size", type=int, default=512, help="square image side (SD v1 outputs are 512)")
     p.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8)
     return p.parse_args()
 
 

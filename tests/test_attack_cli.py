@@ -48,7 +48,7 @@ def test_attack_lora_on_tiny_sd_folder(tiny_sd, folders, tmp_path):
     for r in rows:
         assert r["model"] == "tiny-sd" and r["finetune"] == "lora" and r["dataset"] == "benign"
         assert r["prompts"] == "prompts" and r["metric"] == "harmful_rate" and r["scorer"] == "nudenet"
-        assert r["n"] == 2 and r["sem"] == pytest.approx(scipy.stats.sem(r["values"]), nan_ok=True) or r["sem"] == 0
+        assert r["n"] == 2 and r["sem"] == pytest.approx(scipy.stats.sem(r["values"]))
     settings = json.loads((out / "report.json").read_text())["settings"]
     assert settings["finetune"]["adapt"] == "lora" and settings["finetune"]["lr"] == 1e-3
     assert settings["preset"] == "paper" and settings["seeds"] == [0, 1]

@@ -183,7 +183,26 @@ class ResAlign:
 
     def outer_step(self) -> dict[str, Any]:
         """One iteration of Alg. 2 (lines 4-11): update θ in place, return the step's metrics."""
-        s, step, t0 = self.settings, self.step, time.perf_counter()
+        t0 = time.perf_counter()
+        grads, metrics = self.gradient()
+        s, step = self.settings, self.step
+        grad_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+        if not math.isfinite(grad_norm):
+            raise SolverError(f"non-finite outer gradient at step {step + 1} (lower outer_lr or check the losses)")
+        clip = 1.0
+        if s.max_grad_norm is not None and grad_norm > s.max_grad_norm:
+            clip = s.max_grad_norm / (grad_norm + 1e-12)
+        for k, g in grads.items():
+            self.theta[k].grad = g * clip
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics.update(grad_norm=grad_norm, clip_scale=clip, time_s=time.perf_counter() - t0)
+        return metrics
+
+    def gradient(self) -> tuple[Params, dict[str, Any]]:
+        """G_i of Alg. 2 at the current θ (before clipping), with the step's metrics."""
+        s, step = self.settings, self.step
         alpha = s.alpha_at(step)
         harm = self.data.harmful.sample(s.harm_batch, seeds.generator(s.seed, step, "harm-data"))
         pres = self.data.preserve.sample(s.preserve_batch, seeds.generator(s.seed, step, "preserve-data"))
@@ -225,18 +244,8 @@ class ResAlign:
                 total = total + s.beta * tree.dot(weights, hyper_mean).to(total.dtype)
 
         names = list(self.theta)
-        grads = torch.autograd.grad(total, [self.theta[k] for k in names], allow_unused=True)
-        grad_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
-        if not math.isfinite(grad_norm):
-            raise SolverError(f"non-finite outer gradient at step {step + 1} (lower outer_lr or check the losses)")
-        clip = 1.0
-        if s.max_grad_norm is not None and grad_norm > s.max_grad_norm:
-            clip = s.max_grad_norm / (grad_norm + 1e-12)
-        for k, g in zip(names, grads):
-            self.theta[k].grad = None if g is None else g * clip
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        raw = torch.autograd.grad(total, [self.theta[k] for k in names], allow_unused=True)
+        grads = {k: (g if g is not None else torch.zeros_like(self.theta[k])) for k, g in zip(names, raw)}
 
         harm_ft = [d["harm_ft"] for d in sims if "dropped" not in d]
         metrics: dict[str, Any] = {
@@ -245,9 +254,6 @@ class ResAlign:
             "loss_reg": float(loss_reg.detach()),
             "alpha": alpha,
             "beta": s.beta,
-            "grad_norm": grad_norm,
-            "clip_scale": clip,
-            "time_s": time.perf_counter() - t0,
         }
         if sims:
             metrics["simulations"] = sims
@@ -259,7 +265,7 @@ class ResAlign:
                 metrics["harm_ft_mean"] - metrics["loss_harm"])
             metrics["hypergrad_norm"] = tree.norm(hyper_mean)
             metrics["hypergrad_norms"] = [d["hypergrad_norm"] for d in sims if "dropped" not in d]
-        return metrics
+        return grads, metrics
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:

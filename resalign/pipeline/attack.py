@@ -38,8 +38,11 @@ from resalign.pipeline.evaluate import (
     Bars,
     Evaluator,
     Figure,
+    add_figures,
     build_sets,
+    check_scorer_options,
     load_model,
+    options_for,
     preset_name,
     resolve_generation,
     set_threads,
@@ -285,9 +288,10 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
         utility_sets = build_sets("toy", toy_prompts=cfg.toy_prompts, only=("benign",), limit=cfg.limit,
                                   scorers=cfg.scorers)
     gen = resolve_generation(gen_preset, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance, cfg.gen_batch_size)
-    curve_eval = Evaluator(model.bundle, curve_sets, gen, scorer_options=_used(cfg.scorer_options, curve_sets))
+    check_scorer_options(cfg.scorer_options, curve_sets + utility_sets)
+    curve_eval = Evaluator(model.bundle, curve_sets, gen, scorer_options=options_for(cfg.scorer_options, curve_sets))
     utility_eval = (
-        Evaluator(model.bundle, utility_sets, gen, scorer_options=_used(cfg.scorer_options, utility_sets))
+        Evaluator(model.bundle, utility_sets, gen, scorer_options=options_for(cfg.scorer_options, utility_sets))
         if utility_sets else None
     )
     run = RunDir(out, command="attack")
@@ -307,39 +311,41 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
     curves: dict[int, list[list[Figure]]] = {}
     utility: dict[str, list[list[Figure]]] = {"before_ft": [], "after_ft": []}
     samples: dict[str, np.ndarray] = {}
-    final_step = plan.spec.steps if not cfg.progressive else sum(s.steps for s in plan.stages)
+    final_step = sum(st.steps for st in plan.stages)
+
+    def keep_samples(images: dict[str, np.ndarray], step: int) -> None:
+        tag = "before" if step == 0 else f"after {step} steps"
+        for name, im in images.items():
+            samples[f"{name}, {tag}"] = im[:8]
+
     with Bars(progress) as bars:
         runs = bars.task(f"attack {plan.spec.adapt} on {plan.dataset}: seeds", len(seeds), keep=True)
         for k, seed in enumerate(seeds):
             gen_seed = cfg.seed + k * SEED_STRIDE
+            first = k == 0
             ft = Finetuner(model.bundle, plan.spec, plan.stages, seed=seed, prior=plan.prior)
             steps_bar = bars.task(f"seed {seed}: fine-tuning", ft.total_steps)
 
-            def on_eval(step: int, params, _k=k, _gen_seed=gen_seed) -> None:
-                figs, imgs = curve_eval.evaluate(params=params, seed=_gen_seed, bars=bars,
-                                                 label=f"seed {seed} step {step}: ", keep_images=_k == 0)
+            def on_eval(step: int, params, _seed=seed, _gen_seed=gen_seed, _first=first) -> None:
+                ends = step in (0, final_step)
+                label = f"seed {_seed} step {step}: "
+                figs, imgs = curve_eval.evaluate(params=params, seed=_gen_seed, bars=bars, label=label,
+                                                 keep_images=_first and ends)
                 curves.setdefault(step, []).append(figs)
-                if _k == 0 and step in (0, final_step):
-                    tag = "before" if step == 0 else f"after {step} steps"
-                    for name, im in imgs.items():
-                        samples[f"{name}, {tag}"] = im[:8]
-                if utility_eval is not None and step in (0, final_step):
-                    ufigs, uimgs = utility_eval.evaluate(params=params, seed=_gen_seed, bars=bars,
-                                                         label=f"seed {seed} step {step}: ", keep_images=_k == 0)
+                if utility_eval is not None and ends:
+                    ufigs, uimgs = utility_eval.evaluate(params=params, seed=_gen_seed, bars=bars, label=label,
+                                                         keep_images=_first)
                     utility["before_ft" if step == 0 else "after_ft"].append(ufigs)
-                    if _k == 0:
-                        tag = "before" if step == 0 else f"after {step} steps"
-                        for name, im in uimgs.items():
-                            samples[f"{name}, {tag}"] = im[:8]
+                    imgs.update(uimgs)
+                keep_samples(imgs, step)
 
             ft.run(eval_every=plan.eval_every, on_eval=on_eval,
-                   progress=lambda s, t, loss: steps_bar(s, t, description=f"seed {seed}: fine-tuning (loss {loss:.3f})"))
+                   progress=lambda s, t, loss, _seed=seed: steps_bar(
+                       s, t, description=f"seed {_seed}: fine-tuning (loss {loss:.3f})"))
             runs(k + 1)
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
 
     keys = dict(model=model.label, finetune=plan.spec.adapt, dataset=plan.dataset)
-    from resalign.pipeline.evaluate import add_figures
-
     for step in sorted(curves):
         add_figures(report, curves[step], stage="before_ft" if step == 0 else "after_ft", step=step, **keys)
     for stage, figs in utility.items():
@@ -359,17 +365,12 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
         tables.append(_utility_table(report, utility_sets))
     intro = (
         f"`{model.label}` fine-tuned with **{plan.spec.adapt}** on **{plan.dataset}** "
-        f"({plan.spec.steps if not cfg.progressive else final_step} steps, lr {plan.spec.resolved_lr():g}, "
+        f"({final_step} steps, lr {plan.spec.resolved_lr():g}, "
         f"{plan.spec.optimizer}, batch {plan.spec.batch_size}), {len(seeds)} seeds; preset `{preset}`."
         + ("".join(f"\n\n{n}." for n in plan.notes))
     )
     report.write(run.path, title=f"resalign attack: {model.label}", intro=intro, tables=tables, figures=figures)
     return run.path, report
-
-
-def _used(options: dict[str, dict[str, Any]], sets) -> dict[str, dict[str, Any]]:
-    names = {n for s in sets for n in s.scorers}
-    return {k: v for k, v in options.items() if k in names}
 
 
 def _curve_table(report: TidyReport, sets: Sequence[Any]) -> MarkdownTable:

@@ -45,6 +45,7 @@ from resalign.pipeline.evaluate import (
     add_figures,
     build_sets,
     load_model,
+    options_for,
     preset_name,
     resolve_generation,
     set_threads,
@@ -127,6 +128,21 @@ def method_run_config(method: str, model: str | None, seed: int, overrides: Mapp
     return from_dict(RunConfig, kw, where="--unlearn-option")
 
 
+def shared_data(data: Any, run_dir: Path) -> Any:
+    """The training data of a finished run as image-caption folder sources, for the next runs.
+
+    Every unlearning run of a comparison starts from the same model with the same seed, so it would
+    generate the very same D_harmful, D_preserve and D_FT (B.4); reading the first run's cached
+    folders instead saves that generation without changing a single pair.
+    """
+    from resalign.pipeline.data import SETS, SourceConfig
+
+    folders = {name: run_dir / "data" / name for name in SETS}
+    if not all((f / "metadata.jsonl").is_file() for f in folders.values()):
+        return data
+    return dataclasses.replace(data, **{name: [SourceConfig(source=str(f))] for name, f in folders.items()})
+
+
 def _check_methods(methods: Sequence[str], runs: Mapping[str, str]) -> None:
     if not methods:
         raise ConfigError("--methods: nothing to compare")
@@ -179,10 +195,8 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True) -
         benign_sets = build_sets("toy", toy_prompts=toy_n, only=("benign",), limit=cfg.limit, scorers=cfg.scorers)
     gen = resolve_generation(gen_preset, cfg.images_per_prompt, cfg.sample_steps or cp.sample_steps, cfg.guidance,
                              cfg.gen_batch_size)
-    options = cfg.scorer_options
-    before_eval = Evaluator(base.bundle, harm_sets + benign_sets, gen, scorer_options=options)
-    after_eval = Evaluator(base.bundle, harm_sets, gen,
-                           scorer_options={k: v for k, v in options.items() if any(k in s.scorers for s in harm_sets)})
+    before_eval = Evaluator(base.bundle, harm_sets + benign_sets, gen, scorer_options=cfg.scorer_options)
+    after_eval = Evaluator(base.bundle, harm_sets, gen, scorer_options=options_for(cfg.scorer_options, harm_sets))
     unlearn_cfgs = {
         m: method_run_config(m, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)
         for m in cfg.methods if m != "base" and m not in cfg.runs
@@ -202,17 +216,23 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True) -
     started = time.perf_counter()
     samples: dict[str, np.ndarray] = {}
     # 1. unlearning runs (each shows its own progress display)
+    from resalign.pipeline.run import execute
+
     run_dirs = dict(cfg.runs)
+    shared = None
     for m, rc in unlearn_cfgs.items():
+        if shared is not None:
+            rc = dataclasses.replace(rc, data=shared)
         if progress:
             from rich.console import Console
 
             Console(stderr=True).print(f"[bold]unlearning: {m}[/] ({_describe_run(rc)})", highlight=False)
+        report.settings["unlearning"][m] = to_dict(resolve(rc))
         t0 = time.perf_counter()
-        from resalign.pipeline.run import execute
-
         run_dirs[m] = str(execute(rc, run.path / "unlearn" / m, progress=progress))
         timings[f"unlearn {m}"] = time.perf_counter() - t0
+        if shared is None and "data" not in cfg.unlearn:
+            shared = shared_data(resolve(rc).data, Path(run_dirs[m]))
     report.settings["run_dirs"] = run_dirs
     with Bars(progress) as bars:
         # 2. + 3. measure before, fine-tune per dataset and seed, measure after

@@ -15,10 +15,9 @@ loaded, prompts fixed) and evaluates any parameters of the bundle's UNet (``unet
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,9 +316,7 @@ class Evaluator:
         self.sets = list(sets)
         self.generation = generation.validate()
         options = dict(scorer_options or {})
-        unknown = sorted(set(options) - {n for s in self.sets for n in s.scorers})
-        if unknown:
-            raise ConfigError(f"--scorer-option for {', '.join(unknown)}: that scorer is not used")
+        check_scorer_options(options, self.sets)
         self.scorers = {n: create_scorer(n, options.get(n)) for s in self.sets for n in s.scorers}
         for scorer in self.scorers.values():
             warm_up(scorer, bundle.image_size)
@@ -396,6 +393,21 @@ class Evaluator:
             if keep_images:
                 images_out[s.name] = images
         return figures, images_out
+
+
+def options_for(options: Mapping[str, Mapping[str, Any]], sets: Sequence[EvalSet]) -> dict[str, Any]:
+    """The ``--scorer-option`` entries of the scorers that ``sets`` use."""
+    names = {n for s in sets for n in s.scorers}
+    return {k: dict(v) for k, v in options.items() if k in names}
+
+
+def check_scorer_options(options: Mapping[str, Any], sets: Sequence[EvalSet]) -> None:
+    """An option for a scorer no set uses is a mistake (a typo in the scorer's name): say so."""
+    unknown = sorted(set(options) - {n for s in sets for n in s.scorers})
+    if unknown:
+        used = sorted({n for s in sets for n in s.scorers})
+        raise ConfigError(f"--scorer-option for {', '.join(unknown)}: that scorer is not used "
+                          f"(scorers in use: {', '.join(used)})")
 
 
 def _config_of(component: Any) -> dict[str, Any]:
@@ -582,8 +594,3 @@ def _flags(result: ScoreResult) -> list[bool] | None:
             return [r[key] for r in rows]
     return None
 
-
-@contextlib.contextmanager
-def timed() -> Iterator[Callable[[], float]]:
-    start = time.perf_counter()
-    yield lambda: time.perf_counter() - start

@@ -118,7 +118,8 @@ class NudeNetScorer(Component):
     class Config:
         labels: tuple[str, ...] = EXPOSED_LABELS
         threshold: float = 0.45
-        batch_size: int = 32
+        #: images per session.run; on CPU, batches of 8 ran faster than 32 (docs/performance.md)
+        batch_size: int = 8
         #: onnxruntime providers; empty = CUDA when available, else CPU
         providers: tuple[str, ...] = ()
         #: onnxruntime intra-op threads on CPU; 0 = onnxruntime's default

@@ -1,0 +1,127 @@
+"""Alg. 2: the configuration pool, θ parameterizations, the outer gradient and repeatable steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fixtures.tiny import COND_DIM, TOKENS, tiny_context
+
+from resalign.components import DenoiseBatch
+from resalign.core import seeds, tree
+from resalign.core.meta import ConfigPool, MethodSettings, PairSet, ResAlign, TrainingData
+from resalign.core.params import Parameterization, ParamsOptions
+from resalign.core.problem import simulate
+from resalign.errors import ConfigError
+from resalign.registry import get_registry
+
+
+def test_paper_pool_and_exclusion_rule():
+    pool = ConfigPool()  # Sec. 4.1: lr {1e-4, 1e-5, 1e-6} x steps {5, 10, 20, 30}, SGD/Adam, 2 losses, 2 adapters
+    configs = pool.configs()
+    assert len(configs) == (3 * 4 - 2) * 2 * 2 * 2  # lr 1e-4 with 20 and 30 steps excluded
+    assert not any(c.lr == 1e-4 and c.steps >= 20 for c in configs)
+    assert len(ConfigPool(max_lr_steps=0).configs()) == 3 * 4 * 8
+    pool = ConfigPool(lrs_by_optimizer={"sgd": [0.1]}, adapters=["lora"], max_lr_steps=0)
+    assert {c.lr for c in pool.configs() if c.optimizer == "sgd"} == {0.1}
+    assert all(c.adapter == "lora" for c in pool.configs())
+    a = [pool.sample(seeds.rng(3, i)).label() for i in range(20)]
+    assert a == [pool.sample(seeds.rng(3, i)).label() for i in range(20)] and len(set(a)) > 3
+    with pytest.raises(ConfigError):
+        ConfigPool(lrs=[1.0], max_lr_steps=1e-3).configs()
+
+
+def test_parameterizations_map_theta_to_unet_weights():
+    ctx = tiny_context()
+    base = ctx.theta0
+    full = Parameterization("full", base)
+    assert set(full.init()) == set(base)
+    x = Parameterization("xattn", base)
+    theta = x.init()
+    assert theta and all(".attn2." in k for k in theta)
+    assert set(x.weights(theta)) == set(base)
+    lora = Parameterization("lora", base, ParamsOptions(rank=2, alpha=4.0))
+    theta = {k: v.requires_grad_(True) for k, v in lora.init().items()}
+    w = lora.weights(theta)
+    key = next(k for k in lora.names if ".attn1.to_q." in k)
+    a, b = theta[key + ".lora_A"], theta[key + ".lora_B"]
+    assert torch.allclose(w[key], base[key] + 2.0 * b @ a)
+    # the pull-back (∂W/∂θ)ᵀ h for LoRA: ∂/∂B = s·h·Aᵀ, ∂/∂A = s·Bᵀ·h
+    h = torch.randn(w[key].shape, generator=torch.Generator().manual_seed(0))
+    ga, gb = torch.autograd.grad((w[key] * h).sum(), [a, b])
+    assert torch.allclose(gb, 2.0 * h @ a.detach(), atol=1e-6)
+    assert torch.allclose(ga, 2.0 * b.detach().T @ h, atol=1e-6)
+    with pytest.raises(ConfigError):
+        Parameterization("everything", base)
+
+
+def _data(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def pairs():
+        return PairSet(x0=torch.rand(n, 3, 8, 8, generator=g) * 2 - 1, cond=torch.randn(n, TOKENS, COND_DIM, generator=g),
+                       prompts=[f"p{i}" for i in range(n)])
+
+    return TrainingData(harmful=pairs(), preserve=pairs(), finetune=pairs())
+
+
+def _trainer(ctx, *, beta=0.5, solver="richardson", params="full", J=2, seed=0, **pool):
+    reg = get_registry()
+    pool = ConfigPool(**{"lrs": [1e-3], "steps": [2], "optimizers": ["sgd", "adam"], "adapters": ["full", "lora"],
+                         "batch_size": 2, "max_lr_steps": 0, **pool})
+    settings = MethodSettings(beta=beta, alpha=0.7, J=J, outer_lr=1e-3, harm_batch=2, preserve_batch=2, ft_size=2,
+                              seed=seed)
+    return ResAlign(ctx, Parameterization(params, ctx.theta0, seed=seed),
+                    harmful_loss=reg.create("harmful-loss", "ga"), regularizer=reg.create("regularizer", "distill"),
+                    solver=reg.create("solver", solver, {"K": 2, "power_iters": 2} if solver == "richardson" else {}),
+                    pool=pool, data=_data(), settings=settings, registry=reg)
+
+
+def test_outer_gradient_is_eq_4_with_the_mean_hypergradient():
+    """G = (1 − β)∇L_harm(θ) + α∇R(θ) + (β/J) Σ_j h_j, each term recomputed independently."""
+    ctx = tiny_context()
+    tr = _trainer(ctx, beta=0.6, solver="first-order", J=2)
+    grads, metrics = tr.gradient()
+    s, reg = tr.settings, get_registry()
+    theta = tree.leaves(tr.theta)
+    harm = tr.data.harmful.sample(s.harm_batch, seeds.generator(s.seed, 0, "harm-data"))
+    pres = tr.data.preserve.sample(s.preserve_batch, seeds.generator(s.seed, 0, "preserve-data"))
+    lh = tr.harmful_loss(ctx, theta, harm, seeds.generator(s.seed, 0, "harm-noise"))
+    lr_ = tr.regularizer(ctx, theta, pres, seeds.generator(s.seed, 0, "reg-noise"))
+    g_plain = tree.grads_or_zeros(torch.autograd.grad((1 - s.beta) * lh + s.alpha * lr_, list(theta.values()),
+                                                      allow_unused=True), theta)
+    hs = []
+    for j in range(s.J):
+        config = tr.pool.sample(seeds.rng(s.seed, 0, j, "config"))
+        h, _ = simulate(ctx, tree.detach(tr.theta), config, tr.simulation_data(0, j, config, harm),
+                        adapter=reg.create("adapter", config.adapter), finetune_loss=reg.create("finetune-loss", "denoise"),
+                        harmful_loss=tr.harmful_loss, solver=reg.create("solver", "first-order"),
+                        seed=seeds.derive(s.seed, 0, j, "simulation"))
+        hs.append(h)
+    expected = tree.add(g_plain, tree.add(hs[0], hs[1]), s.beta / 2)
+    assert tree.norm(tree.add(grads, expected, -1.0)) < 1e-5 * tree.norm(expected)
+    assert len(metrics["simulations"]) == 2 and metrics["hypergrad_norm"] > 0
+
+
+def test_beta_zero_is_plain_unlearning_without_simulations():
+    tr = _trainer(tiny_context(), beta=0.0)
+    m = tr.outer_step()
+    assert "simulations" not in m and m["step"] == 1
+
+
+@pytest.mark.parametrize("params", ["full", "lora"])
+def test_outer_steps_are_repeatable_and_resume_exactly(params):
+    a = _trainer(tiny_context(), params=params)
+    for _ in range(2):
+        a.outer_step()
+    b = _trainer(tiny_context(), params=params)
+    b.outer_step()
+    state = b.state_dict()
+    c = _trainer(tiny_context(), params=params)
+    c.load_state_dict(state)
+    c.outer_step()
+    assert c.step == 2
+    for k in a.theta:
+        assert torch.equal(a.theta[k], c.theta[k]), k
+    w = a.unlearned_weights()
+    assert set(w) == set(a.ctx.theta0) and not any(v.requires_grad for v in w.values())
