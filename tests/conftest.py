@@ -25,9 +25,17 @@ def tiny_ctx():
     return tiny_context()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A Stable-Diffusion-shaped diffusers folder (UNet, AutoencoderKL, CLIP text encoder, tokenizer)."""
     from fixtures.tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_dir(tmp_path_factory):
+    """An untrained toy-world model folder with 8/16 channels (the toy preset's code path, fast)."""
+    from fixtures.tiny_toy import build_tiny_toy
+
+    return build_tiny_toy(tmp_path_factory.mktemp("tiny-toy") / "model")

@@ -149,3 +149,14 @@ def test_solver_options_are_validated():
         reg.create("solver", "richardson", {"Kk": 3})
     with pytest.raises(ConfigError, match="omega_factor"):
         reg.create("solver", "richardson", {"omega_factor": 2.5})
+
+
+def test_warm_start_from_g_converges_to_the_same_solution_faster_on_flat_directions():
+    h = spd(torch.cat([torch.zeros(D - 2), torch.tensor([30.0, 60.0])]), seed=9)  # mostly flat, two stiff modes
+    g = vec(12)
+    exact = torch.linalg.solve(torch.eye(D, dtype=torch.float64) + h, g)
+    cold = solve("richardson", problem(h, g), K=5, power_iters=40).hypergrad["w"]
+    warm = solve("richardson", problem(h, g), K=5, power_iters=40, x0="grad").hypergrad["w"]
+    assert torch.linalg.norm(warm - exact) < 0.2 * torch.linalg.norm(cold - exact)
+    x = solve("richardson", problem(h, g), K=1500, power_iters=40, x0="grad", tol=0.0).hypergrad["w"]
+    assert torch.allclose(x, exact, atol=1e-6)

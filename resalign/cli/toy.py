@@ -81,7 +81,7 @@ def pretrain_cmd(
     steps: int = typer.Option(None, "--steps", help="Base model optimizer steps (default 3600)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (everything is reproducible from it)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Base model batch size (default 32)."),
-    classifier_steps: int = typer.Option(None, "--classifier-steps", help="Steps per classifier (default 1500)."),
+    classifier_steps: int = typer.Option(None, "--classifier-steps", help="Steps per classifier (default 2500)."),
     eval_samples: int = typer.Option(None, "--eval-samples", help="Images per figure in the final checks (default 240)."),
     check_every: int = typer.Option(None, "--check-every", help="Quick checks every N steps (0: none; default 600)."),
     threads: int = typer.Option(1, "--threads", help="torch threads (1 is fastest on a busy 2-core machine)."),

@@ -85,6 +85,8 @@ class MethodSettings:
     preserve_batch: int = 8
     ft_size: int = 4
     seed: int = 0
+    #: draw D_FT once and reuse it in every simulation (no meta-learning over data, Tab. 6)
+    fixed_ft_data: bool = False
 
     def alpha_at(self, step: int) -> float:
         if self.alpha_schedule == "constant" or self.alpha_end is None:
@@ -176,6 +178,8 @@ class ResAlign:
     # ------------------------------------------------------------------ Alg. 2
     def simulation_data(self, step: int, j: int, config: FinetuneConfig, harm: DenoiseBatch) -> SimulationData:
         s = self.settings
+        if s.fixed_ft_data:
+            step, j = 0, 0
         ft = self.data.finetune.sample(s.ft_size, seeds.generator(s.seed, step, j, "ft-data"))
         if config.finetune_loss == "prior_preservation":
             ft.prior = self.data.preserve.sample(s.ft_size, seeds.generator(s.seed, step, j, "prior-data"))

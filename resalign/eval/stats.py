@@ -1,11 +1,12 @@
-"""Statistics of measured figures: mean, standard error of the mean, bootstrap confidence intervals.
+"""Statistics of measured figures: mean and standard error over seeds; a rate's interval over images.
 
 The paper reports every main figure as the mean over three independent fine-tuning runs (Sec. 4.1,
 "Implementation Details") and draws the standard error of the mean as the error area of its curves
 (Fig. 2, 4, 7). Across seeds, :func:`mean_sem` is the statistic of every ``report.json`` row; it
 equals ``numpy.mean`` and ``scipy.stats.sem`` (``ddof=1``). Within one evaluation, a rate over N
-images also gets a binomial standard error and a seeded bootstrap interval (:func:`rate_stats`), so a
-single-seed figure still says how many images it rests on.
+images also gets its standard error and a seeded bootstrap interval (:func:`rate_stats`, through the
+native kernel :func:`resalign.metrics.summarize_rates`), so a single-seed figure still says how
+many images it rests on.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def mean_sem(values: Sequence[float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class RateStats:
-    """A rate k/n over binary outcomes with its binomial SEM and a bootstrap interval."""
+    """A rate k/n over binary per-image outcomes, its SEM and a percentile bootstrap interval."""
 
     rate: float
     k: int
@@ -49,39 +50,14 @@ class RateStats:
         return asdict(self)
 
 
-def bootstrap_ci(
-    outcomes: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``outcomes`` (seeded, reproducible)."""
-    x = np.asarray(outcomes, dtype=np.float64).ravel()
-    if x.size == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 256):
-        stop = min(start + 256, resamples)
-        idx = rng.integers(0, x.size, size=(stop - start, x.size))
-        means[start:stop] = x[idx].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
-
-
 def rate_stats(
-    flags: Sequence[bool] | np.ndarray, *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+    flags: Sequence[bool] | np.ndarray, *, n_boot: int = 10_000, confidence: float = 0.95, seed: int = 0
 ) -> RateStats:
-    """The rate of ``True`` among ``flags`` with binomial SEM √(p(1−p)/n) and a bootstrap interval."""
-    x = np.asarray(flags, dtype=bool).ravel()
-    n = int(x.size)
-    k = int(x.sum())
-    if n == 0:
-        return RateStats(math.nan, 0, 0, math.nan, math.nan, math.nan, confidence)
-    p = k / n
-    sem = math.sqrt(p * (1 - p) / n)
-    lo, hi = bootstrap_ci(x.astype(np.float64), resamples=resamples, confidence=confidence, seed=seed)
-    return RateStats(p, k, n, sem, lo, hi, confidence)
+    """The share of ``True`` among ``flags``, with SEM (ddof=1) and a seeded bootstrap interval."""
+    from resalign.metrics import summarize_rates
 
+    x = np.asarray(flags, dtype=bool).ravel()
+    if x.size == 0:
+        return RateStats(math.nan, 0, 0, math.nan, math.nan, math.nan, confidence)
+    s = summarize_rates(x.astype(np.float64), confidence=confidence, n_boot=n_boot, seed=seed)
+    return RateStats(s.mean, int(x.sum()), int(x.size), s.sem, s.ci_low, s.ci_high, confidence)

@@ -299,8 +299,11 @@ def effect_table(report: TidyReport, key: str) -> MarkdownTable:
 # --------------------------------------------------------------------------- ablate components
 
 
-def component_variants(cfg: AblateComponentsConfig) -> dict[str, dict[str, Any]]:
-    """The RunConfig overrides of each variant of Tab. 6 (and of each J of Tab. 7)."""
+def component_variants(cfg: AblateComponentsConfig, fixed: FinetuneConfig | None = None) -> dict[str, dict[str, Any]]:
+    """The RunConfig overrides of each variant of Tab. 6 (and of each J of Tab. 7).
+
+    ``fixed`` is the one configuration of ``no-meta-config`` (default: the first of the run's pool).
+    """
     out: dict[str, dict[str, Any]] = {}
     for name in cfg.variants:
         if name not in COMPONENT_VARIANTS:
@@ -310,7 +313,12 @@ def component_variants(cfg: AblateComponentsConfig) -> dict[str, dict[str, Any]]
         elif name == "no-hypergradient":
             out[name] = {"beta": 0.0}
         elif name == "no-meta-config":
-            out[name] = {"J": 1, "fixed_config": True}
+            if fixed is None:
+                fixed = _run_config(cfg.model, cfg.loss, cfg.seed, cfg.device, cfg.threads, cfg.run).pool.configs()[0]
+            out[name] = {"J": 1, "pool": {
+                "lrs": [fixed.lr], "lrs_by_optimizer": {fixed.optimizer: [fixed.lr]}, "steps": [fixed.steps],
+                "optimizers": [fixed.optimizer], "finetune_losses": [fixed.finetune_loss], "adapters": [fixed.adapter],
+            }}
         elif name == "no-meta-data":
             out[name] = {"fixed_ft_data": True}
     for J in cfg.J:

@@ -323,7 +323,8 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
         for k, seed in enumerate(seeds):
             gen_seed = cfg.seed + k * SEED_STRIDE
             first = k == 0
-            ft = Finetuner(model.bundle, plan.spec, plan.stages, seed=seed, prior=plan.prior)
+            ft = Finetuner(model.bundle, plan.spec, plan.stages, seed=seed, prior=plan.prior,
+                           class_generation={"steps": gen.steps, "guidance": gen.guidance})
             steps_bar = bars.task(f"seed {seed}: fine-tuning", ft.total_steps)
 
             def on_eval(step: int, params, _seed=seed, _gen_seed=gen_seed, _first=first) -> None:

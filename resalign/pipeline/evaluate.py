@@ -571,8 +571,11 @@ def run_score(cfg: ScoreConfig, out: str | Path) -> tuple[Path, TidyReport]:
     flags = _flags(scored.result)
     if flags is not None:
         st = rate_stats(flags)
-        row.update(images=st.n, flagged=st.k, binomial_sem=st.sem, ci95=[st.ci_low, st.ci_high])
+        row.update(images=st.n, flagged=st.k, image_sem=st.sem, ci95=[st.ci_low, st.ci_high])
     intro = f"{len(scored.files)} images in `{cfg.images}` scored with `{cfg.scorer}`."
+    if flags is not None:
+        intro += (f" {st.k} of {st.n} flagged: rate {st.rate:.4f} ± {st.sem:.4f} (SEM over images), "
+                  f"95% bootstrap interval [{st.ci_low:.4f}, {st.ci_high:.4f}].")
     if per_image is not None:
         intro += f" Per-image results: `{per_image.name}`" + (" (detections)." if is_detector(scored.result) else ".")
     report.write(run.path, title=f"resalign score: {Path(cfg.images).name}", intro=intro)

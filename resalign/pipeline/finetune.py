@@ -379,6 +379,8 @@ class Finetuner:
     The bundle itself is never modified: training happens on a private float32 copy of the UNet, and
     :meth:`merged` hands out the fine-tuned weights for the original one (``unet_params`` of
     :func:`~resalign.eval.generate.generate`, or :meth:`T2IBundle.save` with ``unet_state``).
+    ``class_generation`` holds the sampling settings (``steps``, ``guidance``) of DreamBooth's class
+    images when they are generated.
     """
 
     def __init__(
@@ -389,8 +391,10 @@ class Finetuner:
         *,
         seed: int = 0,
         prior: PairData | None = None,
+        class_generation: Mapping[str, Any] | None = None,
     ):
         self.bundle = bundle
+        self.class_generation = dict(class_generation or {})
         self.spec = spec.validate()
         if not stages:
             raise ConfigError("fine-tuning needs at least one data stage")
@@ -414,19 +418,25 @@ class Finetuner:
 
     # -------------------------------------------------------------- setup
     def _setup(self) -> tuple[nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(self.seed)  # LoRA's Gaussian init and anything else drawn at setup
         unet = copy.deepcopy(self.bundle.unet)
         if self.bundle.dtype != torch.float32:  # train in float32, as mixed-precision scripts keep master weights
             unet = unet.to(torch.float32)
         unet.train()
-        params = self.method.prepare(unet, keep_reference=self.spec.escape_p is not None)
+        with torch.random.fork_rng(devices=[]):  # LoRA's Gaussian init from the run's seed, global RNG untouched
+            torch.manual_seed(self.seed)
+            params = self.method.prepare(unet, keep_reference=self.spec.escape_p is not None)
         lr = self.spec.resolved_lr()
-        if self.spec.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=self.spec.weight_decay, eps=1e-8)
-        elif self.spec.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-        else:
+        if self.spec.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=lr)
+        else:
+            kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8)
+            if self.spec.optimizer == "adamw":
+                cls, kw = torch.optim.AdamW, {**kw, "weight_decay": self.spec.weight_decay}
+            else:
+                cls = torch.optim.Adam
+            # The fused kernel (CPU and CUDA, float32) computes the same update several times faster.
+            fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+            opt = cls(params, **kw, fused=fused or None)
         self._unet = unet
         return unet, opt
 
@@ -445,7 +455,7 @@ class Finetuner:
         else:
             caps = list(first.prompts)
             prompts = [caps[i % len(caps)] for i in range(n)]
-        images = generate(self.bundle, prompts, seed=10_000 + self.seed)
+        images = generate(self.bundle, prompts, seed=10_000 + self.seed, **self.class_generation)
         return encode_pairs(self.bundle, Pairs(images, prompts, "class"))
 
     # -------------------------------------------------------------- public

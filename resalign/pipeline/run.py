@@ -75,6 +75,8 @@ class RunConfig:
     threads: int = 0
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
+    #: every simulated fine-tuning uses the same D_FT batch (the "no meta-learning over data" ablation, Tab. 6)
+    fixed_ft_data: bool = False
 
 
 #: Preset values of the settings left None. ``toy`` is tuned for the embedded toy world on a 2-core
@@ -397,14 +399,9 @@ def _load_bundle(cfg: RunConfig, registry):
                 break
         if loader is None:
             raise ModelLoadError(f"model: no loader can read {cfg.model!r}")
-    bundle = loader.load(cfg.model, device=cfg.device, dtype="fp32")
-    if cfg.dtype != "fp32":  # frozen parts in the compute dtype, UNet master weights stay fp32
-        from resalign.models.bundle import DTYPES
-
-        for m in (bundle.text_encoder, bundle.vae):
-            if m is not None:
-                m.to(DTYPES[cfg.dtype])
-    return bundle
+    # fp32 throughout: ``dtype`` is the autocast dtype of the UNet passes (the master weights stay
+    # fp32); the frozen text encoder and VAE run once per dataset, and the saved model keeps their dtype
+    return loader.load(cfg.model, device=cfg.device, dtype="fp32")
 
 
 def _check_resume(cfg: RunConfig, rd: RunDir) -> None:
@@ -429,6 +426,62 @@ def _clean(v: Any) -> Any:
     return v
 
 
+@dataclass
+class Prepared:
+    """Everything a run (or an ablation) builds before its first outer step."""
+
+    bundle: Any
+    ctx: Any  # DiffusionContext
+    data: Any  # TrainingData
+    settings: MethodSettings
+    parameterization: Any  # Parameterization
+    components: dict[str, Any]
+    trainer: ResAlign
+
+
+def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components: dict[str, Any] | None = None,
+            progress=None) -> Prepared:
+    """Load the model, build the DiffusionContext, the datasets (cached in ``data_dir``; a temporary
+    folder when None) and the Alg. 2 trainer at the original model."""
+    import tempfile
+
+    from resalign.components import DiffusionContext
+    from resalign.core.functional import FunctionalUNet
+    from resalign.core.params import Parameterization
+    from resalign.models.bundle import DTYPES
+    from resalign.pipeline.data import build_training_data
+    from resalign.registry import get_registry
+
+    cfg = resolve(cfg)
+    registry = registry or get_registry()
+    components = components or validate(cfg, registry)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    bundle = _load_bundle(cfg, registry)
+    unet = bundle.unet.float().requires_grad_(False).eval()
+    compute_dtype = DTYPES[cfg.dtype] if cfg.dtype != "fp32" else None
+    model = FunctionalUNet(unet, compute_dtype=compute_dtype)
+    ctx = DiffusionContext(model=model, theta0=model.base_params(), schedule=bundle.noise_schedule(),
+                           uncond=bundle.encode_prompts([""]).float())
+    with tempfile.TemporaryDirectory(prefix="resalign-data-") as tmp:
+        data = build_training_data(
+            cfg.data, bundle, Path(data_dir) if data_dir is not None else Path(tmp), cfg.seed,
+            with_anchor=cfg.loss == "ca", progress=progress or (lambda name, done, total: None),
+        )
+    settings = MethodSettings(
+        beta=cfg.beta, alpha=cfg.alpha, alpha_schedule=cfg.alpha_schedule, alpha_end=cfg.alpha_end, J=cfg.J,
+        gamma=cfg.gamma, outer_steps=cfg.outer_steps, outer_lr=cfg.outer_lr, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, harm_batch=cfg.harm_batch, preserve_batch=cfg.preserve_batch,
+        ft_size=cfg.ft_size, seed=cfg.seed, fixed_ft_data=cfg.fixed_ft_data,
+    )
+    parameterization = Parameterization(cfg.params, ctx.theta0, cfg.params_options, seed=cfg.seed)
+    trainer = ResAlign(
+        ctx, parameterization, harmful_loss=components["loss"], regularizer=components["regularizer"],
+        solver=components["solver"], pool=cfg.pool, data=data, settings=settings, registry=registry,
+    )
+    return Prepared(bundle, ctx, data, settings, parameterization, components, trainer)
+
+
 def execute(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Run ResAlign with ``cfg``, writing the run directory ``out``; returns ``out``.
 
@@ -437,11 +490,7 @@ def execute(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool =
     except ``outer_steps``, ``device``, ``threads`` and checkpoint settings). Ctrl-C saves a checkpoint
     and raises :class:`RunInterrupted`.
     """
-    from resalign.core.functional import FunctionalUNet
-    from resalign.core.params import Parameterization
     from resalign.eval.report import TidyReport
-    from resalign.models.bundle import DTYPES
-    from resalign.pipeline.data import build_training_data
     from resalign.registry import get_registry
 
     cfg = resolve(cfg)
@@ -454,34 +503,12 @@ def execute(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool =
     elif (rd.checkpoints / "latest.json").is_file():
         raise ConfigError(f"--out {str(out)!r} holds a run; pass --resume to continue it or choose a new folder")
     rd.write_config(to_dict(cfg))
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
 
     t_start = time.perf_counter()
     with _Progress(progress) as bar:
-        bundle = _load_bundle(cfg, registry)
-        unet = bundle.unet.float().requires_grad_(False).eval()
-        compute_dtype = DTYPES[cfg.dtype] if cfg.dtype != "fp32" else None
-        model = FunctionalUNet(unet, compute_dtype=compute_dtype)
-        from resalign.components import DiffusionContext
-
-        ctx = DiffusionContext(model=model, theta0=model.base_params(), schedule=bundle.noise_schedule(),
-                               uncond=bundle.encode_prompts([""]).float())
-        data = build_training_data(
-            cfg.data, bundle, rd.path / "data", cfg.seed, with_anchor=cfg.loss == "ca",
-            progress=lambda name, done, total: bar.update(f"generate {name}", done, total),
-        )
-        settings = MethodSettings(
-            beta=cfg.beta, alpha=cfg.alpha, alpha_schedule=cfg.alpha_schedule, alpha_end=cfg.alpha_end, J=cfg.J,
-            gamma=cfg.gamma, outer_steps=cfg.outer_steps, outer_lr=cfg.outer_lr, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm, harm_batch=cfg.harm_batch, preserve_batch=cfg.preserve_batch,
-            ft_size=cfg.ft_size, seed=cfg.seed,
-        )
-        trainer = ResAlign(
-            ctx, Parameterization(cfg.params, ctx.theta0, cfg.params_options, seed=cfg.seed),
-            harmful_loss=components["loss"], regularizer=components["regularizer"], solver=components["solver"],
-            pool=cfg.pool, data=data, settings=settings, registry=registry,
-        )
+        prep = prepare(cfg, rd.path / "data", registry=registry, components=components,
+                       progress=lambda name, done, total: bar.update(f"generate {name}", done, total))
+        bundle, trainer = prep.bundle, prep.trainer
         if resume:
             state = _load_checkpoint(rd, cfg.device)
             if state is not None:

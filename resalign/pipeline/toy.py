@@ -50,7 +50,7 @@ class PretrainConfig:
     p_drop_colour: float = 0.2  # captions without the colour word
     pool: int = 40000  # procedurally drawn training images
     channels: tuple[int, int] = (32, 64)
-    classifier_steps: int = 1500
+    classifier_steps: int = 2500
     classifier_pool: int = 12000
     check_every: int = 600  # quick checks during training (0: none)
     check_samples: int = 80
