@@ -38,7 +38,7 @@ def test_fidelity_rows_on_a_tiny_model(tiny_toy_dir):
     assert len(extra["problems"]) == 2
 
     def cos(**match):
-        (row,) = report.rows(stage="fidelity", metric="cosine", **match)
+        (row,) = report.rows(stage="fidelity", metric="cosine", optimizer="all", **match)
         return row
 
     exact = cos(solver="unrolled")
@@ -48,8 +48,11 @@ def test_fidelity_rows_on_a_tiny_model(tiny_toy_dir):
     # x_1 = ω g / γ is parallel to g: Richardson after one step points exactly where first-order does
     assert one_step["values"] == pytest.approx(first["values"], abs=1e-6)
     assert all(-1.0 <= v <= 1.0 for v in first["values"])
-    secs = report.rows(stage="fidelity", metric="seconds", solver="richardson", K=4, gamma=0.1)
+    secs = report.rows(stage="fidelity", metric="seconds", solver="richardson", K=4, gamma=0.1, optimizer="all")
     assert secs and all(v > 0 for v in secs[0]["values"])
+    assert report.rows(stage="fidelity", solver="lambda-max", metric="seconds", optimizer="all")
+    per_optimizer = {r["optimizer"] for r in report.rows(stage="fidelity", solver="first-order", metric="cosine")}
+    assert "all" in per_optimizer and per_optimizer - {"all"} <= {"sgd", "adam"} and len(per_optimizer) >= 2
 
 
 def test_component_variants_map_to_run_settings():

@@ -70,6 +70,25 @@ def test_shipped_model_loads_through_the_registry_when_present():
     assert bundle.kind == "toy" and bundle.source == str(path)
 
 
+def test_shipped_model_draws_what_it_is_asked_for():
+    """A small-sample smoke check of the shipped model with the shipped classifiers (docs hold the full figures)."""
+    from resalign.eval.generate import generate
+    from resalign.scorers.toy import ToyHarmScorer, ToyPromptAccuracyScorer
+
+    try:
+        bundle = toy.load_toy()
+        harm = ToyHarmScorer()
+        acc = ToyPromptAccuracyScorer()
+    except Exception:
+        pytest.skip("the toy assets are not installed in this tree")
+    harmful = world.harmful_prompts(24, seed=0)
+    benign = world.preservation_prompts(24, seed=0)
+    images = generate(bundle, harmful + benign, steps=10, guidance=toy.GUIDANCE, seed=0, batch_size=48)
+    assert harm.score(images[:24]).value > 0.6
+    assert harm.score(images[24:]).value < 0.3
+    assert acc.score(images[24:], benign).value > 0.6
+
+
 def test_missing_assets_error_names_the_folder(monkeypatch, tmp_path):
     from resalign.errors import ModelLoadError
 

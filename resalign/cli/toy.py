@@ -137,7 +137,7 @@ def sample_cmd(
     out: Path = typer.Option(Path("grid.png"), "--out", help="PNG grid to write."),
     model: str = typer.Option(None, "--model", help="Model folder (default: the shipped toy model)."),
     steps: int = typer.Option(20, "--steps", help="DDIM steps."),
-    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(2.0, "--guidance", help="Classifier-free guidance scale (the toy model's best is 2)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     scale: int = typer.Option(4, "--scale", help="Upscaling of each image in the grid."),
 ) -> None:
@@ -160,7 +160,7 @@ def check_cmd(
     n: int = typer.Option(240, "--n", help="Images per figure."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     steps: int = typer.Option(20, "--steps", help="DDIM steps."),
-    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(2.0, "--guidance", help="Classifier-free guidance scale (the toy model's best is 2)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Measure a toy model: harmful rates (explicit, implicit, neutral, benign prompts), prompt accuracy, FD."""

@@ -19,7 +19,8 @@ def plot_fidelity_vs_k(rows: Sequence[Mapping[str, Any]], path: str | Path) -> P
     lines: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
         if r.get("K") is not None:
-            lines.setdefault(f"{r['solver']} γ={r['gamma']:g}", []).append(r)
+            group = "" if r.get("optimizer", "all") == "all" else f" ({r['optimizer']})"
+            lines.setdefault(f"{r['solver']} γ={r['gamma']:g}{group}", []).append(r)
     for label, pts in lines.items():
         pts = sorted(pts, key=lambda r: r["K"])
         x = np.array([p["K"] for p in pts], float)
@@ -28,7 +29,7 @@ def plot_fidelity_vs_k(rows: Sequence[Mapping[str, Any]], path: str | Path) -> P
         (ln,) = ax.plot(x, m, marker="o", ms=3, label=label)
         ax.fill_between(x, m - s, m + s, color=ln.get_color(), alpha=0.2, linewidth=0)
     for r in rows:
-        if r.get("K") is None and ks:
+        if r.get("K") is None and ks and r.get("optimizer", "all") == "all" and r["solver"] not in ("hvp-setup", "lambda-max"):
             ax.axhline(r["mean"], linestyle="--", linewidth=1, label=r["solver"], color="grey" if r["solver"] == "first-order" else None)
     ax.set_xlabel("K (HVPs / iterations)")
     ax.set_ylabel("cosine to exact hypergradient")

@@ -142,6 +142,11 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
     settings = _solver_settings(registry, cfg.solvers, cfg.K, cfg.gamma)
     unrolled = registry.create("solver", "unrolled")
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def record(key: tuple, groups: tuple[str, ...], figures: dict[str, float]) -> None:
+        for group in groups:
+            for metric, v in figures.items():
+                values[(*key, group)][metric].append(v)
     problems: list[dict[str, Any]] = []
     total = cfg.seeds * cfg.configs
     done = 0
@@ -162,6 +167,7 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                 finetune_loss=trainer._ft_loss(config.finetune_loss), harmful_loss=prep.components["loss"],
                 seed=seeds.derive(seed, j, "ablate-simulation"), gamma=1.0, with_unroll=True,
             )
+            setup: dict[str, float] = {}
             with PeakMemory(cfg.device) as mem:
                 t0 = time.perf_counter()
                 exact = unrolled.solve(problem).hypergrad
@@ -169,35 +175,38 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
             t0 = time.perf_counter()
             problem.hvp_ft(tree.zeros_like(problem.theta_ft))  # build the HVP graph once, for everyone
             hvp_setup = time.perf_counter() - t0
-            key_u = ("unrolled", None, None)
-            for metric, v in (("cosine", 1.0), ("relative_error", 0.0), ("seconds", t_exact),
-                              ("peak_mb", mem.peak_bytes / 2**20)):
-                values[key_u][metric].append(v)
-            values[("hvp-setup", None, None)]["seconds"].append(hvp_setup)
+            shared: dict[str, Any] = {}
+            if any(s["solver"] == "richardson" for s in settings):
+                t0 = time.perf_counter()  # λ_max by power iteration, cached per outer step in a run
+                registry.create("solver", "richardson").lambda_max(dataclasses.replace(problem, cache=shared))
+                setup["lambda-max"] = time.perf_counter() - t0
+            setup["hvp-setup"] = hvp_setup
+            groups = ("all", config.optimizer)
+            record(("unrolled", None, None), groups, {"cosine": 1.0, "relative_error": 0.0, "seconds": t_exact,
+                                                       "peak_mb": mem.peak_bytes / 2**20})
+            for name, secs in setup.items():
+                record((name, None, None), groups, {"seconds": secs})
             for s in settings:
                 solver = registry.create("solver", s["solver"], s["options"])
                 gamma = s["gamma"] if s["gamma"] is not None else 1.0
-                m = measure(solver, dataclasses.replace(problem, gamma=gamma, cache={}), exact, device=cfg.device)
-                key = (s["solver"], s["K"], s["gamma"])
-                for metric in SOLVER_METRICS:
-                    values[key][metric].append(getattr(m, metric))
-                if m.diagnostics.get("fallback"):
-                    values[key]["fallbacks"].append(1.0)
+                m = measure(solver, dataclasses.replace(problem, gamma=gamma, cache=dict(shared)), exact,
+                            device=cfg.device)
+                record((s["solver"], s["K"], s["gamma"]), groups,
+                       {metric: getattr(m, metric) for metric in SOLVER_METRICS}
+                       | ({"fallbacks": 1.0} if m.diagnostics.get("fallback") else {}))
             problems.append({"seed": seed, "config": config.label(), "exact_norm": tree.norm(exact),
                              "g_norm": tree.norm(problem.grad_harm), "unrolled_s": t_exact, "hvp_setup_s": hvp_setup,
                              **{k: info[k] for k in ("harm_ft", "delta_norm")}})
             done += 1
             if progress:
                 progress(done, total)
-    for (name, K, gamma), metrics in values.items():
+    for (name, K, gamma, group), metrics in values.items():
+        label = _setting_label({"solver": name, "K": K, "gamma": gamma})
         for metric, vals in metrics.items():
             if metric == "fallbacks":
-                continue
-            report.add(vals, solver=name, metric=metric, K=K, gamma=gamma,
-                       setting=_setting_label({"solver": name, "K": K, "gamma": gamma}), stage="fidelity")
-        if "fallbacks" in metrics:
-            report.add([float(len(metrics["fallbacks"]))], solver=name, metric="fallbacks", K=K, gamma=gamma,
-                       stage="fidelity")
+                vals = [float(len(vals))]
+            report.add(vals, solver=name, metric=metric, K=K, gamma=gamma, setting=label, stage="fidelity",
+                       optimizer=group)
     return {"problems": problems}
 
 
@@ -254,9 +263,10 @@ def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: b
         ("Fidelity against cost per hypergradient", "fidelity_vs_cost.png"),
     ]
     plot_fidelity_vs_k(report.rows(stage="fidelity", metric="cosine"), rd.path / "fidelity_vs_k.png")
-    plot_fidelity_cost(report.rows(stage="fidelity", metric="cosine"), report.rows(stage="fidelity", metric="seconds"),
-                       rd.path / "fidelity_vs_cost.png")
-    tables = [solver_table(report)]
+    plot_fidelity_cost(report.rows(stage="fidelity", metric="cosine", optimizer="all"),
+                       report.rows(stage="fidelity", metric="seconds", optimizer="all"), rd.path / "fidelity_vs_cost.png")
+    groups = list(dict.fromkeys(r["optimizer"] for r in report.rows(stage="fidelity")))
+    tables = [solver_table(report, g) for g in groups]
     if cfg.effect.enabled:
         tables.append(effect_table(report, "solver"))
     intro = (f"{cfg.seeds} seeds × {cfg.configs} sampled configurations (T ≤ {cfg.max_steps} steps) at the "
@@ -265,14 +275,15 @@ def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: b
     return rd.path, report
 
 
-def solver_table(report: TidyReport) -> MarkdownTable:
-    table = MarkdownTable("Hypergradient fidelity and cost (mean ± SEM over seeds × configurations)",
+def solver_table(report: TidyReport, optimizer: str = "all") -> MarkdownTable:
+    which = "all sampled configurations" if optimizer == "all" else f"configurations with optimizer {optimizer}"
+    table = MarkdownTable(f"Hypergradient fidelity and cost, {which} (mean ± SEM over seeds × configurations)",
                           ["setting", "cosine", "relative error", "seconds", "peak MB"])
-    labels = list(dict.fromkeys(r["setting"] for r in report.rows(stage="fidelity") if "setting" in r))
+    labels = list(dict.fromkeys(r["setting"] for r in report.rows(stage="fidelity", optimizer=optimizer)))
     for label in labels:
         cells = [label]
         for metric in SOLVER_METRICS:
-            r = next((r for r in report.rows(stage="fidelity", metric=metric, setting=label)), None)
+            r = report.get(stage="fidelity", metric=metric, setting=label, optimizer=optimizer)
             cells.append(fmt_mean_sem(r["mean"], r["sem"], r["n"]) if r else "—")
         table.rows.append(cells)
     return table
