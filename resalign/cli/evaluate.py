@@ -220,6 +220,8 @@ def compare_cmd(
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("fp32", "--dtype"),
     threads: int = typer.Option(1, "--threads"),
+    match: str = typer.Option("strength", "--match", help="strength: each baseline at its earliest checkpoint as unlearned as ResAlign; steps: final models of equal-length runs."),
+    match_every: int = typer.Option(5, "--match-every", help="Checkpoint interval (outer steps) of the baselines' runs for --match strength."),
     results_md: Path = typer.Option(None, "--results-md", help="Also write the table to this Markdown file (docs/results.md)."),
     out: Path = typer.Option(None, "--out", help=_OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -237,6 +239,7 @@ def compare_cmd(
         category=_split(category), limit=limit, scorers=names, scorer_options=scorer_options(scorer_option, names),
         toy_prompts=toy_prompts, images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance=guidance,
         device=device, dtype=dtype, threads=threads, results_md=str(results_md) if results_md else None,
+        match=match, match_every=match_every,
     )
     path, report = run_compare(cfg, _out(out, "compare"), progress=not quiet)
     from rich.markdown import Markdown

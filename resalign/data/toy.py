@@ -25,7 +25,6 @@ Prompt sets mirror the roles of the paper (Sec. 4.1):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -419,11 +418,3 @@ IMAGE_SETS = {
     "contamination": lambda n, seed: contamination_pool(n, seed),
 }
 
-
-def class_balanced_scenes(n: int, seed: int = 0, shapes: Sequence[str] = SHAPES) -> list[Scene]:
-    """``n`` random scenes with the shapes drawn in equal shares (classifier training and checks)."""
-    rng = np.random.default_rng(seed)
-    per = math.ceil(n / len(shapes))
-    out = [random_scene(rng, shapes=[s]) for s in shapes for _ in range(per)]
-    idx = rng.permutation(len(out))[:n]
-    return [out[i] for i in idx]

@@ -12,6 +12,7 @@ uint8 RGB (N, H, W, 3) arrays and runs them with onnxruntime.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,16 +199,18 @@ def export_onnx(model, kind: str, path: str | Path) -> Path:
     outputs = ["harm_probability"] if kind == "harm" else ["logits", "features"]
     dummy = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     wrapped = Wrapped(model).eval()
-    torch.onnx.export(
-        wrapped,
-        (dummy,),
-        str(path),
-        input_names=["images"],
-        output_names=outputs,
-        dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
-        opset_version=17,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter announces its own deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            wrapped,
+            (dummy,),
+            str(path),
+            input_names=["images"],
+            output_names=outputs,
+            dynamic_axes={"images": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+            opset_version=17,
+            dynamo=False,
+        )
     proto = onnx.load(str(path))
     meta = {
         "kind": kind,

@@ -32,7 +32,7 @@ from resalign.config import to_dict
 from resalign.core import seeds, tree
 from resalign.core.fidelity import PeakMemory, measure
 from resalign.core.problem import build_hypergrad_problem
-from resalign.errors import ConfigError
+from resalign.errors import ConfigError, SolverError
 from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
 from resalign.rundir import RunDir
 
@@ -148,6 +148,7 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
             for metric, v in figures.items():
                 values[(*key, group)][metric].append(v)
     problems: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     total = cfg.seeds * cfg.configs
     done = 0
     for seed in range(cfg.seeds):
@@ -158,7 +159,12 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                            data=prep.data, settings=prep.settings, registry=registry)
         theta = tree.detach(prep.parameterization.weights(trainer.theta))
         candidates = _pool_for_fidelity(run_cfg.pool, cfg.max_steps)
-        for j in range(cfg.configs):
+        attempts, kept = 0, 0
+        while kept < cfg.configs:
+            j, attempts = attempts, attempts + 1
+            if attempts > 4 * cfg.configs:
+                raise SolverError(f"seed {seed}: the exact hypergradient was non-finite for {len(skipped)} of "
+                                  f"{attempts - 1} sampled configurations; lower the pool's learning rates")
             config = candidates[int(seeds.rng(seed, j, "ablate-config").integers(len(candidates)))]
             harm = prep.data.harmful.sample(prep.settings.harm_batch, seeds.generator(seed, j, "ablate-harm"))
             sim = trainer.simulation_data(j, 0, config, harm)
@@ -168,10 +174,15 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                 seed=seeds.derive(seed, j, "ablate-simulation"), gamma=1.0, with_unroll=True,
             )
             setup: dict[str, float] = {}
-            with PeakMemory(cfg.device) as mem:
-                t0 = time.perf_counter()
-                exact = unrolled.solve(problem).hypergrad
-                t_exact = time.perf_counter() - t0
+            try:
+                with PeakMemory(cfg.device) as mem:
+                    t0 = time.perf_counter()
+                    exact = unrolled.solve(problem).hypergrad
+                    t_exact = time.perf_counter() - t0
+            except SolverError:  # the simulated fine-tuning itself diverged: no exact reference to compare with
+                skipped.append({"seed": seed, "config": config.label()})
+                continue
+            kept += 1
             t0 = time.perf_counter()
             problem.hvp_ft(tree.zeros_like(problem.theta_ft))  # build the HVP graph once, for everyone
             hvp_setup = time.perf_counter() - t0
@@ -207,7 +218,7 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                 vals = [float(len(vals))]
             report.add(vals, solver=name, metric=metric, K=K, gamma=gamma, setting=label, stage="fidelity",
                        optimizer=group)
-    return {"problems": problems}
+    return {"problems": problems, "skipped_divergent": skipped}
 
 
 def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: EffectConfig, workdir: Path,

@@ -11,10 +11,17 @@ For the base model, plain-unlearning baselines and ResAlign:
    ``resalign attack``), once per seed, and measure the harmful rate again.
 
 The base model is only measured before fine-tuning, as in Tab. 1. Every figure is the mean ± SEM over
-the seeds (3 by default; Sec. 4.1). Baselines run with ResAlign's outer steps, learning rate, α and
-data, so their direct harmful-loss weight (1) is larger than ResAlign's (1 − β): they are unlearned at
-least as hard per step. The report checks that no baseline ends weaker than ResAlign before fine-tuning
-(its before-FT harmful rate no more than 2 SEM above ResAlign's) and says so when one does.
+the seeds (3 by default; Sec. 4.1).
+
+Matched unlearning strength (``--match strength``, the default). Baselines run with ResAlign's outer
+steps, learning rate, α and data, and β = 0 gives their harmful loss the full weight 1 instead of
+ResAlign's 1 − β, so at equal steps they are unlearned harder (and damaged more). A fair comparison
+starts every model from the same harmfulness: each baseline run keeps a checkpoint every
+``match_every`` outer steps, and the baseline compared is its earliest checkpoint whose harmful rate
+(headline prompt set, first seed) is at most ResAlign's; without such a checkpoint it is the final
+model. ``--match steps`` compares the final models of equal-length runs instead. Either way the
+report checks that no baseline ends weaker than ResAlign before fine-tuning (its before-FT harmful
+rate no more than 2 SEM above ResAlign's) and says so when one does.
 
 The toy defaults are budgeted to finish on two CPU cores in under 20 minutes: 50 prompts per set and
 seed (150 images per figure over 3 seeds), 10 DDIM steps for the evaluation images, 200 fine-tuning
@@ -55,6 +62,8 @@ from resalign.pipeline.finetune import Finetuner, FinetuneSpec, Stage
 #: Methods compare knows: the base model, β = 0 baselines by harmful loss, and ResAlign.
 BASELINE_LOSSES = ("ga", "esd", "ca")
 DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
+#: How baselines are matched to ResAlign: by unlearning strength (checkpoint choice) or by steps.
+MATCH_MODES = ("strength", "steps")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,8 @@ class CompareConfig:
     dtype: str = "fp32"
     threads: int | None = 1
     results_md: str | None = None  # also write the table here (docs/results.md)
+    match: str = "strength"  # strength | steps (see the module docstring)
+    match_every: int = 5  # checkpoint interval of the baselines' runs, the candidates of matching
 
 
 def method_run_config(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str, dtype: str):
@@ -161,124 +172,243 @@ def _check_methods(methods: Sequence[str], runs: Mapping[str, str]) -> None:
             raise ConfigError(f"--run {m}={path}: not a run directory with model/unet/")
 
 
-def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
-    """``resalign compare``: unlearn, measure before, fine-tune on each dataset per seed, measure after."""
-    from resalign.config import to_dict
-    from resalign.pipeline.run import resolve
-    from resalign.rundir import RunDir
+@dataclass
+class _Model:
+    """One compared model: its bundle (with the weights to evaluate) and how it was chosen."""
 
-    set_threads(cfg.threads)
-    if cfg.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
-    _check_methods(cfg.methods, cfg.runs)
-    base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    gen_preset = preset_name(base.bundle)
-    cp = COMPARE_PRESETS[gen_preset]
-    ap = ATTACK_PRESETS[gen_preset]
-    datasets = list(cfg.datasets) or list(cp.datasets)
-    if not datasets:
-        raise ConfigError("--dataset DIR (twice, the two benign fine-tuning sets) is required outside the toy world")
-    ft_data = [load_pairs(d, size=base.bundle.image_size, toy_size=ap.toy_data_size) for d in datasets]
-    spec = FinetuneSpec(
-        adapt=cfg.adapt, steps=cfg.ft_steps if cfg.ft_steps is not None else ap.steps,
-        lr=cfg.lr if cfg.lr is not None else ap.lr[cfg.adapt], optimizer=cfg.optimizer,
-    ).validate()
-    toy_n = cfg.toy_prompts or cp.prompts_per_set
-    harm_sets = build_sets(gen_preset, prompts_file=cfg.prompts, categories=cfg.category, limit=cfg.limit,
-                           scorers=cfg.scorers, toy_prompts=toy_n,
-                           only=None if cfg.prompts else ("harmful", "implicit"))
-    benign_sets: list[EvalSet] = []
-    if cfg.benign_prompts:
-        benign_sets = build_sets(gen_preset, prompts_file=cfg.benign_prompts, limit=cfg.limit, role="benign",
-                                 scorers=cfg.scorers)
-    elif gen_preset == "toy" and not cfg.prompts:
-        benign_sets = build_sets("toy", toy_prompts=toy_n, only=("benign",), limit=cfg.limit, scorers=cfg.scorers)
-    gen = resolve_generation(gen_preset, cfg.images_per_prompt, cfg.sample_steps or cp.sample_steps, cfg.guidance,
-                             cfg.gen_batch_size)
-    before_eval = Evaluator(base.bundle, harm_sets + benign_sets, gen, scorer_options=cfg.scorer_options)
-    after_eval = Evaluator(base.bundle, harm_sets, gen, scorer_options=options_for(cfg.scorer_options, harm_sets))
-    unlearn_cfgs = {
-        m: method_run_config(m, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)
-        for m in cfg.methods if m != "base" and m not in cfg.runs
-    }
-    run = RunDir(out, command="compare")
-    seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    run.write_config({"command": "compare", **to_dict(cfg), "seeds_used": seeds})
-    report = TidyReport("compare")
-    report.settings.update(
-        base_model=base.label, base_model_path=base.path, methods=list(cfg.methods), seeds=seeds,
-        finetune=dataclasses.asdict(spec) | {"lr": spec.resolved_lr()}, datasets=[d.name for d in ft_data],
-        evaluation=before_eval.describe(), config=to_dict(cfg),
-        unlearning={m: to_dict(resolve(c)) for m, c in unlearn_cfgs.items()}, reused_runs=dict(cfg.runs),
-        prompt_sets={"harmful": [s.name for s in harm_sets], "benign": [s.name for s in benign_sets]},
-    )
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    samples: dict[str, np.ndarray] = {}
-    # 1. unlearning runs (each shows its own progress display)
-    from resalign.pipeline.run import execute
+    name: str
+    bundle: Any
+    run_dir: str | None = None
+    matched_step: int | None = None
 
-    run_dirs = dict(cfg.runs)
-    shared = None
-    for m, rc in unlearn_cfgs.items():
-        if shared is not None:
-            rc = dataclasses.replace(rc, data=shared)
-        if progress:
+
+class _Comparison:
+    """The state of one ``resalign compare``: plan, unlearning, strength matching, measurements."""
+
+    def __init__(self, cfg: CompareConfig, out: str | Path, progress: bool):
+        from resalign.config import to_dict
+        from resalign.pipeline.run import resolve
+        from resalign.rundir import RunDir
+
+        if cfg.seeds < 1:
+            raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
+        if cfg.match not in MATCH_MODES:
+            raise ConfigError(f"--match {cfg.match!r}: expected one of {', '.join(MATCH_MODES)}")
+        _check_methods(cfg.methods, cfg.runs)
+        self.cfg, self.progress = cfg, progress
+        self.base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        gen_preset = preset_name(self.base.bundle)
+        cp, ap = COMPARE_PRESETS[gen_preset], ATTACK_PRESETS[gen_preset]
+        datasets = list(cfg.datasets) or list(cp.datasets)
+        if not datasets:
+            raise ConfigError("--dataset DIR (twice, the two benign fine-tuning sets) is required outside the toy world")
+        self.ft_data = [load_pairs(d, size=self.base.bundle.image_size, toy_size=ap.toy_data_size) for d in datasets]
+        self.spec = FinetuneSpec(
+            adapt=cfg.adapt, steps=cfg.ft_steps if cfg.ft_steps is not None else ap.steps,
+            lr=cfg.lr if cfg.lr is not None else ap.lr[cfg.adapt], optimizer=cfg.optimizer,
+        ).validate()
+        toy_n = cfg.toy_prompts or cp.prompts_per_set
+        self.harm_sets = build_sets(gen_preset, prompts_file=cfg.prompts, categories=cfg.category, limit=cfg.limit,
+                                    scorers=cfg.scorers, toy_prompts=toy_n,
+                                    only=None if cfg.prompts else ("harmful", "implicit"))
+        self.benign_sets: list[EvalSet] = []
+        if cfg.benign_prompts:
+            self.benign_sets = build_sets(gen_preset, prompts_file=cfg.benign_prompts, limit=cfg.limit,
+                                          role="benign", scorers=cfg.scorers)
+        elif gen_preset == "toy" and not cfg.prompts:
+            self.benign_sets = build_sets("toy", toy_prompts=toy_n, only=("benign",), limit=cfg.limit,
+                                          scorers=cfg.scorers)
+        gen = resolve_generation(gen_preset, cfg.images_per_prompt, cfg.sample_steps or cp.sample_steps,
+                                 cfg.guidance, cfg.gen_batch_size)
+        bundle, opts = self.base.bundle, cfg.scorer_options
+        self.before_eval = Evaluator(bundle, self.harm_sets + self.benign_sets, gen, scorer_options=opts)
+        self.after_eval = Evaluator(bundle, self.harm_sets, gen, scorer_options=options_for(opts, self.harm_sets))
+        self.match_eval = Evaluator(bundle, self.harm_sets[:1], gen, scorer_options=options_for(opts, self.harm_sets[:1]))
+        # ResAlign first: its before-FT harmful rate is the strength the baselines are matched to.
+        todo = sorted((m for m in cfg.methods if m != "base" and m not in cfg.runs), key=lambda m: not _is_ours(m))
+        self.unlearn_cfgs = {m: method_run_config(m, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)
+                             for m in todo}
+        if cfg.match == "strength":
+            self.unlearn_cfgs = {
+                m: rc if _is_ours(m) else dataclasses.replace(rc, checkpoint_every=cfg.match_every, keep_checkpoints=0)
+                for m, rc in self.unlearn_cfgs.items()
+            }
+        self.run = RunDir(out, command="compare")
+        self.seeds = [cfg.seed + k for k in range(cfg.seeds)]
+        self.run.write_config({"command": "compare", **to_dict(cfg), "seeds_used": self.seeds})
+        self.report = TidyReport("compare")
+        self.report.settings.update(
+            base_model=self.base.label, base_model_path=self.base.path, methods=list(cfg.methods), seeds=self.seeds,
+            finetune=dataclasses.asdict(self.spec) | {"lr": self.spec.resolved_lr()},
+            datasets=[d.name for d in self.ft_data], evaluation=self.before_eval.describe(), config=to_dict(cfg),
+            unlearning={m: to_dict(resolve(c)) for m, c in self.unlearn_cfgs.items()}, reused_runs=dict(cfg.runs),
+            prompt_sets={"harmful": [s.name for s in self.harm_sets], "benign": [s.name for s in self.benign_sets]},
+            matching={"mode": cfg.match},
+        )
+        self.timings: dict[str, float] = {}
+        self.samples: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ 1. unlearning
+    def unlearn(self) -> dict[str, str]:
+        """Run every unlearning (each shows its own progress display); the run directories by method."""
+        from resalign.config import to_dict
+        from resalign.pipeline.run import execute, resolve
+
+        run_dirs = dict(self.cfg.runs)
+        shared = None
+        for m, rc in self.unlearn_cfgs.items():
+            if shared is not None:
+                rc = dataclasses.replace(rc, data=shared)
+            self._say(f"[bold]unlearning: {m}[/] ({_describe_run(rc)})")
+            self.report.settings["unlearning"][m] = to_dict(resolve(rc))
+            t0 = time.perf_counter()
+            run_dirs[m] = str(execute(rc, self.run.path / "unlearn" / m, progress=self.progress))
+            self.timings[f"unlearn {m}"] = time.perf_counter() - t0
+            if shared is None and "data" not in self.cfg.unlearn:
+                shared = shared_data(resolve(rc).data, Path(run_dirs[m]))
+        self.report.settings["run_dirs"] = run_dirs
+        return run_dirs
+
+    # ------------------------------------------------------------------ matching
+    def models(self, run_dirs: Mapping[str, str], bars: Bars) -> list[_Model]:
+        """The compared models; with ``--match strength`` each baseline at its matched checkpoint."""
+        c = self.cfg
+        loaded = {m: _Model(m, self.base.bundle) if m == "base" else
+                  _Model(m, load_model(run_dirs[m], device=c.device, dtype=c.dtype).bundle, run_dirs[m])
+                  for m in c.methods}
+        ours = next((m for m in c.methods if _is_ours(m)), None)
+        baselines = [m for m in c.methods if m in BASELINE_LOSSES]
+        info = self.report.settings["matching"]
+        if c.match != "strength" or not baselines:
+            return [loaded[m] for m in c.methods]
+        if ours is None:
+            info["note"] = "no ResAlign model to match to: baselines use their final weights"
+            return [loaded[m] for m in c.methods]
+        t0 = time.perf_counter()
+        target = self._quick_rate(loaded[ours].bundle, None, bars, f"match: {ours}")
+        info.update(target_model=ours, target=target, prompts=self.harm_sets[0].name, seed=c.seed,
+                    rule="earliest checkpoint whose harmful rate is <= the target (else the final weights)")
+        for b in baselines:
+            model = loaded[b]
+            curve = []
+            for step, weights in checkpoint_weights(Path(model.run_dir), run_config_of(Path(model.run_dir)),
+                                                    self.base.bundle):
+                rate = self._quick_rate(model.bundle, weights, bars, f"match: {b} step {step}")
+                curve.append({"step": step, "harmful_rate": rate})
+                if rate <= target:
+                    model.bundle.unet.load_state_dict(weights, strict=False)
+                    model.matched_step = step
+                    break
+            info[b] = {"curve": curve, "chosen_step": model.matched_step}
+        self.timings["strength matching"] = time.perf_counter() - t0
+        return [loaded[m] for m in c.methods]
+
+    def _quick_rate(self, bundle: Any, params: Any, bars: Bars, label: str) -> float:
+        if params is None:
+            params = {n: p.detach() for n, p in bundle.unet.named_parameters()}
+        figs, _ = self.match_eval.evaluate(bundle=bundle, params=params, seed=self.cfg.seed, bars=bars,
+                                           label=f"{label}: ")
+        return next(f.value for f in figs if f.metric == "harmful_rate")
+
+    # ------------------------------------------------------------------ 2./3. measurements
+    def measure(self, model: _Model, bars: Bars) -> None:
+        """Before fine-tuning over seeds; then fine-tune on each dataset per seed and measure again."""
+        c, report, m = self.cfg, self.report, model.name
+        headline = self.harm_sets[0].name
+        t0 = time.perf_counter()
+        before: list[list[Figure]] = []
+        for k, seed in enumerate(self.seeds):
+            figs, imgs = self.before_eval.evaluate(bundle=model.bundle, seed=c.seed + k * SEED_STRIDE, bars=bars,
+                                                   label=f"{m} before, seed {seed}: ", keep_images=k == 0)
+            before.append(figs)
+            if k == 0:
+                self.samples[f"{m} · before"] = imgs[headline][:8]
+        add_figures(report, before, model=m, stage="before_ft")
+        self.timings[f"evaluate {m} before"] = time.perf_counter() - t0
+        if m == "base":  # Tab. 1 fine-tunes the unlearned models only
+            return
+        for d in self.ft_data:
+            t0 = time.perf_counter()
+            after: list[list[Figure]] = []
+            for k, seed in enumerate(self.seeds):
+                ft = Finetuner(model.bundle, self.spec, [Stage(d, self.spec.steps, d.name)], seed=seed)
+                bar = bars.task(f"{m}: fine-tuning on {d.name}, seed {seed}", self.spec.steps)
+                params = ft.run(progress=lambda s, t, loss: bar(s, t))
+                figs, imgs = self.after_eval.evaluate(bundle=model.bundle, params=params,
+                                                      seed=c.seed + k * SEED_STRIDE, bars=bars,
+                                                      label=f"{m} after {d.name}, seed {seed}: ", keep_images=k == 0)
+                after.append(figs)
+                if k == 0:
+                    self.samples[f"{m} · after {d.name}"] = imgs[headline][:8]
+            add_figures(report, after, model=m, stage="after_ft", finetune=self.spec.adapt, dataset=d.name)
+            self.timings[f"fine-tune and evaluate {m} on {d.name}"] = time.perf_counter() - t0
+
+    def finish(self, started: float) -> tuple[Path, TidyReport]:
+        report, path = self.report, self.run.path
+        report.settings["seconds"] = round(time.perf_counter() - started, 1)
+        report.settings["timings"] = {k: round(v, 1) for k, v in self.timings.items()}
+        names = [d.name for d in self.ft_data]
+        checks = strength_and_finding_checks(report, self.cfg.methods, names, self.harm_sets[0].name)
+        report.settings["checks"] = checks
+        tables = compare_tables(report)
+        figures = _plots(path, report, self.cfg.methods, names, self.harm_sets, self.samples)
+        report.write(path, title="resalign compare: harmful rate before and after benign fine-tuning",
+                     intro=_intro(report, self.spec, self.seeds, checks), tables=tables, figures=figures)
+        if self.cfg.results_md:
+            write_results_md(Path(self.cfg.results_md), report, tables, checks, path)
+        return path, report
+
+    def _say(self, text: str) -> None:
+        if self.progress:
             from rich.console import Console
 
-            Console(stderr=True).print(f"[bold]unlearning: {m}[/] ({_describe_run(rc)})", highlight=False)
-        report.settings["unlearning"][m] = to_dict(resolve(rc))
-        t0 = time.perf_counter()
-        run_dirs[m] = str(execute(rc, run.path / "unlearn" / m, progress=progress))
-        timings[f"unlearn {m}"] = time.perf_counter() - t0
-        if shared is None and "data" not in cfg.unlearn:
-            shared = shared_data(resolve(rc).data, Path(run_dirs[m]))
-    report.settings["run_dirs"] = run_dirs
+            Console(stderr=True).print(text, highlight=False)
+
+
+def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
+    """``resalign compare``: unlearn, match strengths, measure before, fine-tune per dataset and seed, measure after."""
+    set_threads(cfg.threads)
+    comparison = _Comparison(cfg, out, progress)
+    started = time.perf_counter()
+    run_dirs = comparison.unlearn()
     with Bars(progress) as bars:
-        # 2. + 3. measure before, fine-tune per dataset and seed, measure after
-        outer = bars.task("compare: models", len(cfg.methods), keep=True)
-        for i, m in enumerate(cfg.methods):
-            model = base if m == "base" else load_model(run_dirs[m], device=cfg.device, dtype=cfg.dtype)
-            t0 = time.perf_counter()
-            before: list[list[Figure]] = []
-            for k, seed in enumerate(seeds):
-                figs, imgs = before_eval.evaluate(bundle=model.bundle, seed=cfg.seed + k * SEED_STRIDE, bars=bars,
-                                                  label=f"{m} before, seed {seed}: ", keep_images=k == 0)
-                before.append(figs)
-                if k == 0:
-                    samples[f"{m} · before"] = imgs[harm_sets[0].name][:8]
-            add_figures(report, before, model=m, stage="before_ft")
-            timings[f"evaluate {m} before"] = time.perf_counter() - t0
-            if m != "base":
-                for d in ft_data:
-                    t0 = time.perf_counter()
-                    after: list[list[Figure]] = []
-                    for k, seed in enumerate(seeds):
-                        ft = Finetuner(model.bundle, spec, [Stage(d, spec.steps, d.name)], seed=seed)
-                        bar = bars.task(f"{m}: fine-tuning on {d.name}, seed {seed}", spec.steps)
-                        params = ft.run(progress=lambda s, t, loss: bar(s, t))
-                        figs, imgs = after_eval.evaluate(bundle=model.bundle, params=params,
-                                                         seed=cfg.seed + k * SEED_STRIDE, bars=bars,
-                                                         label=f"{m} after {d.name}, seed {seed}: ",
-                                                         keep_images=k == 0)
-                        after.append(figs)
-                        if k == 0:
-                            samples[f"{m} · after {d.name}"] = imgs[harm_sets[0].name][:8]
-                    add_figures(report, after, model=m, stage="after_ft", finetune=spec.adapt, dataset=d.name)
-                    timings[f"fine-tune and evaluate {m} on {d.name}"] = time.perf_counter() - t0
+        models = comparison.models(run_dirs, bars)
+        outer = bars.task("compare: models", len(models), keep=True)
+        for i, model in enumerate(models):
+            comparison.measure(model, bars)
             outer(i + 1)
-    report.settings["seconds"] = round(time.perf_counter() - started, 1)
-    report.settings["timings"] = {k: round(v, 1) for k, v in timings.items()}
-    checks = strength_and_finding_checks(report, cfg.methods, [d.name for d in ft_data], harm_sets[0].name)
-    report.settings["checks"] = checks
-    tables = compare_tables(report)
-    figures = _plots(run.path, report, cfg.methods, [d.name for d in ft_data], harm_sets, samples)
-    intro = _intro(report, spec, seeds, checks)
-    report.write(run.path, title="resalign compare: harmful rate before and after benign fine-tuning",
-                 intro=intro, tables=tables, figures=figures)
-    if cfg.results_md:
-        write_results_md(Path(cfg.results_md), report, tables, checks, run.path)
-    return run.path, report
+    return comparison.finish(started)
+
+
+def _is_ours(method: str) -> bool:
+    return method == "resalign" or method.startswith("resalign-")
+
+
+def run_config_of(run_dir: Path) -> Any:
+    """The resolved :class:`RunConfig` a run directory recorded in its ``config.toml``."""
+    from resalign.config import from_dict, load_toml
+    from resalign.pipeline.run import RunConfig, resolve
+
+    return resolve(from_dict(RunConfig, load_toml(run_dir / "config.toml"), where=str(run_dir / "config.toml")))
+
+
+def checkpoint_weights(run_dir: Path, rc: Any, base_bundle: Any):
+    """(step, UNet weights) of every checkpoint a run kept, in step order.
+
+    A checkpoint holds θ (``theta.safetensors``); the UNet weights are W(θ) of the run's
+    parameterization (``--params full|xattn|lora``) around the base model's weights.
+    """
+    from safetensors.torch import load_file
+
+    from resalign.core.params import Parameterization
+
+    base = {n: p.detach().float() for n, p in base_bundle.unet.named_parameters()}
+    param = Parameterization(rc.params, base, rc.params_options, seed=rc.seed)
+    folders = sorted((run_dir / "checkpoints").glob("step-*"))
+    for folder in folders:
+        step = int(folder.name.split("-", 1)[1])
+        theta = load_file(folder / "theta.safetensors", device=str(base_bundle.device))
+        yield step, {k: v.to(base_bundle.dtype) for k, v in param.merged(theta).items()}
 
 
 def _describe_run(rc: Any) -> str:

@@ -50,10 +50,10 @@ class GenerationPreset:
     prompts_per_set: int | None  # toy sets: how many prompts to draw from each
 
 
-#: ``toy``: the embedded world (DDIM 20 steps, CFG 4, 100 prompts x 1 image per set, i.e. >= 100
+#: ``toy``: the embedded world (DDIM 20 steps, CFG 2, 100 prompts x 1 image per set, i.e. >= 100
 #: images per figure); ``paper``: the official evaluation (30 steps, CFG 7.5, 3 images per prompt).
 GENERATION_PRESETS: dict[str, GenerationPreset] = {
-    "toy": GenerationPreset(images_per_prompt=1, steps=20, guidance=4.0, prompts_per_set=100),
+    "toy": GenerationPreset(images_per_prompt=1, steps=20, guidance=2.0, prompts_per_set=100),
     "paper": GenerationPreset(images_per_prompt=3, steps=30, guidance=7.5, prompts_per_set=None),
 }
 

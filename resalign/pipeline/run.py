@@ -114,7 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "anchor": "circle",
             "images_per_prompt": 1,
             "gen_steps": 20,
-            "gen_guidance": 4.0,
+            "gen_guidance": 2.0,
             "gen_batch_size": 64,
         },
     },
