@@ -41,7 +41,7 @@ def test_methods_map_to_run_configs():
 def test_compare_end_to_end_at_test_size(tmp_path):
     out, md = tmp_path / "cmp", tmp_path / "results.md"
     rc = main([
-        "compare", "--methods", "base,ga,resalign", "--unlearn-option", "outer_steps=1",
+        "compare", "--methods", "base,ga,resalign", "--unlearn-option", "outer_steps=2", "--match-every", "1",
         "--unlearn-option", "J=1", "--unlearn-option", f"data={TINY_DATA}", "--ft-steps", "2", "--seeds", "2",
         "--toy-prompts", "4", "--sample-steps", "2", "--results-md", str(md), "--out", str(out), "--quiet",
     ])
@@ -59,14 +59,26 @@ def test_compare_end_to_end_at_test_size(tmp_path):
     assert ("benign", "prompt_accuracy") in before_metrics and ("benign", "frechet_distance") in before_metrics
     st = rep["settings"]
     assert st["unlearning"]["ga"]["beta"] == 0.0 and st["unlearning"]["resalign"]["beta"] > 0
-    # the second run reads the first run's generated training data instead of generating it again
-    sources = st["unlearning"]["resalign"]["data"]["harmful"]
-    assert sources[0]["source"].endswith("unlearn/ga/data/harmful")
+    # strength matching: the baseline keeps checkpoints and one of them (or its final weights) is chosen
+    assert st["unlearning"]["ga"]["checkpoint_every"] == 1 and st["unlearning"]["ga"]["keep_checkpoints"] == 0
+    match = st["matching"]
+    assert match["mode"] == "strength" and match["target_model"] == "resalign"
+    assert [p["step"] for p in match["ga"]["curve"]][:1] == [1]
+    assert match["ga"]["chosen_step"] in (None, 1, 2)
     assert set(st["checks"]["resalign_lowest"]) == {"benign-a", "benign-b"}
     text = md.read_text()
     assert "| ga |" in text and "after FT on benign-b: harmful" in text and "Regenerate with" in text
     for f in ("report.md", "report.csv", "harmful_rate_harmful.png", "samples.png"):
         assert (out / f).is_file()
+
+    # without --unlearn-option data, later runs read the first run's generated training data
+    from resalign.pipeline.compare import shared_data
+    from resalign.pipeline.run import resolve
+    from resalign.config import from_dict
+    from resalign.pipeline.run import RunConfig
+
+    data = shared_data(resolve(from_dict(RunConfig, {})).data, out / "unlearn" / "resalign")
+    assert data.harmful[0].source.endswith("unlearn/resalign/data/harmful")
 
     # a finished run is reused, not recomputed
     out2 = tmp_path / "cmp2"

@@ -221,7 +221,7 @@ def compare_cmd(
     dtype: str = typer.Option("fp32", "--dtype"),
     threads: int = typer.Option(1, "--threads"),
     match: str = typer.Option("strength", "--match", help="strength: each baseline at its earliest checkpoint as unlearned as ResAlign; steps: final models of equal-length runs."),
-    match_every: int = typer.Option(5, "--match-every", help="Checkpoint interval (outer steps) of the baselines' runs for --match strength."),
+    match_every: int = typer.Option(2, "--match-every", help="Checkpoint interval (outer steps) of the baselines' runs for --match strength."),
     results_md: Path = typer.Option(None, "--results-md", help="Also write the table to this Markdown file (docs/results.md)."),
     out: Path = typer.Option(None, "--out", help=_OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet"),
