@@ -29,6 +29,7 @@ from resalign.data.prompts import PromptSet, read_prompts
 from resalign.errors import ConfigError, ModelLoadError
 from resalign.eval.report import MarkdownTable, TidyReport
 from resalign.eval.scoring import create_scorer, scorer_metric, warm_up, write_per_image
+from resalign.models.toy import GUIDANCE as TOY_GUIDANCE
 
 #: Seeds of repeated evaluations are this far apart, so their images never share initial noise.
 SEED_STRIDE = 1_000_003
@@ -50,10 +51,11 @@ class GenerationPreset:
     prompts_per_set: int | None  # toy sets: how many prompts to draw from each
 
 
-#: ``toy``: the embedded world (DDIM 20 steps, CFG 2, 100 prompts x 1 image per set, i.e. >= 100
-#: images per figure); ``paper``: the official evaluation (30 steps, CFG 7.5, 3 images per prompt).
+#: ``toy``: the embedded world (DDIM 20 steps, the toy model's CFG scale, 100 prompts x 1 image per set,
+#: i.e. >= 100 images per figure); ``paper``: the official evaluation (30 steps, CFG 7.5, 3 images per
+#: prompt).
 GENERATION_PRESETS: dict[str, GenerationPreset] = {
-    "toy": GenerationPreset(images_per_prompt=1, steps=20, guidance=2.0, prompts_per_set=100),
+    "toy": GenerationPreset(images_per_prompt=1, steps=20, guidance=TOY_GUIDANCE, prompts_per_set=100),
     "paper": GenerationPreset(images_per_prompt=3, steps=30, guidance=7.5, prompts_per_set=None),
 }
 
