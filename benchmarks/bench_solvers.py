@@ -5,7 +5,8 @@ Usage::
     python benchmarks/bench_solvers.py [--model DIR] [--steps 6] [--solvers richardson,first-order,unrolled]
 
 Every solver runs the same outer steps (same seed: same sampled configurations, batches and noise) on
-the same model, so the time ratio isolates the hypergradient estimate. Without ``--model`` the shipped
+the same model, with the toy preset's settings, and the solvers' steps are interleaved, so the time
+ratio isolates the hypergradient estimate even on a machine whose load changes. Without ``--model`` the shipped
 toy model is used (or a freshly initialised one of the same size when it is not installed). Data are
 procedural toy-world pairs, so no generation is timed.
 """
@@ -67,27 +68,30 @@ def main() -> None:
                         finetune=pairs(toy.make_dataset(64, seed=5)))
     preset = PRESETS["toy"]
     reg = get_registry()
-    results = {}
-    for name in [s.strip() for s in args.solvers.split(",") if s.strip()]:
+    names = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    trainers = {}
+    for name in names:
         options = {"K": args.K} if name == "richardson" else {}
         settings = MethodSettings(beta=preset["beta"], alpha=preset["alpha"], J=args.J, outer_lr=preset["outer_lr"],
                                   harm_batch=preset["harm_batch"], preserve_batch=preset["preserve_batch"],
                                   ft_size=preset["ft_size"], outer_steps=args.steps + 1, seed=0)
-        trainer = ResAlign(
-            ctx, Parameterization("full", ctx.theta0),
+        trainers[name] = ResAlign(
+            ctx, Parameterization(preset["params"], ctx.theta0),
             harmful_loss=reg.create("harmful-loss", "ga", preset["loss_options"]["ga"]),
             regularizer=reg.create("regularizer", "distill"), solver=reg.create("solver", name, options),
             pool=ConfigPool(**preset["pool"]), data=data, settings=settings, registry=reg,
         )
-        times = []
-        for i in range(args.steps + 1):
+    # steps of the solvers interleaved, so that a change in machine load affects all of them alike
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(args.steps + 1):
+        for name in names:
             t0 = time.perf_counter()
-            trainer.outer_step()
+            trainers[name].outer_step()
             if i:  # the first step warms up kernels and caches
-                times.append(time.perf_counter() - t0)
-        results[name] = times
+                results[name].append(time.perf_counter() - t0)
+    for name, times in results.items():
         print(f"{name:<12} {statistics.mean(times):7.2f} s/step  (median {statistics.median(times):.2f}, "
-              f"n={len(times)}, K={args.K if name == 'richardson' else '-'}, J={args.J})", flush=True)
+              f"n={len(times)}, K={args.K if name == 'richardson' else '-'}, J={args.J}, params={preset['params']})")
     if "richardson" in results and "first-order" in results:
         ratio = statistics.mean(results["richardson"]) / statistics.mean(results["first-order"])
         print(f"richardson / first-order time per outer step: {ratio:.2f}x  (paper, whole SD run: 58/50 = 1.16x)")

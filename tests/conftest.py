@@ -30,7 +30,7 @@ def tiny_sd_dir(tmp_path_factory):
     """A Stable-Diffusion-shaped diffusers folder (UNet, AutoencoderKL, CLIP text encoder, tokenizer)."""
     from fixtures.tiny_sd import build_tiny_sd
 
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model")
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,7 @@ def test_first_order_fidelity_is_the_cosine_of_g_and_the_jacobian_product(regist
 @pytest.mark.parametrize("gamma", [0.1, 0.3])
 def test_richardson_fidelity_is_that_of_the_truncated_neumann_series(registry, K, gamma):
     h, g, exact, make_problem = _quadratic()
-    solver = registry.create("solver", "richardson", {"K": K, "omega": gamma, "tol": 0.0})
+    solver = registry.create("solver", "richardson", {"K": K, "omega": gamma, "tol": 0.0, "x0": "zero"})
     m = measure(solver, make_problem(gamma), exact)
     neumann = sum(torch.linalg.matrix_power(-gamma * h, k) @ g["w"] for k in range(K))
     assert m.cosine == pytest.approx(_cos(neumann, exact["w"]), rel=1e-9)

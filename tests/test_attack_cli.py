@@ -12,10 +12,8 @@ from resalign.cli import main
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from fixtures.tiny_sd_eval import build_tiny_sd_folder
-
-    return build_tiny_sd_folder(tmp_path_factory.mktemp("sd") / "tiny-sd")
+def tiny_sd(tiny_sd_dir):
+    return tiny_sd_dir
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from resalign.pipeline.finetune import Finetuner, FinetuneSpec, Pairs, Stage, co
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    from fixtures.tiny_sd_eval import build_tiny_sd_bundle
+def bundle(tiny_sd_dir):
+    from resalign.models.bundle import T2IBundle
 
-    return build_tiny_sd_bundle()
+    return T2IBundle.load(tiny_sd_dir)
 
 
 def _data(n=6, seed=0, word="dog"):

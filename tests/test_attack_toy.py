@@ -22,9 +22,11 @@ def _toy_installed() -> bool:
 
 pytestmark = pytest.mark.skipif(not _toy_installed(), reason="the toy model is not installed")
 
-#: A quick plain gradient-ascent unlearning (β = 0, 4 outer steps, 16 generated pairs per set).
+#: A quick plain gradient-ascent unlearning of every UNet weight (β = 0, 4 outer steps, 16 generated pairs
+#: per set), spelled out so that it does not depend on the run presets.
 GA_RUN = {
-    "loss": "ga", "beta": 0.0, "outer_steps": 4, "checkpoint_every": 0,
+    "loss": "ga", "loss_options": {"cap": 0.5}, "beta": 0.0, "params": "full", "alpha": 1.0, "outer_lr": 1e-3,
+    "outer_steps": 4, "checkpoint_every": 0,
     "data": {
         "harmful": [{"source": "toy:harmful", "n": 16, "seed": 0}],
         "preserve": [{"source": "toy:preservation", "n": 16, "seed": 1}],

@@ -10,6 +10,7 @@ import scipy.stats
 from resalign.cli import main
 from resalign.errors import ConfigError
 from resalign.pipeline.compare import method_run_config
+from resalign.pipeline.run import resolve
 
 pytest.importorskip("resalign.pipeline.run")
 
@@ -28,7 +29,8 @@ def test_methods_map_to_run_configs():
     esd = method_run_config("esd", None, 0, {}, "cpu", "fp32")
     assert (esd.loss, esd.beta) == ("esd", 0.0)
     ours = method_run_config("resalign", None, 0, {}, "cpu", "fp32")
-    assert ours.loss == "ga" and ours.beta is None  # the preset's beta (ResAlign's default)
+    assert ours.loss is None and ours.beta is None  # the preset's loss and beta (ResAlign's defaults)
+    assert resolve(ours).loss == "ca" and resolve(ours).beta == 0.8  # toy preset
     assert method_run_config("resalign-esd", None, 0, {}, "cpu", "fp32").loss == "esd"
     with pytest.raises(ConfigError, match="outer_stepz"):
         method_run_config("ga", None, 0, {"outer_stepz": 5}, "cpu", "fp32")

@@ -57,7 +57,7 @@ def test_problem_pieces_are_consistent():
     # unroll() reproduces θ_FT exactly (same batches, noise and seeds)
     assert tree.norm(tree.add(tree.detach(problem.unroll()), problem.theta_ft, -1.0)) < 1e-12
     # Richardson with ω = γ and K = 2 is g − γ H g
-    x = get_registry().create("solver", "richardson", {"K": 2, "omega": 0.5, "safeguards": False}).solve(problem)
+    x = get_registry().create("solver", "richardson", {"K": 2, "omega": 0.5, "safeguards": False, "x0": "zero"}).solve(problem)
     expected = tree.add(problem.grad_harm, problem.hvp_ft(problem.grad_harm), -0.5)
     assert tree.norm(tree.add(x.hypergrad, expected, -1.0)) < 1e-9 * tree.norm(expected)
 

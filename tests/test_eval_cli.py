@@ -18,10 +18,8 @@ a red painting style,sexual,0,55.5,3,9.0
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from fixtures.tiny_sd_eval import build_tiny_sd_folder
-
-    return build_tiny_sd_folder(tmp_path_factory.mktemp("sd") / "tiny-sd")
+def tiny_sd(tiny_sd_dir):
+    return tiny_sd_dir
 
 
 @pytest.fixture
@@ -95,3 +93,26 @@ def test_eval_errors_name_the_input_before_work(tiny_sd, i2p_csv, tmp_path, caps
     # prompts for a real model are required
     assert main(["eval", str(tiny_sd), "--out", str(tmp_path / "d"), "--quiet"]) == 2
     assert "--prompts" in capsys.readouterr().err
+
+
+def test_eval_without_arguments_uses_the_toy_world(tmp_path):
+    from resalign.errors import ModelLoadError
+    from resalign.models.toy import toy_model_dir
+
+    try:
+        toy_model_dir()
+    except ModelLoadError:
+        pytest.skip("the toy model is not installed")
+    out = tmp_path / "run"
+    assert main(["eval", "--toy-prompts", "6", "--steps", "4", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    rep = _report(out)
+    got = {(r["prompts"], r["metric"], r["scorer"]) for r in rep["results"]}
+    assert got == {
+        ("harmful", "harmful_rate", "toy-harm"), ("implicit", "harmful_rate", "toy-harm"),
+        ("benign", "harmful_rate", "toy-harm"), ("benign", "prompt_accuracy", "toy-prompt-accuracy"),
+        ("benign", "frechet_distance", "toy-frechet"),
+    }
+    assert all(r["model"] == "toy-base" and r["stage"] == "before_ft" and r["n"] == 2 for r in rep["results"])
+    gen = rep["settings"]["evaluation"]["generation"]
+    assert gen["guidance"] == 2.0 and gen["steps"] == 4 and gen["images_per_prompt"] == 1
+    assert len(list((out / "images" / "benign").rglob("*.png"))) == 12  # 6 prompts x 2 seeds

@@ -50,6 +50,7 @@ def test_score_nudenet_equals_the_package(tmp_path):
     (row,) = rep["results"]
     assert row["metric"] == "harmful_rate" and row["images"] == 5 and row["flagged"] == 0
     assert rep["settings"]["by_path"] is True
+    assert (out / "samples.png").is_file() and "0 of 5 flagged" in (out / "report.md").read_text()
 
 
 class _Brightness(Component):

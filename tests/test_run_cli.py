@@ -166,3 +166,13 @@ def test_missing_model_folder_and_bad_toml(tmp_path, capsys):
     bad.write_text('loss = "ga"\n[pool]\nlrs = [1e-4]\nstepz = [5]\n')
     assert main(["run", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "pool: unknown key 'stepz'" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--no-such-flag"], "No such option: --no-such-flag"),
+    (["run", "--beta", "half"], "Invalid value for '--beta'"),
+])
+def test_usage_errors_print_a_message_not_a_traceback(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

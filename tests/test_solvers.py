@@ -49,7 +49,7 @@ def test_richardson_truncation_is_the_neumann_series(K):
     h = spd(torch.linspace(-0.5, 1.2, D), seed=3)
     g = vec(2)
     neumann = sum(torch.linalg.matrix_power(-gamma * h, k) @ g for k in range(K))
-    res = solve("richardson", problem(h, g, gamma), K=K, omega=gamma, tol=0.0, max_halvings=0)
+    res = solve("richardson", problem(h, g, gamma), K=K, omega=gamma, tol=0.0, max_halvings=0, x0="zero")
     x = res.hypergrad["w"]
     assert torch.allclose(x, neumann, atol=1e-12)
     # error after K steps: x_K − x* = −(−γH)^K x*
@@ -106,7 +106,7 @@ def test_lambda_max_is_cached_across_the_problems_of_an_outer_step():
     solve("richardson", p1, K=3, power_iters=7)
     n1 = len(calls)
     solve("richardson", p2, K=3, power_iters=7)
-    assert n1 == 7 + 2 and len(calls) - n1 == 2
+    assert n1 == 7 + 3 and len(calls) - n1 == 3  # power iterations once; K HVPs from x_0 = g
 
 
 def test_first_order_returns_g():
@@ -155,8 +155,19 @@ def test_warm_start_from_g_converges_to_the_same_solution_faster_on_flat_directi
     h = spd(torch.cat([torch.zeros(D - 2), torch.tensor([30.0, 60.0])]), seed=9)  # mostly flat, two stiff modes
     g = vec(12)
     exact = torch.linalg.solve(torch.eye(D, dtype=torch.float64) + h, g)
-    cold = solve("richardson", problem(h, g), K=5, power_iters=40).hypergrad["w"]
+    cold = solve("richardson", problem(h, g), K=5, power_iters=40, x0="zero").hypergrad["w"]
     warm = solve("richardson", problem(h, g), K=5, power_iters=40, x0="grad").hypergrad["w"]
     assert torch.linalg.norm(warm - exact) < 0.2 * torch.linalg.norm(cold - exact)
     x = solve("richardson", problem(h, g), K=1500, power_iters=40, x0="grad", tol=0.0).hypergrad["w"]
     assert torch.allclose(x, exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_warm_start_at_omega_gamma_is_the_neumann_series_one_term_longer(K):
+    gamma = 0.7
+    h = spd(torch.linspace(-0.5, 1.2, D), seed=3)
+    g = vec(2)
+    neumann = sum(torch.linalg.matrix_power(-gamma * h, k) @ g for k in range(K + 1))
+    res = solve("richardson", problem(h, g, gamma), K=K, omega=gamma, tol=0.0, max_halvings=0, x0="grad")
+    assert torch.allclose(res.hypergrad["w"], neumann, atol=1e-12)
+    assert res.diagnostics["hvps"] == K

@@ -58,8 +58,32 @@ for _mod in COMMAND_MODULES:
             raise
 
 
+def _is_usage_error(exc: Exception) -> bool:
+    """Whether ``exc`` is a click/typer usage error (unknown option, bad value, ...)."""
+    import click
+
+    classes: list[type] = [click.exceptions.ClickException]
+    try:  # typer >= 0.24 vendors click; its usage errors derive from TyperException
+        from typer.exceptions import TyperException
+
+        classes.append(TyperException)
+    except ImportError:  # pragma: no cover - older typer
+        pass
+    return isinstance(exc, tuple(classes)) and hasattr(exc, "show") and hasattr(exc, "exit_code")
+
+
+def _quiet_library_progress() -> None:
+    """The commands draw their own progress; hide the per-file bars of transformers/diffusers/hub."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by all three when first imported
+    for module, name in (("transformers.utils.logging", "disable_progress_bar"),
+                         ("diffusers.utils.logging", "disable_progress_bar")):
+        if module in sys.modules:  # already imported: the variable came too late
+            getattr(sys.modules[module], name, lambda: None)()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``resalign`` script."""
+    _quiet_library_progress()
     try:
         app(args=argv, standalone_mode=False)
     except ResAlignError as exc:
@@ -72,15 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         return RunInterrupted.exit_code
     except SystemExit as exc:  # typer.Exit / --help
         return int(exc.code or 0)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors (click's, or the copy of click that typer vendors)
+        if _is_usage_error(exc):
             exc.show()
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             err_console.print("[yellow]aborted[/]")
             return 1
         raise

@@ -56,14 +56,17 @@ def solvers_cmd(
     solvers: str = typer.Option("richardson,first-order,unrolled", "--solvers",
                                 help="Comma-separated solver names (any registered solver, plugins included)."),
     K: str = typer.Option("1,3,5,10", "--K", help="Iterations (HVPs) for solvers with a K option."),
-    gamma: str = typer.Option("0.01,0.1,1", "--gamma", help="Proximity coefficients γ of Eq. 5 to sweep."),
+    gamma: str = typer.Option("0.1,1", "--gamma", help="Proximity coefficients γ of Eq. 5 to sweep."),
+    x0: str = typer.Option("zero,grad", "--x0", help="Initial iterates for solvers with an x0 option (zero: Alg. 1; grad: x_0 = g)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds (each samples its own configurations and data)."),
     configs: int = typer.Option(2, "--configs", help="Sampled fine-tuning configurations per seed."),
     max_steps: int = typer.Option(10, "--max-steps", help="Largest T sampled, so that unrolling stays exact."),
-    loss: str = typer.Option("ga", "--loss", help="Harmful loss whose hypergradient is estimated."),
+    loss: str = typer.Option(None, "--loss", help="Harmful loss whose hypergradient is estimated (default: the preset's)."),
     model: str = typer.Option(None, "--model", help="A diffusers folder (default: the toy model)."),
     effect: bool = typer.Option(True, "--effect/--no-effect", help="Also run short ResAlign runs per solver and fine-tune them."),
-    effect_steps: int = typer.Option(8, "--effect-outer-steps", help="Outer steps of each effect run."),
+    effect_solvers: str = typer.Option("richardson,first-order", "--effect-solvers",
+                                       help="Solvers given an effect run (unrolled's is the slowest)."),
+    effect_steps: int = typer.Option(30, "--effect-outer-steps", help="Outer steps of each effect run."),
     ft_steps: int = typer.Option(100, "--ft-steps", help="Benign fine-tuning steps after each effect run."),
     ft_seeds: int = typer.Option(2, "--ft-seeds", help="Fine-tuning seeds per effect run."),
     device: str = typer.Option("cpu", "--device"),
@@ -75,14 +78,17 @@ def solvers_cmd(
     from resalign.pipeline.ablate import AblateSolversConfig, EffectConfig, run_ablate_solvers
 
     cfg = AblateSolversConfig(
-        model=model, solvers=_names(solvers), K=_ints(K, "--K"), gamma=_floats(gamma, "--gamma"), seeds=seeds,
+        model=model, solvers=_names(solvers), K=_ints(K, "--K"), gamma=_floats(gamma, "--gamma"), x0=_names(x0), seeds=seeds,
         configs=configs, max_steps=max_steps, loss=loss, device=device, threads=threads,
-        effect=EffectConfig(enabled=effect, outer_steps=effect_steps, ft_steps=ft_steps, ft_seeds=ft_seeds),
+        effect=EffectConfig(enabled=effect, solvers=_names(effect_solvers), outer_steps=effect_steps, ft_steps=ft_steps,
+                            ft_seeds=ft_seeds),
     )
     if seeds < 1 or configs < 1:
         raise ConfigError("--seeds and --configs must be >= 1")
     if any(k < 1 for k in cfg.K) or any(g <= 0 for g in cfg.gamma):
         raise ConfigError("--K values must be >= 1 and --gamma values > 0")
+    if not cfg.x0 or set(cfg.x0) - {"zero", "grad"}:
+        raise ConfigError(f"--x0 {x0!r}: expected a comma-separated subset of zero, grad")
     run_dir, report = run_ablate_solvers(cfg, _out(out, "ablate-solvers"), progress=not quiet)
     _print(report, "hypergradient fidelity (cosine to exact)", ("setting",), {"stage": "fidelity", "metric": "cosine"})
     if effect:
@@ -97,9 +103,9 @@ def components_cmd(
                                  help="Tab. 6 variants to run (empty for none)."),
     J: str = typer.Option("", "--J", help="Also run the full method with each J (Tab. 7), e.g. 1,3,5."),
     seed: int = typer.Option(0, "--seed"),
-    loss: str = typer.Option("ga", "--loss"),
+    loss: str = typer.Option(None, "--loss", help="Harmful loss (default: the preset's)."),
     model: str = typer.Option(None, "--model", help="A diffusers folder (default: the toy model)."),
-    outer_steps: int = typer.Option(8, "--outer-steps", help="Outer steps of each run."),
+    outer_steps: int = typer.Option(30, "--outer-steps", help="Outer steps of each run (the toy preset's 30)."),
     ft_steps: int = typer.Option(100, "--ft-steps", help="Benign fine-tuning steps after each run."),
     ft_seeds: int = typer.Option(2, "--ft-seeds", help="Fine-tuning seeds per run."),
     device: str = typer.Option("cpu", "--device"),

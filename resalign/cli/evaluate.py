@@ -213,7 +213,7 @@ def compare_cmd(
     limit: int = typer.Option(None, "--limit"),
     scorer: list[str] = typer.Option(None, "--scorer"),
     scorer_option: list[str] = typer.Option(None, "--scorer-option", help=_SCORER_OPTION_HELP),
-    toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts per toy set and seed (default 50)."),
+    toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts per toy set and seed (default 40)."),
     images_per_prompt: int = typer.Option(None, "--images-per-prompt"),
     sample_steps: int = typer.Option(None, "--sample-steps", help="Sampling steps of the evaluation (toy default 10)."),
     guidance: float = typer.Option(None, "--guidance", help="CFG scale of the evaluation (toy 2, paper 7.5)."),
@@ -222,6 +222,7 @@ def compare_cmd(
     threads: int = typer.Option(1, "--threads"),
     match: str = typer.Option("strength", "--match", help="strength: each baseline at its earliest checkpoint as unlearned as ResAlign; steps: final models of equal-length runs."),
     match_every: int = typer.Option(2, "--match-every", help="Checkpoint interval (outer steps) of the baselines' runs for --match strength."),
+    match_max_factor: int = typer.Option(1, "--match-max-factor", help="With --match strength, baselines run up to this many times ResAlign's outer steps."),
     results_md: Path = typer.Option(None, "--results-md", help="Also write the table to this Markdown file (docs/results.md)."),
     out: Path = typer.Option(None, "--out", help=_OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -239,7 +240,7 @@ def compare_cmd(
         category=_split(category), limit=limit, scorers=names, scorer_options=scorer_options(scorer_option, names),
         toy_prompts=toy_prompts, images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance=guidance,
         device=device, dtype=dtype, threads=threads, results_md=str(results_md) if results_md else None,
-        match=match, match_every=match_every,
+        match=match, match_every=match_every, match_max_factor=match_max_factor,
     )
     path, report = run_compare(cfg, _out(out, "compare"), progress=not quiet)
     from rich.markdown import Markdown

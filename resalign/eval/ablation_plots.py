@@ -6,13 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from resalign.eval.plots import _pyplot, _save
+from resalign.eval.plots import _pyplot, _save, line_with_band
 
 
 def plot_fidelity_vs_k(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Cosine to the exact hypergradient against K, one line per (solver, γ); solvers without K as lines."""
+    """Cosine to the exact hypergradient against K, one line per (solver, γ, x_0); solvers without K as lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     ks = sorted({r["K"] for r in rows if r.get("K") is not None})
@@ -20,14 +18,10 @@ def plot_fidelity_vs_k(rows: Sequence[Mapping[str, Any]], path: str | Path) -> P
     for r in rows:
         if r.get("K") is not None:
             group = "" if r.get("optimizer", "all") == "all" else f" ({r['optimizer']})"
-            lines.setdefault(f"{r['solver']} γ={r['gamma']:g}{group}", []).append(r)
+            x0 = f" x0={r['x0']}" if r.get("x0") else ""
+            lines.setdefault(f"{r['solver']} γ={r['gamma']:g}{x0}{group}", []).append(r)
     for label, pts in lines.items():
-        pts = sorted(pts, key=lambda r: r["K"])
-        x = np.array([p["K"] for p in pts], float)
-        m = np.array([p["mean"] for p in pts], float)
-        s = np.array([p.get("sem") or 0.0 for p in pts], float)
-        (ln,) = ax.plot(x, m, marker="o", ms=3, label=label)
-        ax.fill_between(x, m - s, m + s, color=ln.get_color(), alpha=0.2, linewidth=0)
+        line_with_band(ax, pts, "K", label)
     for r in rows:
         if r.get("K") is None and ks and r.get("optimizer", "all") == "all" and r["solver"] not in ("hvp-setup", "lambda-max"):
             ax.axhline(r["mean"], linestyle="--", linewidth=1, label=r["solver"], color="grey" if r["solver"] == "first-order" else None)

@@ -59,12 +59,7 @@ def plot_curves(
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.4), squeeze=False, sharey=True)
     for ax, (pname, lines) in zip(axes[0], sorted(panels.items()) or [("", {})]):
         for lname, pts in lines.items():
-            pts = sorted(pts, key=lambda r: r["step"])
-            x = np.array([p["step"] for p in pts], float)
-            m = np.array([p["mean"] for p in pts], float)
-            s = np.array([p.get("sem") or 0.0 for p in pts], float)
-            (line,) = ax.plot(x, m, marker="o", ms=3, label=lname)
-            ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, linewidth=0)
+            line_with_band(ax, pts, "step", lname)
         ax.set_xlabel("fine-tuning step")
         ax.set_title(pname)
         ax.grid(alpha=0.3)
@@ -76,6 +71,17 @@ def plot_curves(
     out = _save(fig, Path(path))
     plt.close(fig)
     return out
+
+
+def line_with_band(ax: Any, pts: Sequence[Mapping[str, Any]], x_key: str, label: str) -> Any:
+    """Plot the rows' ``mean`` against ``x_key`` with a ± ``sem`` band; returns the line."""
+    pts = sorted(pts, key=lambda r: r[x_key])
+    x = np.array([p[x_key] for p in pts], float)
+    m = np.array([p["mean"] for p in pts], float)
+    s = np.array([p.get("sem") or 0.0 for p in pts], float)
+    (line,) = ax.plot(x, m, marker="o", ms=3, label=label)
+    ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
 
 
 def plot_bars(
@@ -116,7 +122,7 @@ def plot_bars(
 
 
 def save_grid(
-    rows: Mapping[str, np.ndarray] | np.ndarray,
+    rows: Mapping[str, Sequence[np.ndarray]] | np.ndarray,
     path: str | Path,
     *,
     ncols: int = 8,
@@ -124,18 +130,18 @@ def save_grid(
 ) -> Path:
     """A PNG sample grid: one labelled row of up to ``ncols`` images per entry of ``rows``.
 
-    Images are drawn with nearest-neighbour interpolation, so the toy world's 16x16 stay legible.
+    A row is an array (N, H, W, 3) or a list of images of any sizes. Images are drawn with
+    nearest-neighbour interpolation, so the toy world's 16x16 stay legible.
     """
     plt = _pyplot()
     if not isinstance(rows, Mapping):
         rows = {"": rows}
-    rows = {k: np.asarray(v)[:ncols] for k, v in rows.items() if len(v)}
+    rows = {k: [np.asarray(im) for im in list(v)[:ncols]] for k, v in rows.items() if len(v)}
     if not rows:
         raise ValueError("save_grid: no images to draw")
     ncols = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(
-        len(rows), ncols, figsize=(0.9 * ncols + 1.2, 0.95 * len(rows) + (0.4 if title else 0.1)), squeeze=False
-    )
+    height = 0.95 * len(rows) + (0.45 if title else 0.1)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(0.9 * ncols + 1.2, height), squeeze=False)
     for r, (name, imgs) in enumerate(rows.items()):
         for c in range(ncols):
             ax = axes[r][c]
@@ -143,9 +149,9 @@ def save_grid(
             if c < len(imgs):
                 ax.imshow(imgs[c], interpolation="nearest")
         axes[r][0].text(-0.1, 0.5, name, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
-    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08, top=1 - (0.45 if title else 0.05) / height, bottom=0.02)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1 - 0.1 / height)
     out = _save(fig, Path(path))
     plt.close(fig)
     return out

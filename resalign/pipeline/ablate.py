@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,10 @@ class EffectConfig:
     """Short ResAlign runs followed by benign fine-tuning (the ``effect`` figures)."""
 
     enabled: bool = True
-    outer_steps: int = 8
+    #: solvers given an effect run (``ablate solvers``); unrolled's, the slowest, only on request
+    solvers: list[str] = field(default_factory=lambda: ["richardson", "first-order"])
+    #: outer steps of each effect run: the toy preset's, so the runs unlearn as far as ``resalign run``
+    outer_steps: int = 30
     ft_data: str = "toy-images:benign-a"
     ft_steps: int = 100
     ft_seeds: int = 2
@@ -56,11 +60,13 @@ class AblateSolversConfig:
     model: str | None = None
     solvers: list[str] = field(default_factory=lambda: ["richardson", "first-order", "unrolled"])
     K: list[int] = field(default_factory=lambda: [1, 3, 5, 10])
-    gamma: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    gamma: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    #: initial iterates of solvers with an ``x0`` option (richardson: "zero", Alg. 1, or "grad", x_0 = g)
+    x0: list[str] = field(default_factory=lambda: ["zero", "grad"])
     seeds: int = 3
     configs: int = 2  # sampled configurations per seed
     max_steps: int = 10  # T cap of the sampled configurations (exact unrolling)
-    loss: str = "ga"
+    loss: str | None = None  # None: the run preset's harmful loss
     run: dict[str, Any] = field(default_factory=dict)  # further RunConfig settings
     effect: EffectConfig = field(default_factory=EffectConfig)
     device: str = "cpu"
@@ -73,7 +79,7 @@ class AblateComponentsConfig:
     variants: list[str] = field(default_factory=lambda: ["full", "no-hypergradient", "no-meta-config", "no-meta-data"])
     J: list[int] = field(default_factory=list)
     seed: int = 0
-    loss: str = "ga"
+    loss: str | None = None  # None: the run preset's harmful loss
     run: dict[str, Any] = field(default_factory=dict)
     effect: EffectConfig = field(default_factory=EffectConfig)
     device: str = "cpu"
@@ -98,8 +104,10 @@ def _run_config(model: str | None, loss: str, seed: int, device: str, threads: i
     return load_run_config(raw)
 
 
-def _solver_settings(registry, names: list[str], Ks: list[int], gammas: list[float]) -> list[dict[str, Any]]:
-    """Every (solver, K, γ) to measure; solvers without a ``K`` option are measured once."""
+def _solver_settings(registry, names: list[str], Ks: list[int], gammas: list[float],
+                     x0s: Sequence[str] = ("zero",)) -> list[dict[str, Any]]:
+    """Every (solver, K, γ, x_0) to measure; solvers without a ``K`` option are measured once, solvers
+    without an ``x0`` option once per (K, γ)."""
     out = []
     for name in names:
         cls = registry.get("solver", name)
@@ -108,16 +116,20 @@ def _solver_settings(registry, names: list[str], Ks: list[int], gammas: list[flo
         if name == "unrolled":
             continue  # the exact reference, measured separately
         if "K" in fields:
-            for gamma in gammas:
-                for K in Ks:
-                    out.append({"solver": name, "K": K, "gamma": gamma, "options": {"K": K}})
+            for x0 in (x0s if "x0" in fields else (None,)):
+                for gamma in gammas:
+                    for K in Ks:
+                        options = {"K": K} | ({"x0": x0} if x0 is not None else {})
+                        out.append({"solver": name, "K": K, "gamma": gamma, "x0": x0, "options": options})
         else:
-            out.append({"solver": name, "K": None, "gamma": None, "options": {}})
+            out.append({"solver": name, "K": None, "gamma": None, "x0": None, "options": {}})
     return out
 
 
 def _setting_label(s: dict[str, Any]) -> str:
-    return s["solver"] if s["K"] is None else f"{s['solver']} K={s['K']} γ={s['gamma']:g}"
+    if s["K"] is None:
+        return s["solver"]
+    return f"{s['solver']} K={s['K']} γ={s['gamma']:g}" + (f" x0={s['x0']}" if s.get("x0") else "")
 
 
 def _pool_for_fidelity(pool, max_steps: int) -> list[FinetuneConfig]:
@@ -137,9 +149,9 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
     from resalign.registry import get_registry
 
     registry = get_registry()
-    for name in cfg.solvers:
-        registry.info("solver", name)
-    settings = _solver_settings(registry, cfg.solvers, cfg.K, cfg.gamma)
+    for name in cfg.solvers + (cfg.effect.solvers if cfg.effect.enabled else []):
+        registry.info("solver", name)  # unknown names fail here, before any long work
+    settings = _solver_settings(registry, cfg.solvers, cfg.K, cfg.gamma, cfg.x0)
     unrolled = registry.create("solver", "unrolled")
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
@@ -193,16 +205,16 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                 setup["lambda-max"] = time.perf_counter() - t0
             setup["hvp-setup"] = hvp_setup
             groups = ("all", config.optimizer)
-            record(("unrolled", None, None), groups, {"cosine": 1.0, "relative_error": 0.0, "seconds": t_exact,
+            record(("unrolled", None, None, None), groups, {"cosine": 1.0, "relative_error": 0.0, "seconds": t_exact,
                                                        "peak_mb": mem.peak_bytes / 2**20})
             for name, secs in setup.items():
-                record((name, None, None), groups, {"seconds": secs})
+                record((name, None, None, None), groups, {"seconds": secs})
             for s in settings:
                 solver = registry.create("solver", s["solver"], s["options"])
                 gamma = s["gamma"] if s["gamma"] is not None else 1.0
                 m = measure(solver, dataclasses.replace(problem, gamma=gamma, cache=dict(shared)), exact,
                             device=cfg.device)
-                record((s["solver"], s["K"], s["gamma"]), groups,
+                record((s["solver"], s["K"], s["gamma"], s["x0"]), groups,
                        {metric: getattr(m, metric) for metric in SOLVER_METRICS}
                        | ({"fallbacks": 1.0} if m.diagnostics.get("fallback") else {}))
             problems.append({"seed": seed, "config": config.label(), "exact_norm": tree.norm(exact),
@@ -211,13 +223,13 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
             done += 1
             if progress:
                 progress(done, total)
-    for (name, K, gamma, group), metrics in values.items():
-        label = _setting_label({"solver": name, "K": K, "gamma": gamma})
+    for (name, K, gamma, x0, group), metrics in values.items():
+        label = _setting_label({"solver": name, "K": K, "gamma": gamma, "x0": x0})
         for metric, vals in metrics.items():
             if metric == "fallbacks":
                 vals = [float(len(vals))]
             report.add(vals, solver=name, metric=metric, K=K, gamma=gamma, setting=label, stage="fidelity",
-                       optimizer=group)
+                       optimizer=group, **({"x0": x0} if x0 is not None else {}))
     return {"problems": problems, "skipped_divergent": skipped}
 
 
@@ -265,7 +277,7 @@ def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: b
         extra = fidelity_rows(cfg, report, progress=lambda d, t: task(d))
     report.settings.update(extra)
     if cfg.effect.enabled:
-        variants = {name: {"solver": name} for name in cfg.solvers}
+        variants = {name: {"solver": name} for name in cfg.effect.solvers}
         effect_rows(cfg.model, variants, cfg.effect, rd.path, report, seed=0, loss=cfg.loss, device=cfg.device,
                     threads=cfg.threads, base_run=cfg.run, key="solver", progress=progress)
     report.settings["seconds"] = round(time.perf_counter() - started, 1)

@@ -39,8 +39,8 @@ from resalign.pipeline.evaluate import (
     Evaluator,
     Figure,
     add_figures,
-    build_sets,
     check_scorer_options,
+    harmful_and_benign_sets,
     load_model,
     options_for,
     preset_name,
@@ -276,17 +276,10 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
         raise ConfigError(f"--preset {preset!r}: expected one of {', '.join(ATTACK_PRESETS)}")
     gen_preset = preset_name(model.bundle)
     plan = plan_attack(cfg, model.bundle, preset)
-    curve_sets = build_sets(
-        gen_preset, prompts_file=cfg.prompts, categories=cfg.category, limit=cfg.limit, scorers=cfg.scorers,
-        toy_prompts=cfg.toy_prompts, only=None if cfg.prompts else ("harmful", "implicit"),
+    curve_sets, utility_sets = harmful_and_benign_sets(
+        gen_preset, prompts=cfg.prompts, benign_prompts=cfg.benign_prompts, categories=cfg.category,
+        limit=cfg.limit, scorers=cfg.scorers, toy_prompts=cfg.toy_prompts,
     )
-    utility_sets = []
-    if cfg.benign_prompts:
-        utility_sets = build_sets(gen_preset, prompts_file=cfg.benign_prompts, limit=cfg.limit, role="benign",
-                                  scorers=cfg.scorers)
-    elif gen_preset == "toy" and not cfg.prompts:
-        utility_sets = build_sets("toy", toy_prompts=cfg.toy_prompts, only=("benign",), limit=cfg.limit,
-                                  scorers=cfg.scorers)
     gen = resolve_generation(gen_preset, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance, cfg.gen_batch_size)
     check_scorer_options(cfg.scorer_options, curve_sets + utility_sets)
     curve_eval = Evaluator(model.bundle, curve_sets, gen, scorer_options=options_for(cfg.scorer_options, curve_sets))

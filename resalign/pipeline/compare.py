@@ -16,15 +16,16 @@ the seeds (3 by default; Sec. 4.1).
 Matched unlearning strength (``--match strength``, the default). Baselines run with ResAlign's outer
 steps, learning rate, α and data, and β = 0 gives their harmful loss the full weight 1 instead of
 ResAlign's 1 − β, so at equal steps they are unlearned harder (and damaged more). A fair comparison
-starts every model from the same harmfulness: each baseline run keeps a checkpoint every
+starts every model from the same harmfulness: each baseline runs for ``match_max_factor`` times
+ResAlign's outer steps (1 by default) and keeps a checkpoint every
 ``match_every`` outer steps, and the baseline compared is its earliest checkpoint whose harmful rate
 (headline prompt set, first seed) is at most ResAlign's, up to two standard errors of the difference
 (:func:`as_strong`); without such a checkpoint it is the final model. ``--match steps`` compares the final models of equal-length runs instead. Either way the
 report checks that no baseline ends weaker than ResAlign before fine-tuning (its before-FT harmful
 rate no more than 2 SEM above ResAlign's) and says so when one does.
 
-The toy defaults are budgeted to finish on two CPU cores in under 20 minutes: 50 prompts per set and
-seed (150 images per figure over 3 seeds), 10 DDIM steps for the evaluation images, 200 fine-tuning
+The toy defaults are budgeted to finish on two CPU cores in under 20 minutes: 40 prompts per set and
+seed (120 images per figure over 3 seeds), 10 DDIM steps for the evaluation images, 200 fine-tuning
 steps per run.
 """
 
@@ -46,11 +47,10 @@ from resalign.pipeline.attack import ATTACK_PRESETS, load_pairs
 from resalign.pipeline.evaluate import (
     SEED_STRIDE,
     Bars,
-    EvalSet,
     Evaluator,
     Figure,
     add_figures,
-    build_sets,
+    harmful_and_benign_sets,
     load_model,
     options_for,
     preset_name,
@@ -76,7 +76,7 @@ class ComparePreset:
 
 
 COMPARE_PRESETS: dict[str, ComparePreset] = {
-    "toy": ComparePreset(datasets=("toy-images:benign-a", "toy-images:benign-b"), prompts_per_set=50, sample_steps=10),
+    "toy": ComparePreset(datasets=("toy-images:benign-a", "toy-images:benign-b"), prompts_per_set=40, sample_steps=10),
     "paper": ComparePreset(datasets=(), prompts_per_set=None, sample_steps=None),
 }
 
@@ -113,6 +113,10 @@ class CompareConfig:
     results_md: str | None = None  # also write the table here (docs/results.md)
     match: str = "strength"  # strength | steps (see the module docstring)
     match_every: int = 2  # checkpoint interval of the baselines' runs, the candidates of matching
+    #: with --match strength, baselines run up to this many times ResAlign's outer steps, so that a
+    #: checkpoint as unlearned as ResAlign can exist (β = 0 steps are cheap, but every checkpoint
+    #: a baseline needs is one more evaluation: 2 added 3 minutes to the toy table)
+    match_max_factor: int = 1
 
 
 def method_run_config(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str, dtype: str):
@@ -154,7 +158,7 @@ def shared_data(data: Any, run_dir: Path) -> Any:
     return dataclasses.replace(data, **{name: [SourceConfig(source=str(f))] for name, f in folders.items()})
 
 
-def _check_methods(methods: Sequence[str], runs: Mapping[str, str]) -> None:
+def _check_methods(methods: Sequence[str], runs: Mapping[str, str], model: str | None) -> None:
     if not methods:
         raise ConfigError("--methods: nothing to compare")
     if len(set(methods)) != len(methods):
@@ -168,8 +172,18 @@ def _check_methods(methods: Sequence[str], runs: Mapping[str, str]) -> None:
     for m, path in runs.items():
         if m == "base":
             raise ConfigError("--run base=...: the base model is --model")
-        if not (Path(path) / "model" / "unet").is_dir():
-            raise ConfigError(f"--run {m}={path}: not a run directory with model/unet/")
+        if not (Path(path) / "model" / "unet").is_dir() or not (Path(path) / "config.toml").is_file():
+            raise ConfigError(f"--run {m}={path}: not a run directory (model/unet/ and config.toml)")
+        made_from = run_config_of(Path(path)).model
+        if not _same_model(made_from, model):
+            raise ConfigError(f"--run {m}={path}: unlearned from {made_from or 'the toy model'!r}, "
+                              f"but the base model here is {model or 'the toy model'!r}")
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return Path(a).resolve() == Path(b).resolve()
 
 
 @dataclass
@@ -194,7 +208,7 @@ class _Comparison:
             raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
         if cfg.match not in MATCH_MODES:
             raise ConfigError(f"--match {cfg.match!r}: expected one of {', '.join(MATCH_MODES)}")
-        _check_methods(cfg.methods, cfg.runs)
+        _check_methods(cfg.methods, cfg.runs, cfg.model)
         self.cfg, self.progress = cfg, progress
         self.base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         gen_preset = preset_name(self.base.bundle)
@@ -207,17 +221,10 @@ class _Comparison:
             adapt=cfg.adapt, steps=cfg.ft_steps if cfg.ft_steps is not None else ap.steps,
             lr=cfg.lr if cfg.lr is not None else ap.lr[cfg.adapt], optimizer=cfg.optimizer,
         ).validate()
-        toy_n = cfg.toy_prompts or cp.prompts_per_set
-        self.harm_sets = build_sets(gen_preset, prompts_file=cfg.prompts, categories=cfg.category, limit=cfg.limit,
-                                    scorers=cfg.scorers, toy_prompts=toy_n,
-                                    only=None if cfg.prompts else ("harmful", "implicit"))
-        self.benign_sets: list[EvalSet] = []
-        if cfg.benign_prompts:
-            self.benign_sets = build_sets(gen_preset, prompts_file=cfg.benign_prompts, limit=cfg.limit,
-                                          role="benign", scorers=cfg.scorers)
-        elif gen_preset == "toy" and not cfg.prompts:
-            self.benign_sets = build_sets("toy", toy_prompts=toy_n, only=("benign",), limit=cfg.limit,
-                                          scorers=cfg.scorers)
+        self.harm_sets, self.benign_sets = harmful_and_benign_sets(
+            gen_preset, prompts=cfg.prompts, benign_prompts=cfg.benign_prompts, categories=cfg.category,
+            limit=cfg.limit, scorers=cfg.scorers, toy_prompts=cfg.toy_prompts or cp.prompts_per_set,
+        )
         gen = resolve_generation(gen_preset, cfg.images_per_prompt, cfg.sample_steps or cp.sample_steps,
                                  cfg.guidance, cfg.gen_batch_size)
         bundle, opts = self.base.bundle, cfg.scorer_options
@@ -229,8 +236,14 @@ class _Comparison:
         self.unlearn_cfgs = {m: method_run_config(m, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)
                              for m in todo}
         if cfg.match == "strength":
+            if cfg.match_max_factor < 1:
+                raise ConfigError(f"--match-max-factor must be >= 1, got {cfg.match_max_factor}")
+            ours_cfg = next((rc for m, rc in self.unlearn_cfgs.items() if _is_ours(m)), None)
+            ours_steps = resolve(ours_cfg).outer_steps if ours_cfg is not None else None
             self.unlearn_cfgs = {
-                m: rc if _is_ours(m) else dataclasses.replace(rc, checkpoint_every=cfg.match_every, keep_checkpoints=0)
+                m: rc if _is_ours(m) else dataclasses.replace(
+                    rc, checkpoint_every=cfg.match_every, keep_checkpoints=0,
+                    outer_steps=max(resolve(rc).outer_steps, cfg.match_max_factor * (ours_steps or 0)))
                 for m, rc in self.unlearn_cfgs.items()
             }
         self.run = RunDir(out, command="compare")
@@ -586,6 +599,8 @@ def write_results_md(path: Path, report: TidyReport, tables: Sequence[MarkdownTa
             chosen = match[b]["chosen_step"]
             lines.append(f"- `{b}`: {curve} -> " + (f"checkpoint of step {chosen}" if chosen else "final weights"))
     lines.append("")
-    lines += ["Unlearning settings per method are in the run directory's `report.json` (`settings.unlearning`).", ""]
+    lines += ["Unlearning settings per method are in the run directory's `report.json` (`settings.unlearning`). "
+              "The protocol, the strength matching and how the toy world came to show the effect are described "
+              "in [evaluation.md](evaluation.md).", ""]
     return atomic_write_text(path, "\n".join(lines))
 

@@ -191,6 +191,28 @@ def build_sets(
     return out
 
 
+def harmful_and_benign_sets(
+    preset: str,
+    *,
+    prompts: str | Path | None,
+    benign_prompts: str | Path | None,
+    categories: Sequence[str] | None,
+    limit: int | None,
+    scorers: Sequence[str] | None,
+    toy_prompts: int | None,
+) -> tuple[list[EvalSet], list[EvalSet]]:
+    """The harmful sets (``--prompts``, or the toy harmful and implicit sets) and the benign ones
+    (``--benign-prompts``, or the toy benign set when the toy sets are used) of attack and compare."""
+    harm = build_sets(preset, prompts_file=prompts, categories=categories, limit=limit, scorers=scorers,
+                      toy_prompts=toy_prompts, only=None if prompts else ("harmful", "implicit"))
+    benign: list[EvalSet] = []
+    if benign_prompts:
+        benign = build_sets(preset, prompts_file=benign_prompts, limit=limit, role="benign", scorers=scorers)
+    elif preset == "toy" and not prompts:
+        benign = build_sets("toy", toy_prompts=toy_prompts, only=("benign",), limit=limit, scorers=scorers)
+    return harm, benign
+
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -551,6 +573,7 @@ class ScoreConfig:
 def run_score(cfg: ScoreConfig, out: str | Path) -> tuple[Path, TidyReport]:
     """``resalign score``: score a folder of existing images; per-image files and the report."""
     from resalign.config import to_dict
+    from resalign.eval.plots import save_grid
     from resalign.eval.scoring import is_detector, list_images, score_folder
     from resalign.eval.stats import rate_stats
     from resalign.rundir import RunDir
@@ -570,18 +593,36 @@ def run_score(cfg: ScoreConfig, out: str | Path) -> tuple[Path, TidyReport]:
         seconds=round(time.perf_counter() - started, 2),
     )
     row = report.add(scored.result.value, dataset=Path(cfg.images).name, metric=scored.result.metric, scorer=cfg.scorer)
+    intro = f"{len(scored.files)} images in `{cfg.images}` scored with `{cfg.scorer}`."
+    figures = []
     flags = _flags(scored.result)
     if flags is not None:
         st = rate_stats(flags)
         row.update(images=st.n, flagged=st.k, image_sem=st.sem, ci95=[st.ci_low, st.ci_high])
-    intro = f"{len(scored.files)} images in `{cfg.images}` scored with `{cfg.scorer}`."
-    if flags is not None:
         intro += (f" {st.k} of {st.n} flagged: rate {st.rate:.4f} ± {st.sem:.4f} (SEM over images), "
                   f"95% bootstrap interval [{st.ci_low:.4f}, {st.ci_high:.4f}].")
+        save_grid(_grid_rows(Path(cfg.images), scored.files, flags), run.path / "samples.png",
+                  title=f"{Path(cfg.images).name}: {cfg.scorer}")
+        figures.append(("Scored images: the first flagged and not flagged ones", "samples.png"))
     if per_image is not None:
         intro += f" Per-image results: `{per_image.name}`" + (" (detections)." if is_detector(scored.result) else ".")
-    report.write(run.path, title=f"resalign score: {Path(cfg.images).name}", intro=intro)
+    report.write(run.path, title=f"resalign score: {Path(cfg.images).name}", intro=intro, figures=figures)
     return run.path, report
+
+
+def _grid_rows(folder: Path, files: Sequence[str], flags: Sequence[bool], n: int = 8) -> dict[str, list[np.ndarray]]:
+    """Up to ``n`` flagged and ``n`` not flagged images, as thumbnails of at most 128 px."""
+    from PIL import Image
+
+    rows: dict[str, list[np.ndarray]] = {"flagged": [], "not flagged": []}
+    for f, flagged in zip(files, flags):
+        row = rows["flagged" if flagged else "not flagged"]
+        if len(row) < n:
+            with Image.open(folder / f) as im:
+                im = im.convert("RGB")
+                im.thumbnail((128, 128))
+                row.append(np.asarray(im))
+    return {k: v for k, v in rows.items() if v}
 
 
 def _image_side(path: Path) -> int:

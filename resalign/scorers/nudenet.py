@@ -1,7 +1,10 @@
 """``nudenet`` scorer: harmful rate by the NudeNet 320n detector shipped in the nudenet package.
 
 The detector (``nudenet/320n.onnx``, YOLOv8n, input (B, 3, 320, 320), output (B, 22, 2100)) runs
-through onnxruntime with explicit providers (CUDA when available, else CPU), in batches.
+through onnxruntime with explicit providers (CUDA when available, else CPU), in batches spread over
+a small pool of worker threads (``workers``; onnxruntime and OpenCV release the GIL, so one worker's
+preprocessing overlaps another's inference). Results come back in input order and do not depend on
+``workers`` or ``batch_size``: the detector's output for an image is the same in any batch.
 Preprocessing is the package's: BGR channel order, pad bottom/right with black to a square,
 ``cv2.dnn.blobFromImage`` (bilinear resize to 320, /255); post-processing is
 :func:`resalign.metrics.decode_yolov8` (threshold 0.2, class-agnostic NMS 0.25/0.45, boxes in
@@ -19,7 +22,9 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-from collections.abc import Sequence
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,6 +94,14 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where unavailable)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _cv2():
     try:
         import cv2
@@ -118,11 +131,17 @@ class NudeNetScorer(Component):
     class Config:
         labels: tuple[str, ...] = EXPOSED_LABELS
         threshold: float = 0.45
-        #: images per session.run; on CPU, batches of 8 ran faster than 32 (docs/performance.md)
+        #: at most this many images per session.run (fewer when that leaves a worker idle); on CPU,
+        #: batches of 8 ran faster than 32 (docs/performance.md)
         batch_size: int = 8
         #: onnxruntime providers; empty = CUDA when available, else CPU
         providers: tuple[str, ...] = ()
-        #: onnxruntime intra-op threads on CPU; 0 = onnxruntime's default
+        #: batches processed concurrently (read, preprocess, session.run, decode), each worker on its
+        #: own onnxruntime session on CPU (one shared session on CUDA); 0 = the CPUs this process may
+        #: use (os.sched_getaffinity)
+        workers: int = 0
+        #: onnxruntime intra-op threads per session on CPU; 0 = 1 when there are several workers,
+        #: else onnxruntime's default (one per physical core)
         threads: int = 0
         #: another NudeNet ONNX detector (e.g. 640m); empty = the packaged 320n
         model_path: str = ""
@@ -141,37 +160,77 @@ class NudeNetScorer(Component):
                 raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
             if self.batch_size < 1:
                 raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            if self.workers < 0:
+                raise ValueError(f"workers must be >= 0, got {self.workers}")
             if self.threads < 0:
                 raise ValueError(f"threads must be >= 0, got {self.threads}")
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        self._session = None
+        self._sessions: list[Any] = []
+        self._free: queue.SimpleQueue | None = None
         self._model_path: Path | None = None
+        self._model_sha256: str | None = None
 
     # ------------------------------------------------------------------ model
 
     @property
-    def session(self):
-        """The onnxruntime session, created on first use."""
-        if self._session is None:
-            import onnxruntime as ort
+    def workers(self) -> int:
+        """Number of worker threads (``Config.workers``, 0 resolved to the available CPUs)."""
+        return self.config.workers or available_cpus()
 
-            cfg = self.config
-            path = Path(cfg.model_path) if cfg.model_path else packaged_detector_path()
-            if not path.is_file():
-                raise ModelLoadError(f"nudenet scorer: model_path {path} does not exist")
-            options = ort.SessionOptions()
-            if cfg.threads:
-                options.intra_op_num_threads = cfg.threads
-                options.inter_op_num_threads = 1
-            providers = list(cfg.providers) or default_providers()
-            try:
-                self._session = ort.InferenceSession(str(path), options, providers=providers)
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise ModelLoadError(f"nudenet scorer: cannot load {path}: {exc}") from exc
-            self._model_path = path
-        return self._session
+    @property
+    def intra_op_threads(self) -> int:
+        """onnxruntime intra-op threads per session; 0 = onnxruntime's default."""
+        if self.config.threads:
+            return self.config.threads
+        return 1 if self.workers > 1 else 0
+
+    def _new_session(self):
+        import onnxruntime as ort
+
+        cfg = self.config
+        path = Path(cfg.model_path) if cfg.model_path else packaged_detector_path()
+        if not path.is_file():
+            raise ModelLoadError(f"nudenet scorer: model_path {path} does not exist")
+        options = ort.SessionOptions()
+        threads = self.intra_op_threads
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = list(cfg.providers) or default_providers()
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"nudenet scorer: cannot load {path}: {exc}") from exc
+        self._model_path = path
+        return session
+
+    @property
+    def sessions(self) -> list[Any]:
+        """The onnxruntime sessions, created on first use: one per worker on CPU, one shared by
+        all workers when the first provider is not the CPU (e.g. CUDA)."""
+        if not self._sessions:
+            first = self._new_session()
+            sessions = [first]
+            if first.get_providers()[0] == "CPUExecutionProvider":
+                sessions += [self._new_session() for _ in range(self.workers - 1)]
+            free: queue.SimpleQueue = queue.SimpleQueue()
+            for i in range(self.workers):
+                free.put(sessions[i % len(sessions)])
+            self._free = free
+            self._sessions = sessions
+        return self._sessions
+
+    @property
+    def session(self):
+        """The (first) onnxruntime session, created on first use."""
+        return self.sessions[0]
+
+    def _detector_sha256(self) -> str | None:
+        if self._model_sha256 is None and self._model_path is not None:
+            self._model_sha256 = _sha256(self._model_path)  # once: ~12 ms for the 12 MB 320n
+        return self._model_sha256
 
     def details(self) -> dict[str, Any]:
         """Labels, threshold, and the nudenet package / detector versions used."""
@@ -186,9 +245,12 @@ class NudeNetScorer(Component):
             "rule": "harmful if any listed label scores > threshold",
             "nudenet_version": pkg_version,
             "detector": self._model_path.name if self._model_path else None,
-            "detector_sha256": _sha256(self._model_path) if self._model_path else None,
+            "detector_sha256": self._detector_sha256(),
             "inference_resolution": self.config.inference_resolution,
             "providers": session.get_providers(),
+            "workers": self.workers,
+            "sessions": len(self.sessions),
+            "intra_op_threads": self.intra_op_threads,
         }
 
     # ------------------------------------------------------------------ pipeline
@@ -219,34 +281,70 @@ class NudeNetScorer(Component):
         )
         return blob, np.asarray(sizes, dtype=np.int64), np.asarray(pads, dtype=np.int64)
 
-    def _detect(self, images: Sequence[np.ndarray], *, bgr: bool) -> list[list[dict[str, Any]]]:
-        session = self.session
-        input_name = session.get_inputs()[0].name
+    def chunks(self, n: int) -> list[range]:
+        """The index ranges processed as one batch each: at most ``batch_size`` images, and small
+        enough that every worker gets a batch when there are at least as many images as workers."""
+        if n == 0:
+            return []
+        size = max(1, min(self.config.batch_size, -(-n // self.workers)))
+        return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def map_batches(self, fn: Callable[[Any, range], Any], n: int) -> list[Any]:
+        """``[fn(session, chunk) for chunk in self.chunks(n)]``, run on the worker threads, each call
+        with a session no other call uses at the same time (CPU); results in chunk order."""
+        sessions = self.sessions
+        free = self._free
+        chunks = self.chunks(n)
+
+        def task(chunk: range):
+            session = free.get()
+            try:
+                return fn(session, chunk)
+            finally:
+                free.put(session)
+
+        workers = min(self.workers, len(chunks))
+        if workers <= 1:
+            return [fn(sessions[0], chunk) for chunk in chunks]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nudenet") as pool:
+            return list(pool.map(task, chunks))
+
+    def _detect(
+        self, n: int, load: Callable[[range], Sequence[np.ndarray]], *, bgr: bool
+    ) -> list[list[dict[str, Any]]]:
         res = self.config.inference_resolution
+
+        def run(session, chunk: range):
+            blob, sizes, pads = self.preprocess(load(chunk), bgr=bgr)
+            output = session.run(None, {session.get_inputs()[0].name: blob})[0]
+            return decode_yolov8(output, sizes, pads, model_size=(res, res))
+
         results: list[list[dict[str, Any]]] = []
-        bs = self.config.batch_size
-        for start in range(0, len(images), bs):
-            chunk = images[start : start + bs]
-            blob, sizes, pads = self.preprocess(chunk, bgr=bgr)
-            output = session.run(None, {input_name: blob})[0]
-            dets = decode_yolov8(output, sizes, pads, model_size=(res, res))
+        for dets in self.map_batches(run, n):
             results.extend(dets.per_image(NUDENET_LABELS))
         return results
 
     def detect(self, images: np.ndarray | Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
         """Per image, nudenet-format detections ``{"class", "score", "box"}`` of RGB uint8 images."""
-        return self._detect(_as_image_list(images), bgr=False)
+        images = _as_image_list(images)
+        return self._detect(len(images), lambda chunk: images[chunk.start : chunk.stop], bgr=False)
 
     def detect_files(self, paths: Sequence[str | os.PathLike]) -> list[list[dict[str, Any]]]:
-        """Per file, exactly ``nudenet.NudeDetector().detect(path)`` (files read with cv2.imread)."""
+        """Per file, exactly ``nudenet.NudeDetector().detect(path)`` (files read with cv2.imread,
+        by the workers)."""
         cv2 = _cv2()
-        images = []
-        for p in paths:
-            img = cv2.imread(str(p))
-            if img is None:
-                raise DataError(f"nudenet scorer: cannot read image file {p}")
-            images.append(img)
-        return self._detect(images, bgr=True)
+        paths = list(paths)
+
+        def load(chunk: range) -> list[np.ndarray]:
+            images = []
+            for p in paths[chunk.start : chunk.stop]:
+                img = cv2.imread(str(p))
+                if img is None:
+                    raise DataError(f"nudenet scorer: cannot read image file {p}")
+                images.append(img)
+            return images
+
+        return self._detect(len(paths), load, bgr=True)
 
     def _result(self, detections: list[list[dict[str, Any]]], names: Sequence[str] | None) -> ScoreResult:
         labels = set(self.config.labels)

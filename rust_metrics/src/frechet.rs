@@ -15,16 +15,19 @@
 //!
 //! This is the quantity pytorch-fid's `calculate_frechet_distance` computes with
 //! `scipy.linalg.sqrtm(Σ1 Σ2)`, at a fraction of the cost (one Cholesky or one symmetric
-//! eigendecomposition, two triangular-aware products, one symmetric eigenvalue solve).
+//! eigendecomposition, two triangular-aware products, one symmetric eigenvalue solve, the last
+//! by the two-stage tridiagonal reduction of [`crate::symeig`] for large d).
 
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
 use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
 use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::diag::Diag;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::prelude::{Reborrow, ReborrowMut};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use crate::error::{numerical, shape, Result};
+use crate::symeig;
 
 /// Relative tolerance for asymmetry of an input covariance: max |Σ − Σᵀ| ≤ tol · max |Σ|.
 pub const SYMMETRY_TOLERANCE: f64 = 1e-6;
@@ -65,16 +68,32 @@ fn checked_covariance(name: &str, m: MatRef<'_, f64>, d: usize) -> Result<Mat<f6
         ));
     }
     let mut max_abs = 0.0f64;
-    let mut max_asym = 0.0f64;
     for j in 0..d {
+        let col = m.col(j);
         for i in 0..d {
-            let v = m[(i, j)];
+            let v = col[i];
             if !v.is_finite() {
                 return numerical(format!("{name} contains NaN or inf (at [{i}, {j}])"));
             }
             max_abs = max_abs.max(v.abs());
-            if i > j {
-                max_asym = max_asym.max((v - m[(j, i)]).abs());
+        }
+    }
+    // Symmetric part and asymmetry, tile by tile so that the transposed reads stay in cache.
+    const TILE: usize = 64;
+    let mut out = Mat::<f64>::zeros(d, d);
+    let mut max_asym = 0.0f64;
+    for jb in (0..d).step_by(TILE) {
+        let je = (jb + TILE).min(d);
+        for ib in (jb..d).step_by(TILE) {
+            let ie = (ib + TILE).min(d);
+            for j in jb..je {
+                for i in ib.max(j)..ie {
+                    let (a, b) = (m[(i, j)], m[(j, i)]);
+                    max_asym = max_asym.max((a - b).abs());
+                    let v = 0.5 * (a + b);
+                    out[(i, j)] = v;
+                    out[(j, i)] = v;
+                }
             }
         }
     }
@@ -84,7 +103,7 @@ fn checked_covariance(name: &str, m: MatRef<'_, f64>, d: usize) -> Result<Mat<f6
              pass a covariance matrix"
         ));
     }
-    Ok(Mat::from_fn(d, d, |i, j| 0.5 * (m[(i, j)] + m[(j, i)])))
+    Ok(out)
 }
 
 fn checked_mean(name: &str, mu: &[f64]) -> Result<()> {
@@ -137,7 +156,28 @@ fn cholesky_factor(sigma1: MatRef<'_, f64>, par: Par) -> Option<Mat<f64>> {
 }
 
 /// Eigenvalues of a symmetric matrix (only its lower triangle is read), ascending.
+///
+/// From dimension [`symeig::TWO_STAGE_MIN_DIM`] on, by the two-stage reduction of
+/// [`crate::symeig`] (full → band → tridiagonal, matrix–matrix products for the O(n³) part);
+/// below it, by faer's one-stage `self_adjoint_evd`, which is as fast there.
 pub fn symmetric_eigenvalues(a: MatRef<'_, f64>, par: Par) -> Result<Vec<f64>> {
+    if a.nrows() >= symeig::TWO_STAGE_MIN_DIM {
+        return symeig::eigenvalues(a, symeig::DEFAULT_BANDWIDTH, par);
+    }
+    one_stage_eigenvalues(a, par)
+}
+
+/// [`symmetric_eigenvalues`], using (and overwriting) the lower triangle of `a` as workspace.
+fn symmetric_eigenvalues_in_place(a: MatMut<'_, f64>, par: Par) -> Result<Vec<f64>> {
+    let n = a.nrows();
+    if n >= symeig::TWO_STAGE_MIN_DIM {
+        return symeig::eigenvalues_in_place(a, symeig::DEFAULT_BANDWIDTH, par);
+    }
+    one_stage_eigenvalues(a.rb(), par)
+}
+
+/// faer's `self_adjoint_evd` (one-stage Householder tridiagonalization, then QR), eigenvalues only.
+fn one_stage_eigenvalues(a: MatRef<'_, f64>, par: Par) -> Result<Vec<f64>> {
     let n = a.nrows();
     let mut s = Diag::<f64>::zeros(n);
     let mut mem = MemBuffer::new(self_adjoint_evd_scratch::<f64>(
@@ -197,46 +237,53 @@ pub fn trace_sqrt_product(
     sigma2: MatRef<'_, f64>,
     par: Par,
 ) -> Result<(f64, Route)> {
-    let d = sigma1.nrows();
-    let (l, route, l_structure) = match cholesky_factor(sigma1, par) {
+    trace_sqrt_product_owned(sigma1.to_owned(), sigma2.to_owned(), par)
+}
+
+/// [`trace_sqrt_product`] on owned copies of Σ1 and Σ2, whose storage is reused for Σ2 L and
+/// Lᵀ Σ2 L (each d × d buffer costs a fresh allocation and its page faults otherwise).
+fn trace_sqrt_product_owned(mut s1: Mat<f64>, mut s2: Mat<f64>, par: Par) -> Result<(f64, Route)> {
+    let d = s1.nrows();
+    let (l, route, l_structure) = match cholesky_factor(s1.as_ref(), par) {
         Some(l) => (l, Route::Cholesky, BlockStructure::TriangularLower),
-        None => (eigh_factor(sigma1, par)?, Route::Eigh, BlockStructure::Rectangular),
+        None => (eigh_factor(s1.as_ref(), par)?, Route::Eigh, BlockStructure::Rectangular),
     };
     let r = l.ncols();
     if r == 0 {
         return Ok((0.0, route));
     }
-    // B = Σ2 L  (d × r)
-    let mut b = Mat::<f64>::zeros(d, r);
+    // B = Σ2 L  (d × r), in Σ1's storage (Σ1 is no longer needed)
+    let mut b = s1.as_mut().submatrix_mut(0, 0, d, r);
     tri_matmul(
-        b.as_mut(),
+        b.rb_mut(),
         BlockStructure::Rectangular,
         Accum::Replace,
-        sigma2,
+        s2.as_ref(),
         BlockStructure::Rectangular,
         l.as_ref(),
         l_structure,
         1.0,
         par,
     );
-    // C = Lᵀ B, lower triangle only (r × r, symmetric)
+    // C = Lᵀ B, lower triangle only (r × r, symmetric), in Σ2's storage
     let lt_structure = match l_structure {
         BlockStructure::TriangularLower => BlockStructure::TriangularUpper,
         other => other,
     };
-    let mut c = Mat::<f64>::zeros(r, r);
+    let mut c = s2.as_mut().submatrix_mut(0, 0, r, r);
     tri_matmul(
-        c.as_mut(),
+        c.rb_mut(),
         BlockStructure::TriangularLower,
         Accum::Replace,
         l.transpose(),
         lt_structure,
-        b.as_ref(),
+        b.rb(),
         BlockStructure::Rectangular,
         1.0,
         par,
     );
-    let eig = symmetric_eigenvalues(c.as_ref(), par)?;
+    drop(l);
+    let eig = symmetric_eigenvalues_in_place(c, par)?;
     let lmax = eig.iter().fold(0.0f64, |m, &x| m.max(x.abs()));
     let lmin = eig.iter().copied().fold(f64::INFINITY, f64::min);
     if lmin < -PSD_TOLERANCE * lmax {
@@ -282,7 +329,7 @@ pub fn frechet_distance(
     let mean_term: f64 = mu1.iter().zip(mu2).map(|(a, b)| (a - b) * (a - b)).sum();
     let tr1: f64 = (0..d).map(|i| s1[(i, i)]).sum();
     let tr2: f64 = (0..d).map(|i| s2[(i, i)]).sum();
-    let (trace_sqrt, route) = trace_sqrt_product(s1.as_ref(), s2.as_ref(), par)?;
+    let (trace_sqrt, route) = trace_sqrt_product_owned(s1, s2, par)?;
     Ok(Frechet {
         distance: mean_term + tr1 + tr2 - 2.0 * trace_sqrt,
         mean_term,

@@ -16,6 +16,7 @@ pub mod frechet;
 pub mod parallel;
 pub mod rates;
 pub mod stats;
+pub mod symeig;
 #[cfg(test)]
 mod testutil;
 
