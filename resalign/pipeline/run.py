@@ -88,8 +88,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # spinning OpenMP threads slow down many times over on a core shared with another process
         "threads": 1,
         "params": "xattn",
-        # concept ablation towards the anchor (a plain circle): of the three losses the one whose
-        # unlearned toy model kept its benign prompt accuracy within 5 points (docs/method.md)
+        # concept ablation towards the anchor (a plain circle): with it, ResAlign's toy model was the
+        # least harmful after benign fine-tuning and within 5 points of the base model's benign
+        # prompt accuracy; with GA neither held (docs/method.md, docs/evaluation.md)
         "loss": "ca",
         "loss_options": {"ga": {"cap": 0.3}},
         "beta": 0.8,
