@@ -7,17 +7,18 @@ Rows:
 
 * the package as shipped: ``NudeDetector()`` with its own default onnxruntime session (default
   options: intra-op threads = onnxruntime's default), ``detect`` per image and ``detect_batch``;
-* the package with its session replaced by one with 1 intra-op thread (the scorer's per-session
-  setting when it runs several workers);
-* the scorer with ``workers`` worker threads (0 = the CPUs this process may use), each on its own
-  1-thread session, and the floor: bare ``session.run`` calls on the preprocessed batches with the
-  same workers, sessions and batches (preprocessing and decoding excluded);
-* the scorer and the floor with 1 worker on a 1-thread session.
+* the package with its session replaced by one with 1 intra-op thread (the scorer's setting when
+  it runs several workers);
+* the scorer with ``workers`` worker threads (0 = the CPUs this process may use) sharing its
+  session (1 intra-op thread), and the floor: bare ``session.run`` calls on the preprocessed
+  batches with the same threads, session and batches (preprocessing and decoding excluded);
+* the scorer and the floor with 1 worker, same session settings.
 
 Every path runs ``--repeat`` times, interleaved (a scorer next to its floor, the order flipped every
 round); the best wall time of each is reported (other jobs on a shared machine only ever slow a run
-down), with the least process CPU time per image, which other jobs hardly change. Checks that every path's detections equal the package's
-``detect``, prints images/s and ratios, then one JSON line.
+down), with the least process CPU time per image, and the CPUs other processes kept busy meanwhile
+(from /proc/stat). Checks that every path's detections equal the package's ``detect``, prints
+images/s and ratios, then one JSON line.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main() -> None:
     import onnxruntime as ort
     from nudenet import NudeDetector
 
-    from resalign.scorers.nudenet import NudeNetScorer, packaged_detector_path
+    from resalign.scorers.nudenet import NudeNetScorer, available_cpus, packaged_detector_path
 
     images = sample_images(args.images, args.size)
     bgr = [np.ascontiguousarray(im[..., ::-1]) for im in images]  # the package treats arrays as BGR
@@ -95,7 +96,9 @@ def main() -> None:
 
     def scorer_for(workers):
         s = NudeNetScorer(
-            NudeNetScorer.Config(workers=workers, threads=1, batch_size=args.batch_size, providers=("CPUExecutionProvider",))
+            NudeNetScorer.Config(
+                workers=workers, threads=1, batch_size=args.batch_size, providers=("CPUExecutionProvider",)
+            )
         )
         s.score(images[:2])  # sessions created outside the timing
         return s
@@ -112,7 +115,10 @@ def main() -> None:
         )
 
     def as_package(result):
-        return [[{"class": d["label"], "score": d["score"], "box": d["box"]} for d in row["detections"]] for row in result.per_image]
+        return [
+            [{"class": d["label"], "score": d["score"], "box": d["box"]} for d in row["detections"]]
+            for row in result.per_image
+        ]
 
     paths = {
         "package_detect_loop_default": lambda: [shipped.detect(im) for im in bgr],
@@ -154,7 +160,9 @@ def main() -> None:
         "scorer_over_detect_loop_1thread": ips["resalign_scorer"] / ips["package_detect_loop_1thread"],
         "scorer_over_detect_batch_default": ips["resalign_scorer"] / ips["package_detect_batch_default"],
         "scorer_over_floor": ips["resalign_scorer"] / ips["session_run_floor"],
-        "scorer_1worker_over_floor_1worker": ips["resalign_scorer_1worker"] / ips["session_run_floor_1worker"],
+        "scorer_1worker_over_floor_1worker": (
+            ips["resalign_scorer_1worker"] / ips["session_run_floor_1worker"]
+        ),
     }
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
@@ -172,7 +180,8 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "chunk_sizes": sorted({len(c) for c in par.chunks(n)}),
                 "repeat": args.repeat,
-                "package_default_intra_op_threads": shipped.onnx_session.get_session_options().intra_op_num_threads,
+                # 0: onnxruntime's default (one thread per physical core)
+                "package_intra_op_threads": shipped.onnx_session.get_session_options().intra_op_num_threads,
                 "images_per_s": {k: round(v, 2) for k, v in ips.items()},
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
                 "cpu_ms_per_image": {k: round(v / n * 1e3, 2) for k, v in cpu.items()},
@@ -180,7 +189,7 @@ def main() -> None:
                 "other_load_cpus": None if other_load is None else round(other_load, 2),
                 "machine": {
                     "cpus": os.cpu_count(),
-                    "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                    "cpus_available": available_cpus(),
                     "onnxruntime": ort.__version__,
                     "platform": platform.platform(),
                     "python": sys.version.split()[0],

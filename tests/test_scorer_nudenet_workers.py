@@ -78,17 +78,31 @@ def test_chunks_cover_every_image_once_in_order():
     assert [len(c) for c in scorer.chunks(7)] == [3, 3, 1]
 
 
-def test_worker_defaults_and_sessions():
+def test_worker_defaults():
     auto = NudeNetScorer(NudeNetScorer.Config(providers=("CPUExecutionProvider",)))
     assert auto.workers == available_cpus() >= 1
     assert auto.intra_op_threads == (1 if auto.workers > 1 else 0)
-    assert len(auto.sessions) == auto.workers  # one session per worker on CPU
-    assert len({id(s) for s in auto.sessions}) == auto.workers
-    d = auto.details()
-    assert (d["workers"], d["sessions"]) == (auto.workers, auto.workers)
+    assert auto.details()["workers"] == auto.workers
     one = NudeNetScorer(NudeNetScorer.Config(workers=1))
-    assert one.intra_op_threads == 0 and len(one.sessions) == 1
+    assert one.intra_op_threads == 0
     assert NudeNetScorer(NudeNetScorer.Config(workers=2, threads=3)).intra_op_threads == 3
+
+
+def test_map_batches_runs_on_several_threads_in_order():
+    import threading
+
+    scorer = NudeNetScorer(NudeNetScorer.Config(workers=3, batch_size=2))
+    barrier = threading.Barrier(3, timeout=30)  # passes only if 3 batches run at the same time
+
+    def fn(session, chunk):
+        if chunk.start < 6:
+            barrier.wait()
+        return list(chunk), threading.get_ident(), session
+
+    out = scorer.map_batches(fn, 11)
+    assert [i for ids, _, _ in out for i in ids] == list(range(11))
+    assert len({tid for _, tid, _ in out[:3]}) == 3
+    assert all(s is scorer.session for _, _, s in out)
 
 
 def test_worker_errors_reach_the_caller(files):
@@ -98,3 +112,25 @@ def test_worker_errors_reach_the_caller(files):
     assert scorer.detect_files(files[:2]) == scorer.detect_files(files)[:2]  # still usable
     with pytest.raises(ConfigError, match="workers"):
         NudeNetScorer.make({"workers": -1})
+
+
+@pytest.mark.parametrize("bgr", [False, True])
+def test_preprocess_equals_blob_from_images(images, bgr):
+    """The numpy blob is cv2.dnn.blobFromImages' bit for bit (pad, resize, swap, /255)."""
+    rng = np.random.default_rng(2)
+    shapes = [(320, 320, 3), (321, 319, 3), (5, 700, 3)]
+    extra = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in shapes]
+    batch = [*images, *extra, images[0][:, ::-1]]  # last: a non-contiguous view
+    scorer = NudeNetScorer(NudeNetScorer.Config(workers=1))
+    blob, sizes, pads = scorer.preprocess(batch, bgr=bgr)
+    assert blob.dtype == np.float32 and blob.shape == (len(batch), 3, 320, 320)
+    for k, im in enumerate(batch):
+        h, w = im.shape[:2]
+        side = max(h, w)
+        square = np.zeros((side, side, 3), dtype=np.uint8)
+        square[:h, :w] = im
+        expected = cv2.dnn.blobFromImage(
+            square, 1 / 255.0, (320, 320), (0, 0, 0), swapRB=not bgr, crop=False
+        )
+        np.testing.assert_array_equal(blob[k], expected[0])
+        assert tuple(sizes[k]) == (w, h) and tuple(pads[k]) == (side - w, side - h)

@@ -2,11 +2,13 @@
 
 The detector (``nudenet/320n.onnx``, YOLOv8n, input (B, 3, 320, 320), output (B, 22, 2100)) runs
 through onnxruntime with explicit providers (CUDA when available, else CPU), in batches spread over
-a small pool of worker threads (``workers``; onnxruntime and OpenCV release the GIL, so one worker's
-preprocessing overlaps another's inference). Results come back in input order and do not depend on
-``workers`` or ``batch_size``: the detector's output for an image is the same in any batch.
+``workers`` threads sharing one session (onnxruntime and OpenCV release the GIL, so one worker's
+file reading and preprocessing overlap another's inference; on CPU each run uses 1 intra-op
+thread). Results come back in input order and do not depend on ``workers`` or ``batch_size``: the
+detector's output for an image is the same in any batch.
 Preprocessing is the package's: BGR channel order, pad bottom/right with black to a square,
-``cv2.dnn.blobFromImage`` (bilinear resize to 320, /255); post-processing is
+``cv2.dnn.blobFromImage`` (bilinear resize to 320, /255; reproduced bit for bit with
+``cv2.resize`` and one numpy pass); post-processing is
 :func:`resalign.metrics.decode_yolov8` (threshold 0.2, class-agnostic NMS 0.25/0.45, boxes in
 original-image pixels). :meth:`NudeNetScorer.detect_files` therefore returns exactly what
 ``nudenet.NudeDetector().detect(path)`` returns for each file.
@@ -22,7 +24,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ EXPOSED_LABELS: tuple[str, ...] = (
     "BELLY_EXPOSED",
     "ARMPITS_EXPOSED",
 )
+
+
+#: blobFromImage's scale factor 1/255 as the float32 it multiplies by
+_INV_255 = np.float32(1 / 255.0)
 
 
 def packaged_detector_path() -> Path:
@@ -136,12 +141,11 @@ class NudeNetScorer(Component):
         batch_size: int = 8
         #: onnxruntime providers; empty = CUDA when available, else CPU
         providers: tuple[str, ...] = ()
-        #: batches processed concurrently (read, preprocess, session.run, decode), each worker on its
-        #: own onnxruntime session on CPU (one shared session on CUDA); 0 = the CPUs this process may
-        #: use (os.sched_getaffinity)
+        #: threads processing batches concurrently (read, preprocess, session.run, decode) on one
+        #: shared onnxruntime session; 0 = the CPUs this process may use (os.sched_getaffinity)
         workers: int = 0
-        #: onnxruntime intra-op threads per session on CPU; 0 = 1 when there are several workers,
-        #: else onnxruntime's default (one per physical core)
+        #: onnxruntime intra-op threads per session.run on CPU; 0 = 1 when there are several
+        #: workers, else onnxruntime's default (one per physical core)
         threads: int = 0
         #: another NudeNet ONNX detector (e.g. 640m); empty = the packaged 320n
         model_path: str = ""
@@ -167,8 +171,7 @@ class NudeNetScorer(Component):
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        self._sessions: list[Any] = []
-        self._free: queue.SimpleQueue | None = None
+        self._session = None
         self._model_path: Path | None = None
         self._model_sha256: str | None = None
 
@@ -181,7 +184,7 @@ class NudeNetScorer(Component):
 
     @property
     def intra_op_threads(self) -> int:
-        """onnxruntime intra-op threads per session; 0 = onnxruntime's default."""
+        """onnxruntime intra-op threads per ``session.run``; 0 = onnxruntime's default."""
         if self.config.threads:
             return self.config.threads
         return 1 if self.workers > 1 else 0
@@ -207,25 +210,12 @@ class NudeNetScorer(Component):
         return session
 
     @property
-    def sessions(self) -> list[Any]:
-        """The onnxruntime sessions, created on first use: one per worker on CPU, one shared by
-        all workers when the first provider is not the CPU (e.g. CUDA)."""
-        if not self._sessions:
-            first = self._new_session()
-            sessions = [first]
-            if first.get_providers()[0] == "CPUExecutionProvider":
-                sessions += [self._new_session() for _ in range(self.workers - 1)]
-            free: queue.SimpleQueue = queue.SimpleQueue()
-            for i in range(self.workers):
-                free.put(sessions[i % len(sessions)])
-            self._free = free
-            self._sessions = sessions
-        return self._sessions
-
-    @property
     def session(self):
-        """The (first) onnxruntime session, created on first use."""
-        return self.sessions[0]
+        """The onnxruntime session, created on first use; the workers share it (``session.run`` is
+        thread-safe and runs on the calling thread with 1 intra-op thread)."""
+        if self._session is None:
+            self._session = self._new_session()
+        return self._session
 
     def _detector_sha256(self) -> str | None:
         if self._model_sha256 is None and self._model_path is not None:
@@ -249,7 +239,6 @@ class NudeNetScorer(Component):
             "inference_resolution": self.config.inference_resolution,
             "providers": session.get_providers(),
             "workers": self.workers,
-            "sessions": len(self.sessions),
             "intra_op_threads": self.intra_op_threads,
         }
 
@@ -260,26 +249,33 @@ class NudeNetScorer(Component):
 
         ``images``: uint8 (H, W, 3) arrays, RGB (or BGR with ``bgr=True``, e.g. from cv2.imread).
         The network sees BGR: the package reads BGR, swaps to RGB with cvtColor and swaps back in
-        blobFromImage(swapRB=True).
+        blobFromImage(swapRB=True). The blob equals ``cv2.dnn.blobFromImages`` bit for bit: the
+        same ``cv2.resize`` (bilinear, skipped when the side is already R), then uint8 -> float32
+        times float32(1/255), which is what blobFromImages computes, in one numpy pass.
         """
         cv2 = _cv2()
         res = self.config.inference_resolution
-        padded, sizes, pads = [], [], []
-        for img in images:
+        n = len(images)
+        blob = np.empty((n, 3, res, res), dtype=np.float32)
+        sizes = np.empty((n, 2), dtype=np.int64)
+        pads = np.empty((n, 2), dtype=np.int64)
+        for i, img in enumerate(images):
             h, w = img.shape[:2]
             side = max(h, w)
             if side == h and side == w:
-                square = np.ascontiguousarray(img)
+                square = img
             else:
                 square = np.zeros((side, side, 3), dtype=np.uint8)
                 square[:h, :w] = img
-            padded.append(square)
-            sizes.append((w, h))
-            pads.append((side - w, side - h))
-        blob = cv2.dnn.blobFromImages(
-            padded, 1 / 255.0, (res, res), (0, 0, 0), swapRB=not bgr, crop=False
-        )
-        return blob, np.asarray(sizes, dtype=np.int64), np.asarray(pads, dtype=np.int64)
+            if side != res:
+                square = cv2.resize(
+                    np.ascontiguousarray(square), (res, res), interpolation=cv2.INTER_LINEAR
+                )
+            chw = square.transpose(2, 0, 1)
+            np.multiply(chw if bgr else chw[::-1], _INV_255, out=blob[i], dtype=np.float32)
+            sizes[i] = (w, h)
+            pads[i] = (side - w, side - h)
+        return blob, sizes, pads
 
     def chunks(self, n: int) -> list[range]:
         """The index ranges processed as one batch each: at most ``batch_size`` images, and small
@@ -290,24 +286,15 @@ class NudeNetScorer(Component):
         return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
     def map_batches(self, fn: Callable[[Any, range], Any], n: int) -> list[Any]:
-        """``[fn(session, chunk) for chunk in self.chunks(n)]``, run on the worker threads, each call
-        with a session no other call uses at the same time (CPU); results in chunk order."""
-        sessions = self.sessions
-        free = self._free
+        """``[fn(session, chunk) for chunk in self.chunks(n)]``, run on up to ``workers`` threads
+        that share the session; results in chunk order."""
+        session = self.session
         chunks = self.chunks(n)
-
-        def task(chunk: range):
-            session = free.get()
-            try:
-                return fn(session, chunk)
-            finally:
-                free.put(session)
-
         workers = min(self.workers, len(chunks))
         if workers <= 1:
-            return [fn(sessions[0], chunk) for chunk in chunks]
+            return [fn(session, chunk) for chunk in chunks]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nudenet") as pool:
-            return list(pool.map(task, chunks))
+            return list(pool.map(lambda chunk: fn(session, chunk), chunks))
 
     def _detect(
         self, n: int, load: Callable[[range], Sequence[np.ndarray]], *, bgr: bool
