@@ -136,8 +136,8 @@ class NudeNetScorer(Component):
     class Config:
         labels: tuple[str, ...] = EXPOSED_LABELS
         threshold: float = 0.45
-        #: at most this many images per session.run (fewer when that leaves a worker idle); on CPU,
-        #: batches of 8 ran faster than 32 (docs/performance.md)
+        #: at most this many images per session.run (fewer when that leaves a worker idle); with 2
+        #: CPU workers, batches of 1 to 8 ran alike (docs/performance.md)
         batch_size: int = 8
         #: onnxruntime providers; empty = CUDA when available, else CPU
         providers: tuple[str, ...] = ()
@@ -212,7 +212,7 @@ class NudeNetScorer(Component):
     @property
     def session(self):
         """The onnxruntime session, created on first use; the workers share it (``session.run`` is
-        thread-safe and runs on the calling thread with 1 intra-op thread)."""
+        thread-safe; with 1 intra-op thread each run computes on the worker's own thread)."""
         if self._session is None:
             self._session = self._new_session()
         return self._session
