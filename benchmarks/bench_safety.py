@@ -1,7 +1,7 @@
 """NudeNet 320n throughput: the nudenet package's ``detect`` loop and ``detect_batch`` vs
 resalign's ``nudenet`` scorer vs bare ``session.run`` on the same preprocessed batches (the floor).
 
-    python benchmarks/bench_safety.py [--images 64] [--size 512] [--workers 0] [--batch-size 8] [--repeat 5]
+    python benchmarks/bench_safety.py [--images 64] [--size 512] [--workers 0] [--batch-size 8] [--repeat 5] [--profile]
 
 Rows:
 
@@ -18,7 +18,9 @@ Every path runs ``--repeat`` times, interleaved (a scorer next to its floor, the
 round); the best wall time of each is reported (other jobs on a shared machine only ever slow a run
 down), with the least process CPU time per image, and the CPUs other processes kept busy meanwhile
 (from /proc/stat). Checks that every path's detections equal the package's ``detect``, prints
-images/s and ratios, then one JSON line.
+images/s and ratios (among them the floor over the package as shipped: the most any scorer of this
+model can reach against it), then one JSON line. ``--profile`` adds where a 1-thread session's time
+goes, by operator type, and the convolutions' GFLOP/s on one core.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def parse_args():
     p.add_argument("--workers", type=int, default=0, help="scorer workers; 0 = the CPUs available")
     p.add_argument("--batch-size", type=int, default=8, help="scorer batch_size")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per path (best is reported)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one 1-thread session by operator type and print the convolutions' GFLOP/s")
     return p.parse_args()
 
 
@@ -71,6 +75,55 @@ def cpu_busy_seconds():
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def conv_flops_per_image(model_path, size=320):
+    """2 × multiply-adds of every Conv node at batch 1 (onnx shape inference)."""
+    import numpy as np
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(model_path))
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, 3, size, size)):
+        dim.ClearField("dim_param")
+        dim.dim_value = value
+    model = shape_inference.infer_shapes(model)
+    infos = list(model.graph.value_info) + list(model.graph.output)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in infos}
+    weights = {w.name: list(w.dims) for w in model.graph.initializer}
+    macs = sum(
+        int(np.prod(shapes[node.output[0]][1:])) * int(np.prod(weights[node.input[1]][1:]))
+        for node in model.graph.node
+        if node.op_type == "Conv"
+    )
+    return 2.0 * macs
+
+
+def profile_session(model_path, blob, runs=4):
+    """Kernel time per image by operator type, of a 1-thread session (onnxruntime's profiler)."""
+    import collections
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "ort")
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for _ in range(runs):
+            session.run(None, {name: blob})
+        with open(session.end_profiling()) as fh:
+            events = json.load(fh)
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+    images = runs * blob.shape[0]
+    return {op: us / images / 1e3 for op, us in per_op.most_common()}  # ms per image
 
 
 def main() -> None:
@@ -163,9 +216,26 @@ def main() -> None:
         "scorer_1worker_over_floor_1worker": (
             ips["resalign_scorer_1worker"] / ips["session_run_floor_1worker"]
         ),
+        # the most any scorer that runs this model can reach against the package as shipped:
+        # inference alone, at the scorer's layout
+        "floor_over_detect_loop_default": ips["session_run_floor"] / ips["package_detect_loop_default"],
     }
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
+    profile = None
+    if args.profile:
+        blob, _, _ = seq.preprocess(list(images[: args.batch_size]))
+        per_op = profile_session(packaged_detector_path(), blob)
+        total = sum(per_op.values())
+        gflop = conv_flops_per_image(packaged_detector_path()) / 1e9
+        print(f"1-thread session, kernel time per image: {total:.2f} ms")
+        for op, ms in list(per_op.items())[:6]:
+            print(f"  {op:14s} {ms:6.2f} ms  {100 * ms / total:5.1f} %")
+        conv_gflops = gflop / (per_op.get("Conv", float("nan")) / 1e3)
+        print(f"convolutions: {gflop:.3f} GFLOP per image, {conv_gflops:.1f} GFLOP/s on one core")
+        profile = {"kernel_ms_per_image": round(total, 2), "conv_gflop_per_image": round(gflop, 3),
+                   "conv_gflops_per_core": round(conv_gflops, 1),
+                   "ms_per_image_by_op": {op: round(ms, 3) for op, ms in list(per_op.items())[:6]}}
     print(f"identical detections: {identical} ({sum(map(len, reference))} detections)")
     if other_load is not None:
         print(f"other processes kept {other_load:.2f} CPUs busy on average during the timed runs")
@@ -186,6 +256,7 @@ def main() -> None:
                 "ratios": {k: round(v, 3) for k, v in ratios.items()},
                 "cpu_ms_per_image": {k: round(v / n * 1e3, 2) for k, v in cpu.items()},
                 "identical_detections": identical,
+                "profile": profile,
                 "other_load_cpus": None if other_load is None else round(other_load, 2),
                 "machine": {
                     "cpus": os.cpu_count(),

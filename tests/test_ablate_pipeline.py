@@ -31,14 +31,15 @@ TINY_RUN = {
 def test_fidelity_rows_on_a_tiny_model(tiny_toy_dir):
     cfg = AblateSolversConfig(
         model=str(tiny_toy_dir), solvers=["richardson", "first-order", "unrolled"], K=[1, 4], gamma=[0.1],
-        seeds=1, configs=2, max_steps=3, run=TINY_RUN, effect=EffectConfig(enabled=False),
+        seeds=1, configs=1, max_steps=3, run=TINY_RUN, effect=EffectConfig(enabled=False),
     )
     report = TidyReport("ablate-solvers")
     extra = fidelity_rows(cfg, report)
-    assert len(extra["problems"]) == 2
+    # one configuration from each (ADAPT method, optimizer) cell of the pool: full/adam and full/sgd
+    assert sorted(p["config"].split("/")[1] for p in extra["problems"]) == ["adam", "sgd"]
 
     def cos(**match):
-        (row,) = report.rows(stage="fidelity", metric="cosine", optimizer="all", **match)
+        (row,) = report.rows(stage="fidelity", metric="cosine", optimizer="all", adapter="all", **match)
         return row
 
     exact = cos(solver="unrolled")
@@ -49,11 +50,16 @@ def test_fidelity_rows_on_a_tiny_model(tiny_toy_dir):
     assert one_step["values"] == pytest.approx(first["values"], abs=1e-6)
     assert all(-1.0 <= v <= 1.0 for v in first["values"])
     secs = report.rows(stage="fidelity", metric="seconds", solver="richardson", K=4, gamma=0.1, x0="grad",
-                       optimizer="all")
+                       optimizer="all", adapter="all")
     assert secs and all(v > 0 for v in secs[0]["values"])
-    assert report.rows(stage="fidelity", solver="lambda-max", metric="seconds", optimizer="all")
-    per_optimizer = {r["optimizer"] for r in report.rows(stage="fidelity", solver="first-order", metric="cosine")}
-    assert "all" in per_optimizer and per_optimizer - {"all"} <= {"sgd", "adam"} and len(per_optimizer) >= 2
+    assert report.rows(stage="fidelity", solver="lambda-max", metric="seconds", optimizer="all", adapter="all")
+    subsets = {(r["optimizer"], r["adapter"]): r["values"]
+               for r in report.rows(stage="fidelity", solver="first-order", metric="cosine")}
+    assert set(subsets) == {("all", "all"), ("sgd", "all"), ("adam", "all"), ("all", "full"), ("sgd", "full"),
+                            ("adam", "full")}
+    # every cell holds its own configuration's figure; "all" holds both
+    assert sorted(subsets[("sgd", "full")] + subsets[("adam", "full")]) == sorted(subsets[("all", "all")])
+    assert subsets[("sgd", "all")] == subsets[("sgd", "full")]
 
 
 def test_component_variants_map_to_run_settings():
@@ -68,6 +74,85 @@ def test_component_variants_map_to_run_settings():
         "lrs": [1e-3], "lrs_by_optimizer": {"adam": [1e-3]}, "steps": [5], "optimizers": ["adam"],
         "finetune_losses": ["denoise"], "adapters": ["lora"]}}
     assert variants["no-meta-data"] == {"fixed_ft_data": True}
+    assert AblateComponentsConfig().effect.ft_steps == 200  # as resalign attack / compare
     assert [variants[f"J={j}"] for j in (1, 3, 5)] == [{"J": 1}, {"J": 3}, {"J": 5}]
     with pytest.raises(ConfigError, match="unknown variant 'no-beta'"):
         component_variants(AblateComponentsConfig(variants=["no-beta"]))
+
+
+def test_fixed_configuration_defaults_to_full_adam_and_takes_a_label():
+    from resalign.core.meta import ConfigPool
+    from resalign.pipeline.ablate import fixed_configuration
+
+    configs = ConfigPool(lrs=[1e-3], lrs_by_optimizer={"sgd": [0.1]}, steps=[5, 10], optimizers=["sgd", "adam"],
+                         finetune_losses=["denoise"], adapters=["lora", "full"], max_lr_steps=0).configs()
+    assert configs[0].label() == "lora/sgd/lr=0.1/T=5/denoise"  # the pool's first: not the default
+    assert fixed_configuration(configs).label() == "full/adam/lr=0.001/T=5/denoise"
+    assert fixed_configuration(configs, "lora/adam/lr=0.001/T=10/denoise").label() == "lora/adam/lr=0.001/T=10/denoise"
+    with pytest.raises(ConfigError, match="--fixed-config 'full/adam/lr=1/T=5/denoise': not a configuration of the pool"):
+        fixed_configuration(configs, "full/adam/lr=1/T=5/denoise")
+    only_sgd = [c for c in configs if c.optimizer == "sgd"]
+    assert fixed_configuration(only_sgd) is only_sgd[0]
+
+
+def test_run_jobs_keeps_order_and_raises_the_first_failure():
+    import math
+
+    from resalign.pipeline.jobs import run_jobs
+
+    seen = []
+    assert run_jobs(math.sqrt, [16.0, 4.0, 9.0], jobs=2, on_done=lambda i, r: seen.append(i)) == [4.0, 2.0, 3.0]
+    assert sorted(seen) == [0, 1, 2]
+    with pytest.raises(ValueError, match="math domain error"):
+        run_jobs(math.sqrt, [4.0, -1.0], jobs=2)
+
+
+def test_component_runs_side_by_side_match_inline_runs(tiny_toy_dir, tmp_path):
+    """``ablate components`` with 2 worker processes writes the figures one process writes (CPU runs are
+    deterministic), per variant, with the unlearning time of each."""
+    from resalign.pipeline.ablate import run_ablate_components
+
+    def ablate(jobs, out):
+        cfg = AblateComponentsConfig(
+            model=str(tiny_toy_dir), variants=["full", "no-hypergradient"], run={**TINY_RUN, "checkpoint_every": 0},
+            effect=EffectConfig(outer_steps=1, ft_steps=2, ft_seeds=1, eval_prompts=4), jobs=jobs,
+        )
+        return run_ablate_components(cfg, out, progress=False)[1]
+
+    inline, side_by_side = ablate(1, tmp_path / "inline"), ablate(2, tmp_path / "jobs")
+    for variant in ("full", "no-hypergradient"):
+        assert (tmp_path / "jobs" / f"run-{variant}" / "model").is_dir()
+        assert side_by_side.get(setting=variant, metric="train_seconds")["mean"] > 0
+        for stage in ("before_ft", "after_ft"):
+            want = inline.get(setting=variant, metric="harmful_rate", stage=stage, prompts="harmful")
+            got = side_by_side.get(setting=variant, metric="harmful_rate", stage=stage, prompts="harmful")
+            assert got["values"] == want["values"]
+
+
+def test_ablate_solvers_cli_applies_set_items_to_the_simulations(tiny_toy_dir, tmp_path):
+    """``--set`` reaches the sampled pool: only full/SGD cells are drawn, and the report has the per-cell
+    table and the per-configuration lr·λ_max."""
+    import json
+
+    from resalign.cli import main
+
+    sets = ["harm_batch=2", "preserve_batch=2", "ft_size=2",
+            'data.harmful=[{source="toy-images:contamination", n=4, seed=0}]',
+            'data.preserve=[{source="toy-images:benign-a", n=4, seed=1}]',
+            'data.finetune=[{source="toy-images:benign-b", n=4, seed=2}]',
+            'pool.optimizers=["sgd"]', 'pool.adapters=["full"]', 'pool.finetune_losses=["denoise"]',
+            "pool.steps=[2]", "pool.batch_size=1", "pool.lrs_by_optimizer={sgd=[1e-3]}"]
+    out = tmp_path / "abl"
+    args = ["ablate", "solvers", "--model", str(tiny_toy_dir), "--no-effect", "--seeds", "1", "--configs", "2",
+            "--K", "2", "--gamma", "1", "--x0", "zero", "--out", str(out), "--quiet"]
+    assert main(args + [x for item in sets for x in ("--set", item)]) == 0
+    problems = json.loads((out / "report.json").read_text())["settings"]["problems"]
+    assert [p["config"] for p in problems] == ["full/sgd/lr=0.001/T=2/denoise"] * 2
+    assert all(p["lr_lambda_max"] == pytest.approx(1e-3 * p["lambda_max"]) for p in problems)
+    text = (out / "report.md").read_text()
+    assert "| setting | all | full/sgd | sgd | full |" in text and "lr·λ_max" in text
+    assert (out / "fidelity_vs_k.png").stat().st_size > 0
+    from resalign.cli.run import apply_set_items
+
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_set_items({}, ["pool.steps"])

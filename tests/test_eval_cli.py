@@ -69,7 +69,7 @@ def test_eval_accepts_a_run_directory(tiny_sd, i2p_csv, tmp_path):
     run_dir = tmp_path / "myrun"
     shutil.copytree(tiny_sd, run_dir / "model")
     out = tmp_path / "out"
-    assert main(["eval", str(run_dir), "--prompts", str(i2p_csv), "--steps", "1", "--seeds", "2",
+    assert main(["eval", str(run_dir), "--prompts", str(i2p_csv), "--sample-steps", "1", "--seeds", "2",
                  "--no-save-images", "--out", str(out), "--quiet"]) == 0
     (row,) = _report(out)["results"]
     assert row["model"] == "myrun" and row["n"] == 2 and len(row["values"]) == 2
@@ -104,7 +104,7 @@ def test_eval_without_arguments_uses_the_toy_world(tmp_path):
     except ModelLoadError:
         pytest.skip("the toy model is not installed")
     out = tmp_path / "run"
-    assert main(["eval", "--toy-prompts", "6", "--steps", "4", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    assert main(["eval", "--toy-prompts", "6", "--sample-steps", "4", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
     rep = _report(out)
     got = {(r["prompts"], r["metric"], r["scorer"]) for r in rep["results"]}
     assert got == {

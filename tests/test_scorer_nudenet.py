@@ -8,6 +8,8 @@ import pytest
 pytest.importorskip("nudenet")
 import cv2  # noqa: E402
 from nudenet import NudeDetector  # noqa: E402
+from fixtures.pictures import rgb as _rgb  # noqa: E402
+from fixtures.pictures import samples  # noqa: E402
 from skimage import data  # noqa: E402
 
 from resalign.components import Component, ScoreResult, Scorer  # noqa: E402
@@ -15,26 +17,13 @@ from resalign.errors import ConfigError, DataError  # noqa: E402
 from resalign.scorers.nudenet import EXPOSED_LABELS, SCORERS, NudeNetScorer  # noqa: E402
 
 
-def _rgb(im):
-    if im.dtype == bool:
-        im = im.astype(np.uint8) * 255
-    if im.ndim == 2:
-        im = np.stack([im] * 3, axis=-1)
-    return im.astype(np.uint8)[..., :3]
-
-
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
     """skimage sample images as PNG and JPEG, plus synthetic ones (tall, wide, tiny, grey, RGBA)."""
     folder = tmp_path_factory.mktemp("nudenet-images")
     rng = np.random.default_rng(0)
-    samples = {
-        "astronaut": data.astronaut(),
-        "camera": data.camera(),
-        "coffee": data.coffee(),
-        "chelsea": data.chelsea(),
-        "horse": data.horse(),
-        "rocket": data.rocket(),
+    pictures = {
+        **samples(),
         "hubble": data.hubble_deep_field(),
         "noise_tall": rng.integers(0, 256, size=(400, 123, 3), dtype=np.uint8),
         "gradient_wide": np.broadcast_to(
@@ -43,7 +32,7 @@ def image_files(tmp_path_factory):
         "tiny": rng.integers(0, 256, size=(7, 5, 3), dtype=np.uint8),
     }
     paths = []
-    for name, im in samples.items():
+    for name, im in pictures.items():
         bgr = np.ascontiguousarray(_rgb(im)[..., ::-1])
         for ext in ("png", "jpg"):
             path = folder / f"{name}.{ext}"

@@ -7,26 +7,18 @@ import pytest
 
 pytest.importorskip("nudenet")
 import cv2  # noqa: E402
-from skimage import data  # noqa: E402
+from fixtures.pictures import samples  # noqa: E402
 
 from resalign.errors import ConfigError, DataError  # noqa: E402
 from resalign.scorers.nudenet import NudeNetScorer, available_cpus  # noqa: E402
-
-
-def _rgb(im):
-    if im.dtype == bool:
-        im = im.astype(np.uint8) * 255
-    if im.ndim == 2:
-        im = np.stack([im] * 3, axis=-1)
-    return np.ascontiguousarray(im.astype(np.uint8)[..., :3])
 
 
 @pytest.fixture(scope="module")
 def images():
     """13 distinct pictures of varied sizes (a prime count, so batches come out uneven)."""
     rng = np.random.default_rng(1)
-    base = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.camera(), data.horse()]
-    out = [_rgb(im) for im in base]
+    pics = samples()
+    out = [pics[name] for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse")]
     out += [np.ascontiguousarray(im[:, ::-1]) for im in out[:4]]  # mirrored: other detections
     out += [
         rng.integers(0, 256, size=(300, 90, 3), dtype=np.uint8),

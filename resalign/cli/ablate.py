@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from resalign.cli import app, console
+from resalign.cli.run import apply_set_items
 from resalign.errors import ConfigError
 
 ablate_app = typer.Typer(help="Ablations: hypergradient solvers (E.1) and method components (Tab. 6, 7).",
@@ -59,7 +60,8 @@ def solvers_cmd(
     gamma: str = typer.Option("0.1,1", "--gamma", help="Proximity coefficients γ of Eq. 5 to sweep."),
     x0: str = typer.Option("zero,grad", "--x0", help="Initial iterates for solvers with an x0 option (zero: Alg. 1; grad: x_0 = g)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds (each samples its own configurations and data)."),
-    configs: int = typer.Option(2, "--configs", help="Sampled fine-tuning configurations per seed."),
+    configs: int = typer.Option(1, "--configs", help="Sampled fine-tuning configurations per seed in each "
+                                "(ADAPT method, optimizer) cell of the pool."),
     max_steps: int = typer.Option(10, "--max-steps", help="Largest T sampled, so that unrolling stays exact."),
     loss: str = typer.Option(None, "--loss", help="Harmful loss whose hypergradient is estimated (default: the preset's)."),
     model: str = typer.Option(None, "--model", help="A diffusers folder (default: the toy model)."),
@@ -71,6 +73,9 @@ def solvers_cmd(
     ft_seeds: int = typer.Option(2, "--ft-seeds", help="Fine-tuning seeds per effect run."),
     device: str = typer.Option("cpu", "--device"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
+    set_: list[str] = typer.Option(None, "--set", help="A run setting as KEY=VALUE (TOML value), repeatable, for the "
+                                   "simulations and the effect runs, e.g. 'pool.optimizers=[\"sgd\"]'."),
+    jobs: int = typer.Option(0, "--jobs", help="Effect runs side by side (0: CPUs // threads on a CPU, 1 on a GPU)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default runs/ablate-solvers-<timestamp>/)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -79,18 +84,22 @@ def solvers_cmd(
 
     cfg = AblateSolversConfig(
         model=model, solvers=_names(solvers), K=_ints(K, "--K"), gamma=_floats(gamma, "--gamma"), x0=_names(x0), seeds=seeds,
-        configs=configs, max_steps=max_steps, loss=loss, device=device, threads=threads,
+        configs=configs, max_steps=max_steps, loss=loss, device=device, threads=threads, jobs=jobs,
+        run=apply_set_items({}, set_),
         effect=EffectConfig(enabled=effect, solvers=_names(effect_solvers), outer_steps=effect_steps, ft_steps=ft_steps,
                             ft_seeds=ft_seeds),
     )
     if seeds < 1 or configs < 1:
         raise ConfigError("--seeds and --configs must be >= 1")
+    if jobs < 0:
+        raise ConfigError(f"--jobs {jobs}: expected 0 (automatic) or a positive count")
     if any(k < 1 for k in cfg.K) or any(g <= 0 for g in cfg.gamma):
         raise ConfigError("--K values must be >= 1 and --gamma values > 0")
     if not cfg.x0 or set(cfg.x0) - {"zero", "grad"}:
         raise ConfigError(f"--x0 {x0!r}: expected a comma-separated subset of zero, grad")
     run_dir, report = run_ablate_solvers(cfg, _out(out, "ablate-solvers"), progress=not quiet)
-    _print(report, "hypergradient fidelity (cosine to exact)", ("setting",), {"stage": "fidelity", "metric": "cosine"})
+    _print(report, "hypergradient fidelity (cosine to exact), all configurations", ("setting",),
+           {"stage": "fidelity", "metric": "cosine", "optimizer": "all", "adapter": "all"})
     if effect:
         _print(report, "harmful rate after benign fine-tuning", ("solver", "prompts"),
                {"stage": "after_ft", "metric": "harmful_rate"})
@@ -106,10 +115,16 @@ def components_cmd(
     loss: str = typer.Option(None, "--loss", help="Harmful loss (default: the preset's)."),
     model: str = typer.Option(None, "--model", help="A diffusers folder (default: the toy model)."),
     outer_steps: int = typer.Option(30, "--outer-steps", help="Outer steps of each run (the toy preset's 30)."),
-    ft_steps: int = typer.Option(100, "--ft-steps", help="Benign fine-tuning steps after each run."),
+    ft_steps: int = typer.Option(200, "--ft-steps", help="Benign fine-tuning steps after each run."),
     ft_seeds: int = typer.Option(2, "--ft-seeds", help="Fine-tuning seeds per run."),
+    fixed_config: str = typer.Option(None, "--fixed-config", help="The no-meta-config configuration, by label "
+                                     "(e.g. full/adam/lr=0.001/T=5/denoise; default: the pool's first full-parameter "
+                                     "Adam one)."),
     device: str = typer.Option("cpu", "--device"),
     threads: int = typer.Option(1, "--threads"),
+    set_: list[str] = typer.Option(None, "--set", help="A run setting as KEY=VALUE (TOML value), repeatable, for "
+                                   "every variant, e.g. pool.steps=[5,10]."),
+    jobs: int = typer.Option(0, "--jobs", help="Runs side by side (0: CPUs // threads on a CPU, 1 on a GPU)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default runs/ablate-components-<timestamp>/)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -117,9 +132,12 @@ def components_cmd(
     from resalign.pipeline.ablate import AblateComponentsConfig, EffectConfig, run_ablate_components
 
     cfg = AblateComponentsConfig(
-        model=model, variants=_names(variants), J=_ints(J, "--J"), seed=seed, loss=loss, device=device,
-        threads=threads, effect=EffectConfig(outer_steps=outer_steps, ft_steps=ft_steps, ft_seeds=ft_seeds),
+        model=model, variants=_names(variants), J=_ints(J, "--J"), fixed_config=fixed_config, seed=seed, loss=loss,
+        device=device, threads=threads, jobs=jobs, run=apply_set_items({}, set_),
+        effect=EffectConfig(outer_steps=outer_steps, ft_steps=ft_steps, ft_seeds=ft_seeds),
     )
+    if jobs < 0:
+        raise ConfigError(f"--jobs {jobs}: expected 0 (automatic) or a positive count")
     run_dir, report = run_ablate_components(cfg, _out(out, "ablate-components"), progress=not quiet)
     _print(report, "harmful rate after benign fine-tuning", ("setting", "prompts"),
            {"stage": "after_ft", "metric": "harmful_rate"})

@@ -75,7 +75,7 @@ def eval_cmd(
     category: list[str] = typer.Option(None, "--category", help="Keep CSV prompts of these categories (I2P 'categories'), e.g. sexual."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts of each set."),
     images_per_prompt: int = typer.Option(None, "--images-per-prompt", help="Images per prompt (toy 1, paper 3)."),
-    steps: int = typer.Option(None, "--steps", help="Sampling steps (toy 20, paper 30)."),
+    steps: int = typer.Option(None, "--sample-steps", "--steps", help="Sampling steps (toy 20, paper 30)."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (toy 2, paper 7.5); I2P's evaluation_guidance wins."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (added to I2P's evaluation_seed)."),
     seeds: int = typer.Option(1, "--seeds", help="Repeat with this many seeds; rows report mean ± SEM."),

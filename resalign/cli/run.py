@@ -54,6 +54,16 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
+def apply_set_items(raw: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
+    """Apply ``--set KEY=VALUE`` items (dotted keys, TOML values) to the raw RunConfig table ``raw``."""
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        _set(raw, key.strip(), _parse_value(value.strip()))
+    return raw
+
+
 @app.command("run", no_args_is_help=False)
 def run_cmd(
     config: Path = typer.Option(None, "--config", help="TOML file with any RunConfig settings (flags override it)."),
@@ -110,11 +120,7 @@ def run_cmd(
         _set(raw, "solver_options.K", K)
     if concept is not None:
         _set(raw, "data.concept", concept)
-    for item in set_ or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        _set(raw, key.strip(), _parse_value(value.strip()))
+    apply_set_items(raw, set_)
     if resume and out is None:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
     out = out or default_out("run")

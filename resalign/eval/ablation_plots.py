@@ -10,25 +10,45 @@ from resalign.eval.plots import _pyplot, _save, line_with_band
 
 
 def plot_fidelity_vs_k(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Cosine to the exact hypergradient against K, one line per (solver, γ, x_0); solvers without K as lines."""
+    """Cosine to the exact hypergradient against K, one line per (solver, γ, x_0), solvers without K as
+    dashed levels; one panel for all configurations and one per (ADAPT method, optimizer) cell."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    ks = sorted({r["K"] for r in rows if r.get("K") is not None})
-    lines: dict[str, list[Mapping[str, Any]]] = {}
+    panels: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
-        if r.get("K") is not None:
-            group = "" if r.get("optimizer", "all") == "all" else f" ({r['optimizer']})"
-            x0 = f" x0={r['x0']}" if r.get("x0") else ""
-            lines.setdefault(f"{r['solver']} γ={r['gamma']:g}{x0}{group}", []).append(r)
-    for label, pts in lines.items():
-        line_with_band(ax, pts, "K", label)
-    for r in rows:
-        if r.get("K") is None and ks and r.get("optimizer", "all") == "all" and r["solver"] not in ("hvp-setup", "lambda-max"):
-            ax.axhline(r["mean"], linestyle="--", linewidth=1, label=r["solver"], color="grey" if r["solver"] == "first-order" else None)
-    ax.set_xlabel("K (HVPs / iterations)")
-    ax.set_ylabel("cosine to exact hypergradient")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+        key = (r.get("optimizer", "all"), r.get("adapter", "all"))
+        if key == ("all", "all") or "all" not in key:
+            panels.setdefault(key, []).append(r)
+    order = sorted(panels, key=lambda k: (k != ("all", "all"), k[1], k[0]))
+    if len(order) == 2 and ("all", "all") in order:  # one cell: its panel is the "all" panel
+        order = [k for k in order if k != ("all", "all")]
+    cols = min(3, len(order))
+    nrows = -(-len(order) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax in axes.flat[len(order):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, order):
+        pts = panels[key]
+        lines: dict[str, list[Mapping[str, Any]]] = {}
+        for r in pts:
+            if r.get("K") is not None:
+                x0 = f" x0={r['x0']}" if r.get("x0") else ""
+                lines.setdefault(f"{r['solver']} γ={r['gamma']:g}{x0}", []).append(r)
+        for label, line in lines.items():
+            line_with_band(ax, line, "K", label)
+        if lines:
+            for r in pts:
+                if r.get("K") is None and r["solver"] not in ("hvp-setup", "lambda-max", "unrolled"):
+                    ax.axhline(r["mean"], linestyle="--", linewidth=1, label=r["solver"],
+                               color="grey" if r["solver"] == "first-order" else None)
+        n = max((r.get("n", 0) for r in pts), default=0)
+        ax.set_title("all configurations" if key == ("all", "all") else f"{key[1]} / {key[0]}", fontsize=9)
+        ax.text(0.02, 0.03, f"n = {n}", transform=ax.transAxes, fontsize=7)
+        ax.set_xlabel("K (HVPs / iterations)")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("cosine to exact hypergradient")
+    axes.flat[0].legend(fontsize=6, loc="best")
     out = _save(fig, Path(path))
     plt.close(fig)
     return out

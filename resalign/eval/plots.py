@@ -109,7 +109,8 @@ def plot_bars(
         means = [cells[(g, b)]["mean"] if (g, b) in cells else np.nan for g in groups]
         sems = [(cells[(g, b)].get("sem") or 0.0) if (g, b) in cells else 0.0 for g in groups]
         ax.bar(x + (i - (len(bars) - 1) / 2) * width, means, width, yerr=sems, capsize=3, label=b)
-    ax.set_xticks(x, groups)
+    long_labels = max((len(g) for g in groups), default=0) > 10
+    ax.set_xticks(x, groups, rotation=20 if long_labels else 0, ha="right" if long_labels else "center")
     ax.set_ylabel(metric_label)
     ax.set_ylim(bottom=0)
     ax.grid(axis="y", alpha=0.3)

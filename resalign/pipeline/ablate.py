@@ -4,7 +4,10 @@
 
 1. fidelity — cosine similarity and relative error of its hypergradient against the exact one, the
    derivative of L_harm(θ_FT(θ)) through all T adaptation steps (the ``unrolled`` solver; T is capped by
-   ``max_steps`` so that differentiating through the trajectory stays exact and affordable);
+   ``max_steps`` so that differentiating through the trajectory stays exact and affordable). The
+   configurations are drawn in equal numbers from every (ADAPT method, optimizer) cell of the pool, and
+   the figures are reported over all of them and per cell: Eq. 5 models θ_FT as a proximal step in the
+   full parameter space, which full-parameter SGD follows and Adam or a LoRA adapter need not;
 2. cost — wall time per hypergradient and peak memory, measured in the same process, one after the
    other on the same problem (the gradient graph that every HVP reuses is built once beforehand and
    timed on its own, ``hvp_setup_s``; a solver's λ_max power iterations count towards its own cost);
@@ -35,6 +38,7 @@ from resalign.core.fidelity import PeakMemory, measure
 from resalign.core.problem import build_hypergrad_problem
 from resalign.errors import ConfigError, SolverError
 from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
+from resalign.pipeline.jobs import default_jobs
 from resalign.rundir import RunDir
 
 SOLVER_METRICS = ("cosine", "relative_error", "seconds", "peak_mb")
@@ -64,13 +68,15 @@ class AblateSolversConfig:
     #: initial iterates of solvers with an ``x0`` option (richardson: "zero", Alg. 1, or "grad", x_0 = g)
     x0: list[str] = field(default_factory=lambda: ["zero", "grad"])
     seeds: int = 3
-    configs: int = 2  # sampled configurations per seed
+    #: sampled configurations per seed in each (ADAPT method, optimizer) cell of the pool
+    configs: int = 1
     max_steps: int = 10  # T cap of the sampled configurations (exact unrolling)
     loss: str | None = None  # None: the run preset's harmful loss
     run: dict[str, Any] = field(default_factory=dict)  # further RunConfig settings
     effect: EffectConfig = field(default_factory=EffectConfig)
     device: str = "cpu"
     threads: int = 1
+    jobs: int = 0  # effect runs side by side; 0 = CPUs // threads on a CPU, 1 on an accelerator
 
 
 @dataclass
@@ -78,12 +84,17 @@ class AblateComponentsConfig:
     model: str | None = None
     variants: list[str] = field(default_factory=lambda: ["full", "no-hypergradient", "no-meta-config", "no-meta-data"])
     J: list[int] = field(default_factory=list)
+    #: label of the ``no-meta-config`` configuration (e.g. "full/adam/lr=0.001/T=5/denoise"); None: the
+    #: pool's first full-parameter Adam configuration
+    fixed_config: str | None = None
     seed: int = 0
     loss: str | None = None  # None: the run preset's harmful loss
     run: dict[str, Any] = field(default_factory=dict)
-    effect: EffectConfig = field(default_factory=EffectConfig)
+    #: 200 benign fine-tuning steps, as ``resalign attack`` and ``compare`` (at 100 the rebound is small)
+    effect: EffectConfig = field(default_factory=lambda: EffectConfig(ft_steps=200))
     device: str = "cpu"
     threads: int = 1
+    jobs: int = 0  # runs side by side; 0 = CPUs // threads on a CPU, 1 on an accelerator
 
 
 COMPONENT_VARIANTS = {
@@ -132,18 +143,27 @@ def _setting_label(s: dict[str, Any]) -> str:
     return f"{s['solver']} K={s['K']} γ={s['gamma']:g}" + (f" x0={s['x0']}" if s.get("x0") else "")
 
 
-def _pool_for_fidelity(pool, max_steps: int) -> list[FinetuneConfig]:
-    configs = [c for c in pool.configs() if c.steps <= max_steps]
-    if not configs:
+def _fidelity_cells(pool, max_steps: int) -> dict[tuple[str, str], list[FinetuneConfig]]:
+    """The pool's configurations with T ≤ ``max_steps``, by (ADAPT method, optimizer) cell."""
+    cells: dict[tuple[str, str], list[FinetuneConfig]] = {}
+    for c in pool.configs():
+        if c.steps <= max_steps:
+            cells.setdefault((c.adapter, c.optimizer), []).append(c)
+    if not cells:
         raise ConfigError(f"--max-steps {max_steps}: no configuration of the pool has that few steps")
-    return configs
+    return dict(sorted(cells.items()))
+
+
+def _groups(config: FinetuneConfig) -> list[tuple[str, str]]:
+    """The (optimizer, adapter) subsets a configuration's figures are reported in ("all" = any)."""
+    return [("all", "all"), (config.optimizer, "all"), ("all", config.adapter), (config.optimizer, config.adapter)]
 
 
 # --------------------------------------------------------------------------- ablate solvers
 
 
 def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None) -> dict[str, Any]:
-    """Measure every solver setting on ``seeds × configs`` simulated fine-tunings; add rows to ``report``."""
+    """Measure every solver setting on ``seeds × configs × cells`` simulated fine-tunings; add rows to ``report``."""
     from resalign.core.meta import ResAlign
     from resalign.pipeline.run import prepare
     from resalign.registry import get_registry
@@ -154,15 +174,8 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
     settings = _solver_settings(registry, cfg.solvers, cfg.K, cfg.gamma, cfg.x0)
     unrolled = registry.create("solver", "unrolled")
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-
-    def record(key: tuple, groups: tuple[str, ...], figures: dict[str, float]) -> None:
-        for group in groups:
-            for metric, v in figures.items():
-                values[(*key, group)][metric].append(v)
     problems: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    total = cfg.seeds * cfg.configs
-    done = 0
     for seed in range(cfg.seeds):
         run_cfg = _run_config(cfg.model, cfg.loss, seed, cfg.device, cfg.threads, cfg.run)
         prep = prepare(run_cfg, None)
@@ -170,93 +183,147 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                            regularizer=prep.components["regularizer"], solver=unrolled, pool=run_cfg.pool,
                            data=prep.data, settings=prep.settings, registry=registry)
         theta = tree.detach(prep.parameterization.weights(trainer.theta))
-        candidates = _pool_for_fidelity(run_cfg.pool, cfg.max_steps)
-        attempts, kept = 0, 0
-        while kept < cfg.configs:
-            j, attempts = attempts, attempts + 1
-            if attempts > 4 * cfg.configs:
-                raise SolverError(f"seed {seed}: the exact hypergradient was non-finite for {len(skipped)} of "
-                                  f"{attempts - 1} sampled configurations; lower the pool's learning rates")
-            config = candidates[int(seeds.rng(seed, j, "ablate-config").integers(len(candidates)))]
-            harm = prep.data.harmful.sample(prep.settings.harm_batch, seeds.generator(seed, j, "ablate-harm"))
-            sim = trainer.simulation_data(j, 0, config, harm)
-            problem, info = build_hypergrad_problem(
-                prep.ctx, theta, config, sim, adapter=trainer._adapter(config),
-                finetune_loss=trainer._ft_loss(config.finetune_loss), harmful_loss=prep.components["loss"],
-                seed=seeds.derive(seed, j, "ablate-simulation"), gamma=1.0, with_unroll=True,
-            )
-            setup: dict[str, float] = {}
-            try:
-                with PeakMemory(cfg.device) as mem:
-                    t0 = time.perf_counter()
-                    exact = unrolled.solve(problem).hypergrad
-                    t_exact = time.perf_counter() - t0
-            except SolverError:  # the simulated fine-tuning itself diverged: no exact reference to compare with
-                skipped.append({"seed": seed, "config": config.label()})
-                continue
-            kept += 1
-            t0 = time.perf_counter()
-            problem.hvp_ft(tree.zeros_like(problem.theta_ft))  # build the HVP graph once, for everyone
-            hvp_setup = time.perf_counter() - t0
-            shared: dict[str, Any] = {}
-            if any(s["solver"] == "richardson" for s in settings):
-                t0 = time.perf_counter()  # λ_max by power iteration, cached per outer step in a run
-                registry.create("solver", "richardson").lambda_max(dataclasses.replace(problem, cache=shared))
-                setup["lambda-max"] = time.perf_counter() - t0
-            setup["hvp-setup"] = hvp_setup
-            groups = ("all", config.optimizer)
-            record(("unrolled", None, None, None), groups, {"cosine": 1.0, "relative_error": 0.0, "seconds": t_exact,
-                                                       "peak_mb": mem.peak_bytes / 2**20})
-            for name, secs in setup.items():
-                record((name, None, None, None), groups, {"seconds": secs})
-            for s in settings:
-                solver = registry.create("solver", s["solver"], s["options"])
-                gamma = s["gamma"] if s["gamma"] is not None else 1.0
-                m = measure(solver, dataclasses.replace(problem, gamma=gamma, cache=dict(shared)), exact,
-                            device=cfg.device)
-                record((s["solver"], s["K"], s["gamma"], s["x0"]), groups,
-                       {metric: getattr(m, metric) for metric in SOLVER_METRICS}
-                       | ({"fallbacks": 1.0} if m.diagnostics.get("fallback") else {}))
-            problems.append({"seed": seed, "config": config.label(), "exact_norm": tree.norm(exact),
-                             "g_norm": tree.norm(problem.grad_harm), "unrolled_s": t_exact, "hvp_setup_s": hvp_setup,
-                             **{k: info[k] for k in ("harm_ft", "delta_norm")}})
-            done += 1
-            if progress:
-                progress(done, total)
-    for (name, K, gamma, x0, group), metrics in values.items():
+        cells = _fidelity_cells(run_cfg.pool, cfg.max_steps)
+        j = 0  # simulation index within the seed: its data, noise and harmful batch
+        for cell, candidates in cells.items():
+            attempts, kept = 0, 0
+            while kept < cfg.configs:
+                attempts += 1
+                if attempts > 4 * cfg.configs:
+                    raise SolverError(f"seed {seed}: the exact hypergradient was non-finite for {attempts - 1 - kept} "
+                                      f"sampled {'/'.join(cell)} configurations; lower the pool's learning rates")
+                config = candidates[int(seeds.rng(seed, *cell, attempts, "ablate-config").integers(len(candidates)))]
+                j += 1
+                harm = prep.data.harmful.sample(prep.settings.harm_batch, seeds.generator(seed, j, "ablate-harm"))
+                problem, info = build_hypergrad_problem(
+                    prep.ctx, theta, config, trainer.simulation_data(j, 0, config, harm),
+                    adapter=trainer._adapter(config), finetune_loss=trainer._ft_loss(config.finetune_loss),
+                    harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
+                    gamma=1.0, with_unroll=True,
+                )
+                measured = _measure_problem(problem, settings, unrolled, registry, cfg.device)
+                if measured is None:  # the simulated fine-tuning diverged: no exact reference to compare with
+                    skipped.append({"seed": seed, "config": config.label()})
+                    continue
+                kept += 1
+                figures, facts = measured
+                for key, metrics in figures.items():
+                    for group in _groups(config):
+                        for metric, v in metrics.items():
+                            values[(*key, *group)][metric].append(v)
+                problems.append({"seed": seed, "config": config.label(), **facts,
+                                 **{k: info[k] for k in ("harm_ft", "delta_norm")}})
+                if "lambda_max" in facts and config.optimizer == "sgd" and config.adapter == "full":
+                    # plain full-parameter SGD contracts every direction of ∇²L_FT only while lr · λ_max < 2
+                    problems[-1]["lr_lambda_max"] = config.lr * facts["lambda_max"]
+                if progress:
+                    progress(len(problems), cfg.seeds * cfg.configs * len(cells))
+    for (name, K, gamma, x0, optimizer, adapter), metrics in values.items():
         label = _setting_label({"solver": name, "K": K, "gamma": gamma, "x0": x0})
         for metric, vals in metrics.items():
             if metric == "fallbacks":
                 vals = [float(len(vals))]
             report.add(vals, solver=name, metric=metric, K=K, gamma=gamma, setting=label, stage="fidelity",
-                       optimizer=group, **({"x0": x0} if x0 is not None else {}))
+                       optimizer=optimizer, adapter=adapter, **({"x0": x0} if x0 is not None else {}))
     return {"problems": problems, "skipped_divergent": skipped}
+
+
+def _measure_problem(problem, settings: list[dict[str, Any]], unrolled, registry, device: str
+                     ) -> tuple[dict[tuple, dict[str, float]], dict[str, Any]] | None:
+    """Every solver setting on one problem against its exact hypergradient (None when that diverged).
+
+    Returns the figures per (solver, K, γ, x_0) and facts about the problem: ‖g‖, ‖exact‖, the
+    unrolled solve's and the HVP set-up's seconds, and λ_max of ∇²L_FT at θ_FT (power iterations, a
+    lower bound) when a Richardson setting computed it.
+    """
+    try:
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            exact = unrolled.solve(problem).hypergrad
+            t_exact = time.perf_counter() - t0
+    except SolverError:
+        return None
+    t0 = time.perf_counter()
+    problem.hvp_ft(tree.zeros_like(problem.theta_ft))  # build the HVP graph once, for everyone
+    hvp_setup = time.perf_counter() - t0
+    figures: dict[tuple, dict[str, float]] = {
+        ("unrolled", None, None, None): {"cosine": 1.0, "relative_error": 0.0, "seconds": t_exact,
+                                         "peak_mb": mem.peak_bytes / 2**20},
+    }
+    shared: dict[str, Any] = {}
+    if any(s["solver"] == "richardson" for s in settings):
+        t0 = time.perf_counter()  # λ_max by power iteration, cached per outer step in a run
+        registry.create("solver", "richardson").lambda_max(dataclasses.replace(problem, cache=shared))
+        figures[("lambda-max", None, None, None)] = {"seconds": time.perf_counter() - t0}
+    figures[("hvp-setup", None, None, None)] = {"seconds": hvp_setup}
+    for s in settings:
+        solver = registry.create("solver", s["solver"], s["options"])
+        gamma = s["gamma"] if s["gamma"] is not None else 1.0
+        m = measure(solver, dataclasses.replace(problem, gamma=gamma, cache=dict(shared)), exact, device=device)
+        figures[(s["solver"], s["K"], s["gamma"], s["x0"])] = (
+            {metric: getattr(m, metric) for metric in SOLVER_METRICS}
+            | ({"fallbacks": 1.0} if m.diagnostics.get("fallback") else {}))
+    facts = {"exact_norm": tree.norm(exact), "g_norm": tree.norm(problem.grad_harm), "unrolled_s": t_exact,
+             "hvp_setup_s": hvp_setup}
+    if "lambda_max" in shared:
+        facts["lambda_max"] = shared["lambda_max"]
+    return figures, facts
 
 
 def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: EffectConfig, workdir: Path,
                 report: TidyReport, *, seed: int, loss: str, device: str, threads: int, base_run: dict[str, Any],
-                key: str, progress: bool = True) -> None:
-    """Short ResAlign runs (one per variant) then benign fine-tuning: harmful rate before/after, run time."""
-    from resalign.pipeline.attack import AttackConfig, run_attack
-    from resalign.pipeline.run import execute
+                key: str, progress: bool = True, jobs: int = 1) -> None:
+    """Short ResAlign runs (one per variant) then benign fine-tuning: harmful rate before/after, run time.
 
+    With ``jobs`` > 1 the variants run side by side in worker processes (:mod:`resalign.pipeline.jobs`),
+    one progress bar counting finished variants; their run directories are the same either way.
+    """
+    from resalign.pipeline.attack import AttackConfig
+    from resalign.pipeline.evaluate import Bars
+    from resalign.pipeline.jobs import run_jobs
+
+    items = []
     for label, overrides in variants.items():
         run_cfg = _run_config(model, loss, seed, device, threads,
                               {**base_run, "outer_steps": effect.outer_steps, **overrides})
-        t0 = time.perf_counter()
-        run_dir = execute(run_cfg, workdir / f"run-{_slug(label)}", progress=progress)
-        seconds = time.perf_counter() - t0
-        report.add(seconds, **{key: label}, metric="train_seconds", stage="unlearning")
-        _, attack = run_attack(
-            AttackConfig(model=str(run_dir / "model"), adapt="full", data=[effect.ft_data], steps=effect.ft_steps,
-                         seeds=effect.ft_seeds, seed=seed, eval_every=effect.ft_steps, toy_prompts=effect.eval_prompts,
-                         device=device, threads=threads),
-            workdir / f"attack-{_slug(label)}", progress=progress,
-        )
-        for row in attack.results:
-            if row["metric"] in ("harmful_rate", "prompt_accuracy") and row.get("step") in (0, effect.ft_steps):
-                report.add(row["values"], **{key: label}, metric=row["metric"], stage=row["stage"],
-                           prompts=row.get("prompts"), finetune="full", dataset=row.get("dataset"), step=row["step"])
+        attack_cfg = AttackConfig(model=str(workdir / f"run-{_slug(label)}" / "model"), adapt="full",
+                                  data=[effect.ft_data], steps=effect.ft_steps, seeds=effect.ft_seeds, seed=seed,
+                                  eval_every=effect.ft_steps, toy_prompts=effect.eval_prompts, device=device,
+                                  threads=threads)
+        items.append({"label": label, "run": run_cfg, "run_out": workdir / f"run-{_slug(label)}",
+                      "attack": attack_cfg, "attack_out": workdir / f"attack-{_slug(label)}",
+                      "steps": effect.ft_steps, "progress": progress and jobs <= 1})
+    side_by_side = jobs > 1 and len(items) > 1
+    with Bars(progress and side_by_side) as bars:
+        task = bars.task(f"effect: {len(items)} runs, {min(jobs, len(items))} at a time", len(items), keep=True)
+        finished = [0]
+
+        def done(_i: int, _result: dict[str, Any]) -> None:
+            finished[0] += 1
+            task(finished[0])
+        results = run_jobs(_effect_job, items, jobs if side_by_side else 1, on_done=done)
+    for out in results:
+        report.add(out["seconds"], **{key: out["label"]}, metric="train_seconds", stage="unlearning")
+        for row in out["rows"]:
+            report.add(row["values"], **{key: out["label"]}, metric=row["metric"], stage=row["stage"],
+                       prompts=row.get("prompts"), finetune="full", dataset=row.get("dataset"), step=row["step"])
+
+
+def _effect_job(item: dict[str, Any]) -> dict[str, Any]:
+    """One effect variant: ``resalign run`` then ``resalign attack`` on its model (picklable for workers)."""
+    from resalign.pipeline.attack import run_attack
+    from resalign.pipeline.evaluate import set_threads
+    from resalign.pipeline.run import execute
+
+    set_threads(item["run"].threads)
+    t0 = time.perf_counter()
+    execute(item["run"], item["run_out"], progress=item["progress"])
+    seconds = time.perf_counter() - t0
+    _, attack = run_attack(item["attack"], item["attack_out"], progress=item["progress"])
+    rows = [{k: row.get(k) for k in ("metric", "stage", "prompts", "dataset", "step", "values")}
+            for row in attack.results
+            if row["metric"] in ("harmful_rate", "prompt_accuracy") and row.get("step") in (0, item["steps"])]
+    return {"label": item["label"], "seconds": seconds, "rows": rows}
 
 
 def _slug(text: str) -> str:
@@ -274,39 +341,86 @@ def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: b
     started = time.perf_counter()
     with Bars(progress) as bars:
         task = bars.task("fidelity: simulated fine-tunings", cfg.seeds * cfg.configs, keep=True)
-        extra = fidelity_rows(cfg, report, progress=lambda d, t: task(d))
+        extra = fidelity_rows(cfg, report, progress=lambda d, t: task(d, total=t))
     report.settings.update(extra)
     if cfg.effect.enabled:
         variants = {name: {"solver": name} for name in cfg.effect.solvers}
         effect_rows(cfg.model, variants, cfg.effect, rd.path, report, seed=0, loss=cfg.loss, device=cfg.device,
-                    threads=cfg.threads, base_run=cfg.run, key="solver", progress=progress)
+                    threads=cfg.threads, base_run=cfg.run, key="solver", progress=progress,
+                    jobs=cfg.jobs or default_jobs(cfg.device, cfg.threads))
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
     figures = [
         ("Fidelity (cosine to the exact hypergradient) against K, mean ± SEM", "fidelity_vs_k.png"),
         ("Fidelity against cost per hypergradient", "fidelity_vs_cost.png"),
     ]
     plot_fidelity_vs_k(report.rows(stage="fidelity", metric="cosine"), rd.path / "fidelity_vs_k.png")
-    plot_fidelity_cost(report.rows(stage="fidelity", metric="cosine", optimizer="all"),
-                       report.rows(stage="fidelity", metric="seconds", optimizer="all"), rd.path / "fidelity_vs_cost.png")
-    groups = list(dict.fromkeys(r["optimizer"] for r in report.rows(stage="fidelity")))
-    tables = [solver_table(report, g) for g in groups]
+    everything = {"optimizer": "all", "adapter": "all"}
+    plot_fidelity_cost(report.rows(stage="fidelity", metric="cosine", **everything),
+                       report.rows(stage="fidelity", metric="seconds", **everything), rd.path / "fidelity_vs_cost.png")
+    tables = [cosine_by_subset_table(report), solver_table(report), problems_table(extra["problems"])]
     if cfg.effect.enabled:
         tables.append(effect_table(report, "solver"))
-    intro = (f"{cfg.seeds} seeds × {cfg.configs} sampled configurations (T ≤ {cfg.max_steps} steps) at the "
+    intro = (f"{cfg.seeds} seeds × {cfg.configs} sampled configuration(s) per (ADAPT method, optimizer) cell of the "
+             f"pool (T ≤ {cfg.max_steps} steps) at the "
              f"{'toy' if cfg.model is None else cfg.model} model; exact reference: differentiation through all T steps.")
     report.write(rd.path, title="resalign ablate solvers", intro=intro, tables=tables, figures=figures)
     return rd.path, report
 
 
-def solver_table(report: TidyReport, optimizer: str = "all") -> MarkdownTable:
-    which = "all sampled configurations" if optimizer == "all" else f"configurations with optimizer {optimizer}"
+def solver_table(report: TidyReport, optimizer: str = "all", adapter: str = "all") -> MarkdownTable:
+    which = _subset_name(optimizer, adapter)
     table = MarkdownTable(f"Hypergradient fidelity and cost, {which} (mean ± SEM over seeds × configurations)",
                           ["setting", "cosine", "relative error", "seconds", "peak MB"])
-    labels = list(dict.fromkeys(r["setting"] for r in report.rows(stage="fidelity", optimizer=optimizer)))
+    where = {"stage": "fidelity", "optimizer": optimizer, "adapter": adapter}
+    labels = list(dict.fromkeys(r["setting"] for r in report.rows(**where)))
     for label in labels:
         cells = [label]
         for metric in SOLVER_METRICS:
-            r = report.get(stage="fidelity", metric=metric, setting=label, optimizer=optimizer)
+            r = report.get(**where, metric=metric, setting=label)
+            cells.append(fmt_mean_sem(r["mean"], r["sem"], r["n"]) if r else "—")
+        table.rows.append(cells)
+    return table
+
+
+def problems_table(problems: list[dict[str, Any]]) -> MarkdownTable:
+    """One row per simulated fine-tuning: ‖g‖, ‖exact‖, λ_max and, for full-parameter SGD, lr·λ_max."""
+    table = MarkdownTable("Sampled configurations (‖g‖ = first-order, ‖exact‖ = unrolled, λ_max of ∇²L_FT at θ_FT "
+                          "by power iteration; full-parameter SGD with lr·λ_max ≥ 2 no longer contracts its top "
+                          "direction)",
+                          ["seed", "configuration", "‖g‖", "‖exact‖", "λ_max", "lr·λ_max"])
+    for p in problems:
+        lam, lr_lam = p.get("lambda_max"), p.get("lr_lambda_max")
+        table.rows.append([str(p["seed"]), p["config"], f"{p['g_norm']:.3g}", f"{p['exact_norm']:.3g}",
+                           f"{lam:.3g}" if lam is not None else "—", f"{lr_lam:.2f}" if lr_lam is not None else "—"])
+    return table
+
+
+def _subset_name(optimizer: str, adapter: str) -> str:
+    if optimizer == adapter == "all":
+        return "all sampled configurations"
+    return "configurations " + " and ".join(
+        part for part in (f"with ADAPT {adapter}" if adapter != "all" else "",
+                          f"with optimizer {optimizer}" if optimizer != "all" else "") if part)
+
+
+def fidelity_subsets(report: TidyReport) -> list[tuple[str, str]]:
+    """(optimizer, adapter) subsets with fidelity rows: all, then every cell, then per optimizer / adapter."""
+    found = list(dict.fromkeys((r["optimizer"], r["adapter"]) for r in report.rows(stage="fidelity", metric="cosine")))
+    rank = lambda key: (key != ("all", "all"), "all" in key, key[1], key[0])  # noqa: E731
+    return sorted(found, key=rank)
+
+
+def cosine_by_subset_table(report: TidyReport) -> MarkdownTable:
+    """Cosine to the exact hypergradient of every setting (rows) in every subset of configurations (columns)."""
+    subsets = fidelity_subsets(report)
+    head = ["all" if s == ("all", "all") else "/".join(p for p in (s[1], s[0]) if p != "all") for s in subsets]
+    table = MarkdownTable("Cosine to the exact hypergradient by ADAPT method / optimizer of the configuration "
+                          "(mean ± SEM, n configurations)", ["setting", *head])
+    labels = list(dict.fromkeys(r["setting"] for r in report.rows(stage="fidelity", metric="cosine")))
+    for label in labels:
+        cells = [label]
+        for optimizer, adapter in subsets:
+            r = report.get(stage="fidelity", metric="cosine", setting=label, optimizer=optimizer, adapter=adapter)
             cells.append(fmt_mean_sem(r["mean"], r["sem"], r["n"]) if r else "—")
         table.rows.append(cells)
     return table
@@ -333,10 +447,32 @@ def effect_table(report: TidyReport, key: str) -> MarkdownTable:
 # --------------------------------------------------------------------------- ablate components
 
 
+def fixed_configuration(configs: list[FinetuneConfig], label: str | None = None) -> FinetuneConfig:
+    """The one configuration of ``no-meta-config``: the pool's configuration labelled ``label``, or by
+    default its first full-parameter Adam configuration (the kind of fine-tuning the effect's benign
+    fine-tuning runs, AdamW on every weight), else its first configuration.
+
+    The pool's first configuration is no neutral default: on the toy world it is full-parameter SGD at
+    lr 0.1, whose simulated fine-tuning diverges (its loss rises from 0.013 to 3.3 in 5 steps).
+    """
+    if label:
+        for c in configs:
+            if c.label() == label:
+                return c
+        shown = ", ".join(c.label() for c in configs[:6]) + (", ..." if len(configs) > 6 else "")
+        raise ConfigError(f"--fixed-config {label!r}: not a configuration of the pool (expected a label such as "
+                          f"{shown})")
+    for c in configs:
+        if c.adapter == "full" and c.optimizer == "adam":
+            return c
+    return configs[0]
+
+
 def component_variants(cfg: AblateComponentsConfig, fixed: FinetuneConfig | None = None) -> dict[str, dict[str, Any]]:
     """The RunConfig overrides of each variant of Tab. 6 (and of each J of Tab. 7).
 
-    ``fixed`` is the one configuration of ``no-meta-config`` (default: the first of the run's pool).
+    ``fixed`` is the one configuration of ``no-meta-config`` (default: :func:`fixed_configuration` of
+    the run's pool and ``cfg.fixed_config``).
     """
     out: dict[str, dict[str, Any]] = {}
     for name in cfg.variants:
@@ -348,7 +484,8 @@ def component_variants(cfg: AblateComponentsConfig, fixed: FinetuneConfig | None
             out[name] = {"beta": 0.0}
         elif name == "no-meta-config":
             if fixed is None:
-                fixed = _run_config(cfg.model, cfg.loss, cfg.seed, cfg.device, cfg.threads, cfg.run).pool.configs()[0]
+                pool = _run_config(cfg.model, cfg.loss, cfg.seed, cfg.device, cfg.threads, cfg.run).pool
+                fixed = fixed_configuration(pool.configs(), cfg.fixed_config)
             out[name] = {"J": 1, "pool": {
                 "lrs": [fixed.lr], "lrs_by_optimizer": {fixed.optimizer: [fixed.lr]}, "steps": [fixed.steps],
                 "optimizers": [fixed.optimizer], "finetune_losses": [fixed.finetune_loss], "adapters": [fixed.adapter],
@@ -374,16 +511,17 @@ def run_ablate_components(cfg: AblateComponentsConfig, out: str | Path, *, progr
                                                        "variants": {k: v for k, v in variants.items()}})
     started = time.perf_counter()
     effect_rows(cfg.model, variants, cfg.effect, rd.path, report, seed=cfg.seed, loss=cfg.loss, device=cfg.device,
-                threads=cfg.threads, base_run=cfg.run, key="setting", progress=progress)
+                threads=cfg.threads, base_run=cfg.run, key="setting", progress=progress,
+                jobs=cfg.jobs or default_jobs(cfg.device, cfg.threads))
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
     from resalign.eval.plots import plot_bars
 
-    after = report.rows(metric="harmful_rate", stage="after_ft", prompts="harmful")
-    plot_bars(after, rd.path / "components.png", group="setting", bar="stage",
-              title="Harmful rate after benign fine-tuning (mean ± SEM)")
+    rates = [r for r in report.rows(metric="harmful_rate", prompts="harmful") if r["stage"] in ("before_ft", "after_ft")]
+    plot_bars(rates, rd.path / "components.png", group="setting", bar="stage", bars_order=["before_ft", "after_ft"],
+              title="Harmful rate before and after benign fine-tuning (mean ± SEM)")
     intro = "Variants: " + "; ".join(f"`{k}` — {COMPONENT_VARIANTS.get(k, 'J = ' + k[2:])}" for k in variants) + "."
     report.write(rd.path, title="resalign ablate components", intro=intro, tables=[effect_table(report, "setting")],
-                 figures=[("Harmful rate after benign fine-tuning per variant", "components.png")])
+                 figures=[("Harmful rate before and after benign fine-tuning per variant", "components.png")])
     return rd.path, report
 
 

@@ -177,7 +177,7 @@ fn symmetric_eigenvalues_in_place(a: MatMut<'_, f64>, par: Par) -> Result<Vec<f6
 }
 
 /// faer's `self_adjoint_evd` (one-stage Householder tridiagonalization, then QR), eigenvalues only.
-fn one_stage_eigenvalues(a: MatRef<'_, f64>, par: Par) -> Result<Vec<f64>> {
+pub(crate) fn one_stage_eigenvalues(a: MatRef<'_, f64>, par: Par) -> Result<Vec<f64>> {
     let n = a.nrows();
     let mut s = Diag::<f64>::zeros(n);
     let mut mem = MemBuffer::new(self_adjoint_evd_scratch::<f64>(

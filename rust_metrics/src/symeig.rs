@@ -855,28 +855,12 @@ mod tests {
     use super::*;
     use crate::testutil::Lcg;
     use faer::diag::Diag;
-    use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
+    use faer::linalg::evd::{self_adjoint_evd_scratch, ComputeEigenvectors};
 
-    /// Reference: faer's one-stage symmetric eigenvalue solver.
+    /// Reference: faer's one-stage symmetric eigenvalue solver (what the Fréchet kernel uses below
+    /// [`TWO_STAGE_MIN_DIM`]).
     fn faer_eigenvalues(a: MatRef<'_, f64>) -> Vec<f64> {
-        let n = a.nrows();
-        let mut s = Diag::<f64>::zeros(n);
-        let mut mem = MemBuffer::new(self_adjoint_evd_scratch::<f64>(
-            n,
-            ComputeEigenvectors::No,
-            Par::Seq,
-            Default::default(),
-        ));
-        self_adjoint_evd(
-            a,
-            s.as_mut(),
-            None,
-            Par::Seq,
-            MemStack::new(&mut mem),
-            Default::default(),
-        )
-        .unwrap();
-        s.column_vector().iter().copied().collect()
+        crate::frechet::one_stage_eigenvalues(a, Par::Seq).unwrap()
     }
 
     fn random_symmetric(rng: &mut Lcg, n: usize) -> Mat<f64> {
