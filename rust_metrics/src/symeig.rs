@@ -883,6 +883,22 @@ mod tests {
         Mat::from_fn(n, n, |i, j| 0.5 * (a[(i, j)] + a[(j, i)]))
     }
 
+    /// The dense symmetric tridiagonal matrix with diagonal `d` and off-diagonal `e`.
+    fn tridiagonal_matrix(d: &[f64], e: &[f64]) -> Mat<f64> {
+        let n = d.len();
+        Mat::from_fn(n, n, |i, j| {
+            if i == j {
+                d[i]
+            } else if i == j + 1 {
+                e[j]
+            } else if j == i + 1 {
+                e[i]
+            } else {
+                0.0
+            }
+        })
+    }
+
     fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
         assert_eq!(got.len(), want.len());
         let scale = want.iter().fold(f64::MIN_POSITIVE, |m, x| m.max(x.abs()));
@@ -1071,18 +1087,7 @@ mod tests {
                 e[3] = 0.0; // a split
                 e[4] = 1e-300;
             }
-            let t = Mat::from_fn(n, n, |i, j| {
-                if i == j {
-                    d[i]
-                } else if i == j + 1 {
-                    e[j]
-                } else if j == i + 1 {
-                    e[i]
-                } else {
-                    0.0
-                }
-            });
-            let want = faer_eigenvalues(t.as_ref());
+            let want = faer_eigenvalues(tridiagonal_matrix(&d, &e).as_ref());
             tridiagonal_eigenvalues(&mut d, &mut e).unwrap();
             assert!(max_rel_err(&d, &want) < 1e-13, "n={n}");
         }
@@ -1090,22 +1095,11 @@ mod tests {
         for scale in [1e300, 1e-300] {
             let mut d = vec![2.0 * scale, 1.0 * scale, 3.0 * scale];
             let mut e = vec![0.5 * scale, 0.25 * scale];
-            let t = Mat::from_fn(3, 3, |i, j| {
-                let (dd, ee) = ([2.0, 1.0, 3.0], [0.5, 0.25]);
-                if i == j {
-                    dd[i]
-                } else if i == j + 1 {
-                    ee[j]
-                } else if j == i + 1 {
-                    ee[i]
-                } else {
-                    0.0
-                }
-            });
-            let want: Vec<f64> = faer_eigenvalues(t.as_ref())
-                .iter()
-                .map(|x| x * scale)
-                .collect();
+            let want: Vec<f64> =
+                faer_eigenvalues(tridiagonal_matrix(&[2.0, 1.0, 3.0], &[0.5, 0.25]).as_ref())
+                    .iter()
+                    .map(|x| x * scale)
+                    .collect();
             tridiagonal_eigenvalues(&mut d, &mut e).unwrap();
             assert!(max_rel_err(&d, &want) < 1e-14, "scale {scale:e}");
         }
