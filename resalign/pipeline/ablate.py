@@ -286,11 +286,12 @@ def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: 
     for label, overrides in variants.items():
         run_cfg = _run_config(model, loss, seed, device, threads,
                               {**base_run, "outer_steps": effect.outer_steps, **overrides})
-        attack_cfg = AttackConfig(model=str(workdir / f"run-{_slug(label)}" / "model"), adapt="full",
+        run_out = workdir / f"run-{_slug(label)}"
+        attack_cfg = AttackConfig(model=str(run_out / "model"), adapt="full",
                                   data=[effect.ft_data], steps=effect.ft_steps, seeds=effect.ft_seeds, seed=seed,
                                   eval_every=effect.ft_steps, toy_prompts=effect.eval_prompts, device=device,
                                   threads=threads)
-        items.append({"label": label, "run": run_cfg, "run_out": workdir / f"run-{_slug(label)}",
+        items.append({"label": label, "run": run_cfg, "run_out": run_out,
                       "attack": attack_cfg, "attack_out": workdir / f"attack-{_slug(label)}",
                       "steps": effect.ft_steps, "progress": progress and jobs <= 1})
     side_by_side = jobs > 1 and len(items) > 1
@@ -310,12 +311,11 @@ def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: 
 
 
 def _effect_job(item: dict[str, Any]) -> dict[str, Any]:
-    """One effect variant: ``resalign run`` then ``resalign attack`` on its model (picklable for workers)."""
+    """One effect variant: ``resalign run`` then ``resalign attack`` on its model (picklable for workers;
+    each sets its own torch threads from its config)."""
     from resalign.pipeline.attack import run_attack
-    from resalign.pipeline.evaluate import set_threads
     from resalign.pipeline.run import execute
 
-    set_threads(item["run"].threads)
     t0 = time.perf_counter()
     execute(item["run"], item["run_out"], progress=item["progress"])
     seconds = time.perf_counter() - t0
