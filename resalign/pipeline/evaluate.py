@@ -66,6 +66,25 @@ DEFAULT_SCORERS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+#: Scorers of the paper's Tab. 1 that need local weights (US, FID, CLIP score; Sec. 4.1, App. B.3):
+#: with the paper preset they join the default scorers when one of these options of theirs is given.
+PAPER_WEIGHTED_SCORERS: dict[str, tuple[str, ...]] = {
+    "unsafe-score": ("model", "heads"),
+    "frechet": ("weights", "feature_model"),
+    "clip-score": ("model",),
+}
+
+
+def default_scorers(preset: str, role: str, scorer_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The scorers of a set when none is named: the preset's, plus (paper) the weighted ones configured."""
+    names = list(DEFAULT_SCORERS[preset][role])
+    if preset == "paper":
+        opts = scorer_options or {}
+        names += [n for n, keys in PAPER_WEIGHTED_SCORERS.items()
+                  if n not in names and any(k in (opts.get(n) or {}) for k in keys)]
+    return names
+
+
 def preset_name(bundle: Any) -> str:
     return "toy" if getattr(bundle, "kind", "") == "toy" else "paper"
 
@@ -161,15 +180,16 @@ def build_sets(
     role: str = "harmful",
     toy_prompts: int | None = None,
     only: Sequence[str] | None = None,
+    scorer_options: Mapping[str, Any] | None = None,
 ) -> list[EvalSet]:
     """The prompt sets of an evaluation: the file's prompts, or the toy world's sets.
 
-    ``scorers`` (``--scorer``) replaces the default scorers of every set; ``only`` keeps the named
-    toy sets.
+    ``scorers`` (``--scorer``) replaces the default scorers of every set (:func:`default_scorers`,
+    which reads ``scorer_options``); ``only`` keeps the named toy sets.
     """
     if prompts_file is not None:
         ps = read_prompts(prompts_file, categories=categories, limit=limit)
-        names = list(scorers) if scorers else list(DEFAULT_SCORERS[preset][role])
+        names = list(scorers) if scorers else default_scorers(preset, role, scorer_options)
         return [EvalSet(Path(prompts_file).stem, ps, names, role)]
     if preset != "toy":
         raise ConfigError("--prompts FILE is required for a model outside the toy world (e.g. an I2P CSV)")
@@ -367,7 +387,8 @@ class Evaluator:
                 for s in self.sets
             ],
             "scorers": {
-                n: {"metric": scorer_metric(sc), **_config_of(sc)} for n, sc in self.scorers.items()
+                n: {"metric": scorer_metric(sc), **_config_of(sc), **_definition_of(sc)}
+                for n, sc in self.scorers.items()
             },
         }
 
@@ -432,6 +453,12 @@ def check_scorer_options(options: Mapping[str, Any], sets: Sequence[EvalSet]) ->
         used = sorted({n for s in sets for n in s.scorers})
         raise ConfigError(f"--scorer-option for {', '.join(unknown)}: that scorer is not used "
                           f"(scorers in use: {', '.join(used)})")
+
+
+def _definition_of(scorer: Any) -> dict[str, Any]:
+    """A scorer's ``details()`` (labels, thresholds, file checksums, versions), when it has them."""
+    details = getattr(scorer, "details", None)
+    return {"details": details()} if callable(details) else {}
 
 
 def _config_of(component: Any) -> dict[str, Any]:
@@ -503,6 +530,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
         limit=cfg.limit,
         scorers=cfg.scorers,
         toy_prompts=cfg.toy_prompts,
+        scorer_options=cfg.scorer_options,
     )
     gen = resolve_generation(preset, cfg.images_per_prompt, cfg.steps, cfg.guidance, cfg.batch_size)
     evaluator = Evaluator(model.bundle, sets, gen, scorer_options=cfg.scorer_options)

@@ -13,6 +13,8 @@ SCORER_MODULES: tuple[str, ...] = (
     "resalign.scorers.nudenet",
     "resalign.scorers.onnx_classifier",
     "resalign.scorers.frechet",
+    "resalign.scorers.clip",
+    "resalign.scorers.unsafe",
     "resalign.scorers.toy",
 )
 

@@ -1,14 +1,21 @@
 """``frechet`` scorer: Fréchet distance between the features of the scored images and reference
-feature statistics.
+feature statistics (FID, App. B.3, when the features are pytorch-fid's Inception).
 
-Features come from a pluggable :class:`FeatureExtractor`: by default one loaded from the
-``feature_model`` file (an ONNX model run by onnxruntime, or a TorchScript module), e.g. an
-Inception network the user exported; the toy world passes its classifier's feature function.
-Reference statistics are an ``.npz`` with ``mu``/``sigma`` (pytorch-fid's ``--save-stats``
-format) or a folder of images, whose statistics are computed once and cached.
+Features come from a pluggable :class:`FeatureExtractor`:
 
-No weights are shipped or downloaded: without ``feature_model`` (and no extractor given in code)
-scoring real images fails with :class:`~resalign.errors.MissingWeightsError`.
+* ``weights``: pytorch-fid's Inception-v3 FID network from the user's local
+  ``pt_inception-2015-12-05-6726825d.pth`` (:mod:`resalign.scorers.fid_inception`), the block chosen
+  by ``dims`` as pytorch-fid's ``--dims``; an ``.onnx`` file there is run by onnxruntime;
+* ``feature_model``: any network the user exported (ONNX, TorchScript, ``torch.export``), with the
+  preprocessing options;
+* an extractor given in code (the toy world passes its classifier's feature function).
+
+Reference statistics are an ``.npz`` with ``mu``/``sigma`` (pytorch-fid's ``--save-stats`` format)
+or a folder of images, whose statistics are computed once and cached. Features are streamed batch
+by batch through the native statistics kernel (:class:`~resalign.metrics.frechet.FeatureAccumulator`).
+
+No weights are shipped or downloaded: a scorer without weights (and no extractor given in code)
+fails with :class:`~resalign.errors.MissingWeightsError` naming the option and the file expected.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 from resalign.components import Component, ScoreResult
 from resalign.errors import ConfigError, DataError, MissingWeightsError, ModelLoadError
 from resalign.metrics.frechet import FeatureAccumulator, FeatureStats, frechet_from_features
+from resalign.scorers.weights import STATE_DICT_SUFFIXES, file_sha256, require_file
 
 __all__ = [
     "FeatureExtractor",
@@ -38,6 +46,8 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+_FID_EXPECTED = "pytorch-fid's Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth) or an .onnx network"
 
 
 @runtime_checkable
@@ -237,8 +247,8 @@ def _iter_image_batches(folder: Path, batch_size: int, size: int) -> Iterator[np
         shapes = {b.shape for b in batch}
         if len(shapes) > 1:
             raise DataError(
-                f"reference images in {folder} have different sizes {sorted(shapes)}; set "
-                "input_size to resize them"
+                f"reference images in {folder} have different sizes {sorted(shapes)}; resize them to one "
+                "size (as pytorch-fid needs), or set input_size for a feature_model"
             )
         yield np.stack(batch)
 
@@ -251,14 +261,20 @@ class FrechetScorer(Component):
 
     @dataclass
     class Config:
-        #: feature network: .onnx (onnxruntime), TorchScript (.pt/.pth/.ts) or torch.export (.pt2);
-        #: required for real images
+        #: pytorch-fid's Inception-v3 FID weights (pt_inception-2015-12-05-6726825d.pth, or a
+        #: .safetensors of the same state dict), or an .onnx feature network
+        weights: str = ""
+        #: pytorch-fid's --dims: 64, 192, 768 or 2048 (pool features, the standard FID)
+        dims: int = 2048
+        #: another feature network: .onnx (onnxruntime), TorchScript (.pt/.pth/.ts) or
+        #: torch.export (.pt2), with the preprocessing options below
         feature_model: str = ""
         #: reference statistics (.npz with mu, sigma) or a folder of reference images
         reference: str = ""
         #: ONNX output to read (default: the first)
         feature_output: str = ""
-        #: preprocessing of the feature model's input (see ImagePreprocessing)
+        #: preprocessing of an ONNX / TorchScript feature model's input (see ImagePreprocessing);
+        #: pytorch-fid's network takes images as pytorch-fid feeds them and resizes them itself
         input_size: int = 0
         scale: float = 1.0 / 255.0
         mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -269,16 +285,27 @@ class FrechetScorer(Component):
         providers: tuple[str, ...] = ()
         #: onnxruntime intra-op threads (0 = its default)
         threads: int = 0
-        device: str = "cpu"
+        #: torch device of the feature network; empty = CUDA when available, else the CPU
+        device: str = ""
         #: where statistics of reference folders are cached
         cache_dir: str = "~/.cache/resalign/frechet"
 
         def __post_init__(self) -> None:
+            from resalign.scorers.fid_inception import FID_DIMS
+
             self.mean = tuple(self.mean)
             self.std = tuple(self.std)
             self.providers = tuple(self.providers)
             if self.batch_size < 1:
                 raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            if self.dims not in FID_DIMS:
+                raise ValueError(f"dims must be one of {', '.join(map(str, FID_DIMS))} (pytorch-fid's --dims), "
+                                 f"got {self.dims}")
+            if self.weights and self.feature_model:
+                raise ValueError("give either weights (pytorch-fid's Inception) or feature_model, not both")
+            if self.weights and self.input_size and not self.weights.lower().endswith(".onnx"):
+                raise ValueError("input_size does not apply to pytorch-fid's Inception (it resizes to 299 "
+                                 "itself, and reference images are read unresized, as pytorch-fid does)")
 
     #: in-process cache of loaded reference statistics: (path, mtime_ns, size, extractor) -> stats
     _reference_cache: ClassVar[dict[tuple, FeatureStats]] = {}
@@ -286,6 +313,16 @@ class FrechetScorer(Component):
     def __init__(self, config: Any = None, *, extractor: FeatureExtractor | None = None) -> None:
         super().__init__(config)
         self._extractor = extractor
+        self._weights_sha256: str | None = None
+        c = self.config
+        if extractor is None and c.weights:
+            suffix = Path(c.weights).suffix.lower()
+            if suffix != ".onnx" and suffix not in STATE_DICT_SUFFIXES:
+                raise ConfigError(f"frechet.weights: {c.weights} is neither a state dict "
+                                  f"({', '.join(STATE_DICT_SUFFIXES)}) nor an .onnx file; expected {_FID_EXPECTED}")
+            require_file(c.weights, "frechet.weights", _FID_EXPECTED)
+        if extractor is None and c.feature_model:
+            require_file(c.feature_model, "frechet.feature_model", "a feature network (.onnx, TorchScript, .pt2)")
 
     def preprocessing(self) -> ImagePreprocessing:
         c = self.config
@@ -300,25 +337,34 @@ class FrechetScorer(Component):
 
     @property
     def extractor(self) -> FeatureExtractor:
-        """The feature extractor: given in code, or loaded from ``feature_model``."""
+        """The feature extractor: given in code, or loaded from ``weights`` / ``feature_model``."""
         if self._extractor is None:
-            if not self.config.feature_model:
-                raise MissingWeightsError(
-                    "frechet scorer: option 'feature_model' is not set. Fréchet distance on real "
-                    "images needs a feature network (e.g. an Inception-v3 exported to ONNX or "
-                    "TorchScript) given by local path: --scorer-option feature_model=PATH; "
-                    "nothing is downloaded"
-                )
             c = self.config
-            self._extractor = load_feature_extractor(
-                Path(c.feature_model).expanduser(),
-                self.preprocessing(),
-                output=c.feature_output,
-                providers=c.providers,
-                threads=c.threads,
-                device=c.device,
-            )
+            if c.weights and Path(c.weights).suffix.lower() != ".onnx":
+                from resalign.scorers.fid_inception import FidInceptionExtractor
+
+                self._extractor = FidInceptionExtractor(c.weights, c.dims, device=c.device)
+            elif c.weights or c.feature_model:
+                self._extractor = load_feature_extractor(
+                    Path(c.weights or c.feature_model).expanduser(),
+                    self.preprocessing(),
+                    output=c.feature_output,
+                    providers=c.providers,
+                    threads=c.threads,
+                    device=c.device or "cpu",
+                )
+            else:
+                raise MissingWeightsError(
+                    "frechet.weights is not set: FID on real images needs pytorch-fid's Inception-v3 weights "
+                    f"({_FID_EXPECTED}) given by local path, --scorer-option frechet.weights=PATH (or another "
+                    "feature network as frechet.feature_model=PATH, e.g. an .onnx); nothing is downloaded"
+                )
         return self._extractor
+
+    def _reads_like_pytorch_fid(self) -> bool:
+        from resalign.scorers.fid_inception import FidInceptionExtractor
+
+        return isinstance(self._extractor, FidInceptionExtractor)
 
     def feature_stats(self, images: np.ndarray | Iterator[np.ndarray]) -> FeatureStats:
         """Gaussian fit of the features of ``images`` (an array or an iterator of batches)."""
@@ -358,11 +404,12 @@ class FrechetScorer(Component):
         plus the preprocessing."""
         ext = self.extractor
         path = getattr(ext, "path", None)
+        name = getattr(ext, "name", type(ext).__name__)
         if path is not None:
             st = Path(path).stat()
-            model = f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+            model = f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}|{name}"
         else:
-            model = getattr(ext, "name", type(ext).__name__)
+            model = name
         return f"{model}|{self.preprocessing()}|{self.config.feature_output}"
 
     def _folder_stats(self, folder: Path) -> FeatureStats:
@@ -374,29 +421,39 @@ class FrechetScorer(Component):
         cache = Path(self.config.cache_dir).expanduser() / f"{h.hexdigest()[:32]}.npz"
         if cache.is_file():
             return FeatureStats.load(cache)
-        stats = self.feature_stats(
-            _iter_image_batches(folder, self.config.batch_size, self.config.input_size)
-        )
+        size = 0 if self._reads_like_pytorch_fid() else self.config.input_size
+        stats = self.feature_stats(_iter_image_batches(folder, self.config.batch_size, size))
         stats.save(cache)
         return stats
 
     def score(self, images: np.ndarray, prompts: Sequence[str] | None = None) -> ScoreResult:
         """Fréchet distance between the Gaussian fits of ``images``' features and the reference."""
-        extractor = self.extractor  # MissingWeightsError first: nothing works without features
+        details = self.details()  # loads the features: MissingWeightsError before anything else
         reference = self.reference_stats()
         stats = self.feature_stats(images)
         value = stats.frechet_distance(reference)
-        return ScoreResult(
-            metric=self.metric,
-            value=value,
-            details={
-                "features": getattr(extractor, "name", type(extractor).__name__),
-                "feature_dim": stats.dim,
-                "reference": str(self.config.reference),
-                "reference_count": reference.count,
-                "n_images": stats.count,
-            },
-        )
+        details.update(feature_dim=stats.dim, reference_count=reference.count, n_images=stats.count)
+        return ScoreResult(metric=self.metric, value=value, details=details)
+
+    def details(self) -> dict[str, Any]:
+        """The features (network, weights file and SHA-256, pytorch-fid's dims) and the reference."""
+        extractor = self.extractor
+        details: dict[str, Any] = {
+            "features": getattr(extractor, "name", type(extractor).__name__),
+            "reference": str(self.config.reference),
+        }
+        path = getattr(extractor, "path", None)
+        if path is not None:
+            if self._weights_sha256 is None:
+                self._weights_sha256 = file_sha256(path)
+            details["weights"] = Path(path).name
+            details["weights_sha256"] = self._weights_sha256
+        if self._reads_like_pytorch_fid():
+            import importlib.metadata
+
+            details["dims"] = self.config.dims
+            details["pytorch_fid_version"] = importlib.metadata.version("pytorch-fid")
+        return details
 
 
 SCORERS = (FrechetScorer,)
