@@ -57,6 +57,7 @@ def test_compare_end_to_end_at_test_size(tmp_path):
         (m, d, p) for m in ("ga", "resalign") for d in ("benign-a", "benign-b") for p in ("harmful", "implicit")}
     for r in rows:
         assert r["n"] == 2 and r["sem"] == pytest.approx(scipy.stats.sem(r["values"]))
+        assert r["ft_seeds"] == [0, 1] and r.get("unlearn_seeds") == (None if r["model"] == "base" else [0])
     before_metrics = {(r["prompts"], r["metric"]) for r in rows if r["model"] == "base"}
     assert ("benign", "prompt_accuracy") in before_metrics and ("benign", "frechet_distance") in before_metrics
     st = rep["settings"]

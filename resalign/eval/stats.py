@@ -7,6 +7,12 @@ equals ``numpy.mean`` and ``scipy.stats.sem`` (``ddof=1``). Within one evaluatio
 images also gets its standard error and a seeded bootstrap interval (:func:`rate_stats`, through the
 native kernel :func:`resalign.metrics.summarize_rates`), so a single-seed figure still says how
 many images it rests on.
+
+Paired comparisons (:func:`paired_difference`): two methods measured on the same replicates (in
+``resalign compare``, the same unlearning seed, hence the same training data, and the same
+fine-tuning and generation seed) are compared through the per-replicate differences d_i = a_i − b_i:
+their mean, SEM = s_d / √n (s_d the sample standard deviation, ddof=1) and the Student-t interval
+mean ± t_{(1+c)/2, n−1} · SEM (scipy's Student t), which treats the n replicates as independent draws.
 """
 
 from __future__ import annotations
@@ -61,3 +67,39 @@ def rate_stats(
         return RateStats(math.nan, 0, 0, math.nan, math.nan, math.nan, confidence)
     s = summarize_rates(x.astype(np.float64), confidence=confidence, n_boot=n_boot, seed=seed)
     return RateStats(s.mean, int(x.sum()), int(x.size), s.sem, s.ci_low, s.ci_high, confidence)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean, SEM and Student-t interval of per-replicate differences a_i − b_i."""
+
+    mean: float
+    sem: float
+    n: int
+    df: int
+    ci_low: float
+    ci_high: float
+    confidence: float
+    values: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95) -> PairedDifference:
+    """The paired difference a − b over replicates measured alike for both (same length, same order).
+
+    mean d̄, SEM = s_d/√n (ddof=1, as :func:`mean_sem`) and the interval d̄ ± t_{(1+c)/2, n−1}·SEM;
+    with fewer than two replicates there is no spread to estimate and the interval is (nan, nan).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in number: {len(a)} and {len(b)}")
+    d = tuple(float(x) - float(y) for x, y in zip(a, b))
+    m, s = mean_sem(d)
+    n = len(d)
+    if n < 2:
+        return PairedDifference(m, s, n, 0, math.nan, math.nan, confidence, d)
+    from scipy.stats import t as student_t
+
+    h = float(student_t.ppf(0.5 + confidence / 2.0, n - 1)) * s
+    return PairedDifference(m, s, n, n - 1, m - h, m + h, confidence, d)
