@@ -216,7 +216,10 @@ class Adapter(Protocol):
 class HypergradProblem:
     """Everything a solver may use to estimate ∇_θ L_harm(θ_FT) (Alg. 1, Eq. 6/7).
 
-    ``grad_harm`` is g = ∇ L_harm at θ_FT; ``hvp_ft(v)`` is ∇²_{θ_FT} L_FT(θ_FT) · v; ``unroll()``
+    ``grad_harm`` is g = ∇ L_harm at θ_FT; ``hvp_ft(v)`` is C·v for the curvature C of Eq. 6 at θ_FT
+    that the problem was built with (``curvature``: ``hessian``, ∇²L_FT(θ_FT), or ``gauss-newton``, its
+    positive semi-definite Gauss–Newton part; :mod:`resalign.core.curvature`): every HVP-based solver
+    uses it as A = C + I/γ, whatever the choice. ``unroll()``
     recomputes θ_FT(θ) with the adaptation graph kept (only built when the solver asks for it with
     ``needs_trajectory``); ``harm_loss(p)`` evaluates L_harm at parameters ``p``. ``cache`` is shared
     by the J problems of one outer step (e.g. a λ_max estimate that sets Richardson's relaxation).
@@ -227,6 +230,7 @@ class HypergradProblem:
     grad_harm: Params
     hvp_ft: Callable[[Params], Params]
     gamma: float = 1.0
+    curvature: str = "hessian"
     unroll: Callable[[], Params] | None = None
     harm_loss: Callable[[Params], Tensor] | None = None
     cache: dict[str, Any] = field(default_factory=dict)

@@ -67,6 +67,10 @@ class SolverError(ResAlignError, ArithmeticError):
     """A hypergradient solver diverged or produced non-finite values."""
 
 
+class SimulationDiverged(SolverError):
+    """A simulated fine-tuning of Alg. 2 diverged (non-finite values or a growing fine-tuning loss)."""
+
+
 class RunInterrupted(ResAlignError):
     """A run was interrupted (Ctrl-C); its last checkpoint is on disk and it can be resumed."""
 

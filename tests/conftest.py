@@ -34,6 +34,14 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    """The same with the SD 2.x layout's linear projections, per-block head dimensions, 3 text layers."""
+    from fixtures.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd2") / "tiny-sd2", sd2=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_toy_dir(tmp_path_factory):
     """An untrained toy-world model folder with 8/16 channels (the toy preset's code path, fast)."""
     from fixtures.tiny_toy import build_tiny_toy

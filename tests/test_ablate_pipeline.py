@@ -45,9 +45,11 @@ def test_fidelity_rows_on_a_tiny_model(tiny_toy_dir):
     exact = cos(solver="unrolled")
     assert exact["values"] == [1.0, 1.0]
     first = cos(solver="first-order")
-    one_step = cos(solver="richardson", K=1, gamma=0.1, x0="zero")
-    # from x_0 = 0, x_1 = ω g / γ is parallel to g: one step points exactly where first-order does
-    assert one_step["values"] == pytest.approx(first["values"], abs=1e-6)
+    # from x_0 = 0, x_1 = ω g / γ is parallel to g: one step points exactly where first-order does,
+    # whatever the curvature operator
+    for curvature in ("hessian", "gauss-newton"):
+        one_step = cos(solver="richardson", K=1, gamma=0.1, x0="zero", curvature=curvature)
+        assert one_step["values"] == pytest.approx(first["values"], abs=1e-6)
     assert all(-1.0 <= v <= 1.0 for v in first["values"])
     secs = report.rows(stage="fidelity", metric="seconds", solver="richardson", K=4, gamma=0.1, x0="grad",
                        optimizer="all", adapter="all")

@@ -126,3 +126,45 @@ def test_outer_steps_are_repeatable_and_resume_exactly(params):
         assert torch.equal(a.theta[k], c.theta[k]), k
     w = a.unlearned_weights()
     assert set(w) == set(a.ctx.theta0) and not any(v.requires_grad for v in w.values())
+
+
+def test_outlier_rule_uses_the_median_of_the_step_with_the_unadapted_loss():
+    from resalign.core.health import outlier_mask
+
+    assert outlier_mask(0.011, [0.01, 0.012, 1573.0], 10) == [False, False, True]
+    # J = 2: the no-fine-tuning value keeps the median meaningful, so one blow-up is still caught
+    assert outlier_mask(0.008, [0.01, 5.0], 10) == [False, True]
+    assert outlier_mask(0.008, [0.01, 0.079], 10) == [False, False]
+    assert outlier_mask(-0.2, [-0.25, -30.0], 10) == [False, True]  # GA's negative losses: magnitudes
+    assert outlier_mask(0.008, [0.01, 5.0], 0) == [False, False]
+
+
+def test_a_diverged_simulation_is_dropped_with_its_reason_and_never_averaged_in():
+    ctx = tiny_context()
+    tr = _trainer(ctx, beta=0.6, solver="first-order", J=2, lrs=[1e4], optimizers=["sgd"], adapters=["full"])
+    grads, metrics = tr.gradient()
+    assert metrics["dropped"] == 2 and "harm_ft_mean" not in metrics
+    assert all("diverged" in s["dropped"] for s in metrics["simulations"])
+    plain = _trainer(ctx, beta=0.6, solver="first-order", J=0)
+    expected, _ = plain.gradient()  # (1 − β)∇L_harm + α∇R only
+    for k in grads:
+        torch.testing.assert_close(grads[k], expected[k])
+
+
+def test_an_outlier_simulation_is_dropped_from_the_mean(monkeypatch):
+    import resalign.core.meta as meta
+
+    calls = []
+
+    def inflated(*args, **kwargs):
+        h, info = simulate(*args, **kwargs)
+        calls.append(h)
+        if len(calls) == 2:  # the second simulation of the step "blew up"
+            info["harm_ft"] = 1e4 * abs(info["harm_ft"]) + 1.0
+        return h, info
+
+    monkeypatch.setattr(meta, "simulate", inflated)
+    tr = _trainer(tiny_context(), beta=0.6, solver="first-order", J=2)
+    grads, metrics = tr.gradient()
+    assert metrics["dropped"] == 1 and metrics["simulations"][1]["dropped"].startswith("outlier")
+    assert metrics["hypergrad_norm"] == pytest.approx(tree.norm(calls[0]), rel=1e-6)

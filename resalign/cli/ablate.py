@@ -59,10 +59,12 @@ def solvers_cmd(
     K: str = typer.Option("1,3,5,10", "--K", help="Iterations (HVPs) for solvers with a K option."),
     gamma: str = typer.Option("0.1,1", "--gamma", help="Proximity coefficients γ of Eq. 5 to sweep."),
     x0: str = typer.Option("zero,grad", "--x0", help="Initial iterates for solvers with an x0 option (zero: Alg. 1; grad: x_0 = g)."),
+    curvature: str = typer.Option("hessian,gauss-newton", "--curvature", help="Curvature operators of Eq. 6 for the solvers that solve it (hessian, gauss-newton)."),
+    gamma_rule: str = typer.Option("fixed", "--gamma-rule", help="γ per configuration: fixed (the --gamma values) and/or reach (--gamma × T × lr)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds (each samples its own configurations and data)."),
     configs: int = typer.Option(1, "--configs", help="Sampled fine-tuning configurations per seed in each "
                                 "(ADAPT method, optimizer) cell of the pool."),
-    max_steps: int = typer.Option(10, "--max-steps", help="Largest T sampled, so that unrolling stays exact."),
+    max_steps: int = typer.Option(30, "--max-steps", help="Largest T sampled, so that unrolling stays exact."),
     loss: str = typer.Option(None, "--loss", help="Harmful loss whose hypergradient is estimated (default: the preset's)."),
     model: str = typer.Option(None, "--model", help="A diffusers folder (default: the toy model)."),
     effect: bool = typer.Option(True, "--effect/--no-effect", help="Also run short ResAlign runs per solver and fine-tune them."),
@@ -83,7 +85,7 @@ def solvers_cmd(
     from resalign.pipeline.ablate import AblateSolversConfig, EffectConfig, run_ablate_solvers
 
     cfg = AblateSolversConfig(
-        model=model, solvers=_names(solvers), K=_ints(K, "--K"), gamma=_floats(gamma, "--gamma"), x0=_names(x0), seeds=seeds,
+        model=model, solvers=_names(solvers), K=_ints(K, "--K"), gamma=_floats(gamma, "--gamma"), x0=_names(x0), curvature=_names(curvature), gamma_rule=_names(gamma_rule), seeds=seeds,
         configs=configs, max_steps=max_steps, loss=loss, device=device, threads=threads, jobs=jobs,
         run=apply_set_items({}, set_),
         effect=EffectConfig(enabled=effect, solvers=_names(effect_solvers), outer_steps=effect_steps, ft_steps=ft_steps,
@@ -95,6 +97,12 @@ def solvers_cmd(
         raise ConfigError(f"--jobs {jobs}: expected 0 (automatic) or a positive count")
     if any(k < 1 for k in cfg.K) or any(g <= 0 for g in cfg.gamma):
         raise ConfigError("--K values must be >= 1 and --gamma values > 0")
+    from resalign.core.curvature import CURVATURES
+
+    if not cfg.curvature or set(cfg.curvature) - set(CURVATURES):
+        raise ConfigError(f"--curvature {curvature!r}: expected a comma-separated subset of {', '.join(CURVATURES)}")
+    if not cfg.gamma_rule or set(cfg.gamma_rule) - {"fixed", "reach"}:
+        raise ConfigError(f"--gamma-rule {gamma_rule!r}: expected a comma-separated subset of fixed, reach")
     if not cfg.x0 or set(cfg.x0) - {"zero", "grad"}:
         raise ConfigError(f"--x0 {x0!r}: expected a comma-separated subset of zero, grad")
     run_dir, report = run_ablate_solvers(cfg, _out(out, "ablate-solvers"), progress=not quiet)

@@ -8,6 +8,12 @@ Each outer step i computes, at θ_i (Eq. 4 with the meta-learned last term),
 clips it and takes one step of the outer optimizer (AdamW, as in the authors' code). β = 0 gives the
 plain unlearning objective (Eq. 2) with everything else identical. The hypergradients are computed
 in the UNet weight space W and pulled back to θ by one vector-Jacobian product of W(θ).
+
+Only sound simulations enter the mean of line 10. A simulation is dropped, with its reason in the
+step's metrics, when its fine-tuning diverged (:func:`resalign.core.problem.check_health`), when the
+solver failed, or when it is an outlier of its outer step: |L_harm(θ_FT,j)| above ``outlier_factor``
+times the median of |L_harm(θ_i)| and the step's |L_harm(θ_FT,j')| (with J = 2 the no-fine-tuning
+value keeps the median meaningful). The mean is over the simulations kept.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 
 from resalign.components import DenoiseBatch, DiffusionContext, FinetuneConfig, Params
 from resalign.core import seeds, tree
+from resalign.core.health import outlier_mask
 from resalign.core.params import Parameterization
 from resalign.core.problem import SimulationData, simulate
 from resalign.errors import ConfigError, SolverError
@@ -87,6 +94,28 @@ class MethodSettings:
     seed: int = 0
     #: draw D_FT once and reuse it in every simulation (no meta-learning over data, Tab. 6)
     fixed_ft_data: bool = False
+    #: curvature operator of Eq. 6 handed to the solvers: hessian | gauss-newton (resalign.core.curvature)
+    curvature: str = "hessian"
+    #: γ of each simulation: "fixed" (γ = gamma, the paper) or "reach" (γ = gamma · T · lr, see proximity())
+    gamma_rule: str = "fixed"
+    #: a simulation whose L_FT grew by more than this factor diverged (None: only finiteness checks)
+    max_ft_loss_growth: float | None = 2.0
+    #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
+    outlier_factor: float = 10.0
+
+    def proximity(self, config: FinetuneConfig) -> float:
+        """γ of Eq. 5 for one simulated fine-tuning C.
+
+        ``fixed``: the run's γ (the paper's γ = 1). ``reach``: γ · T · lr, the proximity whose Moreau
+        envelope has the same Jacobian as T steps of gradient descent at learning rate lr to first
+        order in lr·H: (I + T·lr·H)⁻¹ = (I − lr·H)^T + O((lr·H)²). A fine-tuning that moves θ little
+        (small lr·T) then gets a hypergradient close to first-order, as its exact one is.
+        """
+        if self.gamma_rule == "fixed":
+            return self.gamma
+        if self.gamma_rule == "reach":
+            return self.gamma * config.steps * config.lr
+        raise ConfigError(f"gamma_rule {self.gamma_rule!r}: expected fixed or reach")
 
     def alpha_at(self, step: int) -> float:
         if self.alpha_schedule == "constant" or self.alpha_end is None:
@@ -217,33 +246,8 @@ class ResAlign:
 
         sims: list[dict[str, Any]] = []
         if s.beta > 0 and s.J > 0:
-            w_detached = tree.detach(weights)
-            hyper_sum: Params | None = None
-            cache: dict[str, Any] = {}
-            for j in range(s.J):
-                config = self.pool.sample(seeds.rng(s.seed, step, j, "config"))
-                data = self.simulation_data(step, j, config, harm)
-                t_sim = time.perf_counter()
-                try:
-                    h, info = simulate(
-                        self.ctx, w_detached, config, data, adapter=self._adapter(config),
-                        finetune_loss=self._ft_loss(config.finetune_loss), harmful_loss=self.harmful_loss,
-                        solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.gamma,
-                        cache=cache,
-                    )
-                    if not tree.all_finite(h):
-                        raise SolverError("non-finite hypergradient")
-                except SolverError as exc:
-                    # an unstable configuration (the paper excludes such by hand): drop this sample
-                    sims.append({"config": config.label(), "dropped": str(exc),
-                                 "time_s": time.perf_counter() - t_sim})
-                    continue
-                info["time_s"] = time.perf_counter() - t_sim
-                sims.append(info)
-                hyper_sum = h if hyper_sum is None else tree.add(hyper_sum, h)
-            used = sum(1 for d in sims if "dropped" not in d)
-            if used:
-                hyper_mean = tree.scale(hyper_sum, 1.0 / used)
+            hyper_mean = self.hypergradient(step, weights, harm, float(loss_harm.detach()), sims)
+            if hyper_mean is not None:
                 # (β/J) Σ_j ⟨W(θ), h_j⟩ has θ-gradient (∂W/∂θ)ᵀ (β/J) Σ_j h_j: the pull-back of Alg. 2 line 10
                 total = total + s.beta * tree.dot(weights, hyper_mean).to(total.dtype)
 
@@ -270,6 +274,45 @@ class ResAlign:
             metrics["hypergrad_norm"] = tree.norm(hyper_mean)
             metrics["hypergrad_norms"] = [d["hypergrad_norm"] for d in sims if "dropped" not in d]
         return grads, metrics
+
+    def hypergradient(self, step: int, weights: Params, harm: DenoiseBatch, loss_harm: float,
+                      sims: list[dict[str, Any]]) -> Params | None:
+        """(1/J') Σ_j h_j over the J' simulations kept (Alg. 2 lines 5-10); appends each one's diagnostics."""
+        s = self.settings
+        w_detached = tree.detach(weights)
+        kept: list[tuple[dict[str, Any], Params]] = []
+        cache: dict[str, Any] = {}
+        for j in range(s.J):
+            config = self.pool.sample(seeds.rng(s.seed, step, j, "config"))
+            data = self.simulation_data(step, j, config, harm)
+            t_sim = time.perf_counter()
+            try:
+                h, info = simulate(
+                    self.ctx, w_detached, config, data, adapter=self._adapter(config),
+                    finetune_loss=self._ft_loss(config.finetune_loss), harmful_loss=self.harmful_loss,
+                    solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.proximity(config),
+                    curvature=s.curvature, cache=cache, max_ft_loss_growth=s.max_ft_loss_growth,
+                )
+                if not tree.all_finite(h):
+                    raise SolverError("non-finite hypergradient")
+            except SolverError as exc:
+                sims.append({"config": config.label(), "dropped": str(exc), "time_s": time.perf_counter() - t_sim})
+                continue
+            info["time_s"] = time.perf_counter() - t_sim
+            sims.append(info)
+            kept.append((info, h))
+        flags = outlier_mask(loss_harm, [i["harm_ft"] for i, _ in kept], s.outlier_factor)
+        for (info, _), outlier in zip(kept, flags):
+            if outlier:
+                info["dropped"] = (f"outlier: |L_harm(θ_FT)| = {abs(info['harm_ft']):.4g} exceeds {s.outlier_factor:g}x "
+                                   "the median of its outer step")
+        kept = [(i, h) for (i, h), outlier in zip(kept, flags) if not outlier]
+        if not kept:
+            return None
+        total = kept[0][1]
+        for _, h in kept[1:]:
+            total = tree.add(total, h)
+        return tree.scale(total, 1.0 / len(kept))
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:

@@ -2,9 +2,18 @@
 
 :func:`build_hypergrad_problem` turns (θ, configuration C, data D_FT, seed) into a
 :class:`~resalign.components.HypergradProblem`: θ_FT = ADAPT(θ, D_FT, C), g = ∇L_harm(θ_FT), a closure
-v ↦ ∇²L_FT(θ_FT)·v (built on first use) and, when asked, ``unroll()`` that recomputes θ_FT(θ) with the
-adaptation graph kept. :func:`simulate` hands it to a solver. Both are pure functions of their
-arguments, so the J simulations of an outer step can be computed anywhere, in any order.
+v ↦ C·v for the curvature C of Eq. 6 (the Hessian ∇²L_FT(θ_FT) or its Gauss–Newton part, see
+:mod:`resalign.core.curvature`; built on first use) and, when asked, ``unroll()`` that recomputes
+θ_FT(θ) with the adaptation graph kept. :func:`simulate` hands it to a solver. Both are pure
+functions of their arguments, so the J simulations of an outer step can be computed anywhere, in
+any order.
+
+Simulation health. A simulated fine-tuning that diverged says nothing about the fine-tuning a user
+will run, and one such sample can swamp the mean of Alg. 2 line 10. :func:`check_health` raises
+:class:`~resalign.errors.SimulationDiverged` (a :class:`SolverError`: the meta loop drops the sample
+with its reason) when θ_FT, a fine-tuning loss or L_harm(θ_FT) is not finite, or when L_FT on the
+simulation's own data (fixed noise) grew by more than ``max_ft_loss_growth`` over the run: fine-tuning
+that raises its own loss has left the region where Eq. 5 describes it.
 """
 
 from __future__ import annotations
@@ -26,8 +35,12 @@ from resalign.components import (
     Solver,
 )
 from resalign.core import seeds, tree
+from resalign.core.curvature import make_curvature
 from resalign.core.functional import second_order
-from resalign.core.hvp import make_hvp
+from resalign.errors import SimulationDiverged
+
+#: Default bound on L_FT(θ_FT) / L_FT(θ) on the simulation's data before a simulation counts as diverged.
+MAX_FT_LOSS_GROWTH = 2.0
 
 
 @dataclass
@@ -70,8 +83,28 @@ class FinetuneObjective:
         self.step += 1
         return self.loss(self.ctx, params, _take(self.data, idx), gen)
 
-    def full(self, params: Params) -> torch.Tensor:
-        return self.loss(self.ctx, params, self.data, seeds.generator(self.seed, "hvp-noise"))
+    def full(self, params: Params, ctx: DiffusionContext | None = None) -> torch.Tensor:
+        return self.loss(ctx or self.ctx, params, self.data, seeds.generator(self.seed, "hvp-noise"))
+
+
+def check_health(losses: list[float], theta_ft: Params, ft_before: float, ft_after: float, harm_ft: float,
+                 max_growth: float | None) -> None:
+    """Raise :class:`SimulationDiverged` when the simulated fine-tuning diverged (module docstring)."""
+    if not all(map(_finite, losses)):
+        raise SimulationDiverged("simulated fine-tuning diverged: a fine-tuning loss is not finite")
+    if not tree.all_finite(theta_ft):
+        raise SimulationDiverged("simulated fine-tuning diverged: θ_FT is not finite")
+    if not _finite(harm_ft):
+        raise SimulationDiverged("simulated fine-tuning diverged: L_harm(θ_FT) is not finite")
+    if not _finite(ft_after):
+        raise SimulationDiverged("simulated fine-tuning diverged: L_FT(θ_FT) is not finite")
+    if max_growth is not None and ft_before > 0 and ft_after > max_growth * ft_before:
+        raise SimulationDiverged(f"simulated fine-tuning diverged: L_FT grew {ft_after / ft_before:.3g}x "
+                                 f"({ft_before:.4g} -> {ft_after:.4g}; bound {max_growth:g}x)")
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
 
 
 def build_hypergrad_problem(
@@ -85,31 +118,39 @@ def build_hypergrad_problem(
     harmful_loss: HarmfulLoss,
     seed: int,
     gamma: float = 1.0,
+    curvature: str = "hessian",
     with_unroll: bool = True,
     cache: dict[str, Any] | None = None,
+    max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH,
 ) -> tuple[HypergradProblem, dict[str, Any]]:
     """The hypergradient problem of one sampled configuration C at θ (W-space parameters).
 
-    Returns the problem and what was measured on the way (adaptation losses, L_harm(θ_FT)).
+    Returns the problem and what was measured on the way (adaptation losses, L_FT on the simulation's
+    data before and after, L_harm(θ_FT)). Raises :class:`SimulationDiverged` for a diverged simulation
+    (:func:`check_health`; ``max_ft_loss_growth = None`` keeps only the finiteness checks).
     """
     theta = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     objective = FinetuneObjective(ctx, finetune_loss, data.ft, config.batch_size, seed)
     adapted = adapter.adapt(theta, objective, config, differentiable=False,
                             generator=seeds.generator(seed, "adapt-init"))
     theta_ft = tree.detach(adapted.theta_ft)
+    with torch.no_grad():
+        ft_before = float(objective.full(tree.detach(theta)))
+        ft_after = float(objective.full(theta_ft)) if tree.all_finite(theta_ft) else float("nan")
 
     def harm_loss(p: Params) -> torch.Tensor:
         return harmful_loss(ctx, p, data.harm, seeds.generator(seed, "harm-noise"))
 
     at_ft = {k: v.detach().requires_grad_(True) for k, v in theta_ft.items()}
     loss_ft = harm_loss(at_ft)
+    check_health(adapted.losses, theta_ft, ft_before, ft_after, float(loss_ft.detach()), max_ft_loss_growth)
     grad_harm = tree.grads_or_zeros(torch.autograd.grad(loss_ft, list(at_ft.values()), allow_unused=True), at_ft)
 
     hvp_holder: list = []
 
     def hvp_ft(v: Params) -> Params:
         if not hvp_holder:
-            hvp_holder.append(make_hvp(objective.full, theta_ft))
+            hvp_holder.append(make_curvature(curvature, ctx, lambda c, p: objective.full(p, c), theta_ft))
         return hvp_holder[0](v)
 
     def unroll() -> Params:
@@ -123,6 +164,7 @@ def build_hypergrad_problem(
         grad_harm=grad_harm,
         hvp_ft=hvp_ft,
         gamma=gamma,
+        curvature=curvature,
         unroll=unroll if with_unroll else None,
         harm_loss=harm_loss,
         cache=cache if cache is not None else {},
@@ -132,6 +174,8 @@ def build_hypergrad_problem(
         "adapt_loss_first": adapted.losses[0] if adapted.losses else None,
         "adapt_loss_last": adapted.losses[-1] if adapted.losses else None,
         "harm_ft": float(loss_ft.detach()),
+        "ft_loss_before": ft_before,
+        "ft_loss_after": ft_after,
         "delta_norm": tree.norm(tree.add(theta_ft, tree.detach(theta), -1.0)),
     }
     return problem, info
@@ -149,12 +193,15 @@ def simulate(
     solver: Solver,
     seed: int,
     gamma: float = 1.0,
+    curvature: str = "hessian",
     cache: dict[str, Any] | None = None,
+    max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH,
 ) -> tuple[Params, dict[str, Any]]:
     """(θ, C, D_FT, seed) ↦ the hypergradient ∇_θ L_harm(θ_FT) estimated by ``solver``, and diagnostics."""
     problem, info = build_hypergrad_problem(
         ctx, theta, config, data, adapter=adapter, finetune_loss=finetune_loss, harmful_loss=harmful_loss,
-        seed=seed, gamma=gamma, with_unroll=getattr(solver, "needs_trajectory", False), cache=cache,
+        seed=seed, gamma=gamma, curvature=curvature, with_unroll=getattr(solver, "needs_trajectory", False),
+        cache=cache, max_ft_loss_growth=max_ft_loss_growth,
     )
     result = solver.solve(problem)
     info.update(result.diagnostics)

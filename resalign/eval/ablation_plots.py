@@ -31,9 +31,8 @@ def plot_fidelity_vs_k(rows: Sequence[Mapping[str, Any]], path: str | Path) -> P
         pts = panels[key]
         lines: dict[str, list[Mapping[str, Any]]] = {}
         for r in pts:
-            if r.get("K") is not None:
-                x0 = f" x0={r['x0']}" if r.get("x0") else ""
-                lines.setdefault(f"{r['solver']} γ={r['gamma']:g}{x0}", []).append(r)
+            if r.get("K") is not None:  # one line per setting but K (γ, x_0, curvature)
+                lines.setdefault(r["setting"].replace(f" K={r['K']}", ""), []).append(r)
         for label, line in lines.items():
             line_with_band(ax, line, "K", label)
         if lines:

@@ -88,12 +88,18 @@ class T2IBundle:
         return torch.cat(out).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], (B, 3, H, W) -> model space x_0 (VAE latents × scaling, or pixels)."""
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> model space x_0 (VAE latents × scaling, or pixels).
+
+        The latent is a sample of the VAE posterior drawn with ``generator`` (a fresh one seeded 0 when
+        None), so the same images always give the same x_0.
+        """
         images = images.to(self.device, self.dtype)
         if self.vae is None:
             return images
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        if generator is None:
+            generator = torch.Generator(device=self.vae.device).manual_seed(0)
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample(generator=generator)
         return (latents * self.vae.config.scaling_factor).to(self.dtype)
 
     @torch.no_grad()

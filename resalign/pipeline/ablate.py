@@ -67,10 +67,14 @@ class AblateSolversConfig:
     gamma: list[float] = field(default_factory=lambda: [0.1, 1.0])
     #: initial iterates of solvers with an ``x0`` option (richardson: "zero", Alg. 1, or "grad", x_0 = g)
     x0: list[str] = field(default_factory=lambda: ["zero", "grad"])
+    #: curvature operators of Eq. 6 for the solvers that use one (those with a ``K``): resalign.core.curvature
+    curvature: list[str] = field(default_factory=lambda: ["hessian", "gauss-newton"])
+    #: how γ is set per configuration: fixed (γ as swept) and/or reach (γ · T · lr, MethodSettings.proximity)
+    gamma_rule: list[str] = field(default_factory=lambda: ["fixed"])
     seeds: int = 3
     #: sampled configurations per seed in each (ADAPT method, optimizer) cell of the pool
     configs: int = 1
-    max_steps: int = 10  # T cap of the sampled configurations (exact unrolling)
+    max_steps: int = 30  # T cap of the sampled configurations (exact unrolling)
     loss: str | None = None  # None: the run preset's harmful loss
     run: dict[str, Any] = field(default_factory=dict)  # further RunConfig settings
     effect: EffectConfig = field(default_factory=EffectConfig)
@@ -116,9 +120,10 @@ def _run_config(model: str | None, loss: str, seed: int, device: str, threads: i
 
 
 def _solver_settings(registry, names: list[str], Ks: list[int], gammas: list[float],
-                     x0s: Sequence[str] = ("zero",)) -> list[dict[str, Any]]:
-    """Every (solver, K, γ, x_0) to measure; solvers without a ``K`` option are measured once, solvers
-    without an ``x0`` option once per (K, γ)."""
+                     x0s: Sequence[str] = ("zero",), curvatures: Sequence[str] = ("hessian",),
+                     rules: Sequence[str] = ("fixed",)) -> list[dict[str, Any]]:
+    """Every (solver, K, γ, x_0, curvature) to measure; solvers without a ``K`` option (no linear solve,
+    no curvature) are measured once, solvers without an ``x0`` option once per (K, γ, curvature)."""
     out = []
     for name in names:
         cls = registry.get("solver", name)
@@ -127,20 +132,30 @@ def _solver_settings(registry, names: list[str], Ks: list[int], gammas: list[flo
         if name == "unrolled":
             continue  # the exact reference, measured separately
         if "K" in fields:
-            for x0 in (x0s if "x0" in fields else (None,)):
-                for gamma in gammas:
-                    for K in Ks:
-                        options = {"K": K} | ({"x0": x0} if x0 is not None else {})
-                        out.append({"solver": name, "K": K, "gamma": gamma, "x0": x0, "options": options})
+            for curvature in curvatures:
+                for x0 in (x0s if "x0" in fields else (None,)):
+                    for rule in rules:
+                        for gamma in gammas:
+                            for K in Ks:
+                                options = {"K": K} | ({"x0": x0} if x0 is not None else {})
+                                out.append({"solver": name, "K": K, "gamma": gamma, "x0": x0, "curvature": curvature,
+                                            "rule": rule, "options": options})
         else:
-            out.append({"solver": name, "K": None, "gamma": None, "x0": None, "options": {}})
+            out.append({"solver": name, "K": None, "gamma": None, "x0": None, "curvature": None, "options": {}})
     return out
+
+
+def _key(s: dict[str, Any]) -> tuple:
+    gamma = s["gamma"] if s.get("rule", "fixed") == "fixed" or s["gamma"] is None else f"{s['gamma']:g}·T·lr"
+    return s["solver"], s["K"], gamma, s["x0"], s.get("curvature")
 
 
 def _setting_label(s: dict[str, Any]) -> str:
     if s["K"] is None:
-        return s["solver"]
-    return f"{s['solver']} K={s['K']} γ={s['gamma']:g}" + (f" x0={s['x0']}" if s.get("x0") else "")
+        return s["solver"] + (f" {s['curvature']}" if s.get("curvature") else "")
+    gamma = s["gamma"] if isinstance(s["gamma"], str) else f"{s['gamma']:g}"
+    return (f"{s['solver']} K={s['K']} γ={gamma}" + (f" x0={s['x0']}" if s.get("x0") else "")
+            + (f" {s['curvature']}" if s.get("curvature") else ""))
 
 
 def _fidelity_cells(pool, max_steps: int) -> dict[tuple[str, str], list[FinetuneConfig]]:
@@ -171,7 +186,7 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
     registry = get_registry()
     for name in cfg.solvers + (cfg.effect.solvers if cfg.effect.enabled else []):
         registry.info("solver", name)  # unknown names fail here, before any long work
-    settings = _solver_settings(registry, cfg.solvers, cfg.K, cfg.gamma, cfg.x0)
+    settings = _solver_settings(registry, cfg.solvers, cfg.K, cfg.gamma, cfg.x0, cfg.curvature, cfg.gamma_rule)
     unrolled = registry.create("solver", "unrolled")
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     problems: list[dict[str, Any]] = []
@@ -195,13 +210,21 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                 config = candidates[int(seeds.rng(seed, *cell, attempts, "ablate-config").integers(len(candidates)))]
                 j += 1
                 harm = prep.data.harmful.sample(prep.settings.harm_batch, seeds.generator(seed, j, "ablate-harm"))
-                problem, info = build_hypergrad_problem(
-                    prep.ctx, theta, config, trainer.simulation_data(j, 0, config, harm),
-                    adapter=trainer._adapter(config), finetune_loss=trainer._ft_loss(config.finetune_loss),
-                    harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
-                    gamma=1.0, with_unroll=True,
-                )
-                measured = _measure_problem(problem, settings, unrolled, registry, cfg.device)
+
+                def problem_with(curvature: str, config=config, harm=harm, j=j):
+                    return build_hypergrad_problem(
+                        prep.ctx, theta, config, trainer.simulation_data(j, 0, config, harm),
+                        adapter=trainer._adapter(config), finetune_loss=trainer._ft_loss(config.finetune_loss),
+                        harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
+                        gamma=1.0, curvature=curvature, with_unroll=True,
+                        max_ft_loss_growth=prep.settings.max_ft_loss_growth)
+
+                try:
+                    problem, info = problem_with(cfg.curvature[0])
+                    measured = _measure_problem(problem, settings, unrolled, registry, cfg.device, problem_with,
+                                                reach=config.steps * config.lr)
+                except SolverError:
+                    measured = None
                 if measured is None:  # the simulated fine-tuning diverged: no exact reference to compare with
                     skipped.append({"seed": seed, "config": config.label()})
                     continue
@@ -218,23 +241,26 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                     problems[-1]["lr_lambda_max"] = config.lr * facts["lambda_max"]
                 if progress:
                     progress(len(problems), cfg.seeds * cfg.configs * len(cells))
-    for (name, K, gamma, x0, optimizer, adapter), metrics in values.items():
-        label = _setting_label({"solver": name, "K": K, "gamma": gamma, "x0": x0})
+    for (name, K, gamma, x0, curvature, optimizer, adapter), metrics in values.items():
+        label = _setting_label({"solver": name, "K": K, "gamma": gamma, "x0": x0, "curvature": curvature})
+        extra = ({"x0": x0} if x0 is not None else {}) | ({"curvature": curvature} if curvature else {})
         for metric, vals in metrics.items():
-            if metric == "fallbacks":
+            if metric in ("fallbacks", "halved"):
                 vals = [float(len(vals))]
             report.add(vals, solver=name, metric=metric, K=K, gamma=gamma, setting=label, stage="fidelity",
-                       optimizer=optimizer, adapter=adapter, **({"x0": x0} if x0 is not None else {}))
+                       optimizer=optimizer, adapter=adapter, **extra)
     return {"problems": problems, "skipped_divergent": skipped}
 
 
-def _measure_problem(problem, settings: list[dict[str, Any]], unrolled, registry, device: str
-                     ) -> tuple[dict[tuple, dict[str, float]], dict[str, Any]] | None:
+def _measure_problem(problem, settings: list[dict[str, Any]], unrolled, registry, device: str,
+                     problem_with=None, reach: float = 1.0) -> tuple[dict[tuple, dict[str, float]], dict[str, Any]] | None:
     """Every solver setting on one problem against its exact hypergradient (None when that diverged).
 
-    Returns the figures per (solver, K, γ, x_0) and facts about the problem: ‖g‖, ‖exact‖, the
-    unrolled solve's and the HVP set-up's seconds, and λ_max of ∇²L_FT at θ_FT (power iterations, a
-    lower bound) when a Richardson setting computed it.
+    Settings with another curvature than ``problem``'s are measured on ``problem_with(curvature)``, the
+    same simulation (same θ_FT, g and exact hypergradient) with that curvature operator. Returns the
+    figures per (solver, K, γ, x_0, curvature) and facts about the problem: ‖g‖, ‖exact‖, the unrolled
+    solve's and the HVP set-up's seconds, and λ_max of the first curvature at θ_FT (power iterations,
+    a lower bound) when a Richardson setting computed it.
     """
     try:
         with PeakMemory(device) as mem:
@@ -247,26 +273,34 @@ def _measure_problem(problem, settings: list[dict[str, Any]], unrolled, registry
     problem.hvp_ft(tree.zeros_like(problem.theta_ft))  # build the HVP graph once, for everyone
     hvp_setup = time.perf_counter() - t0
     figures: dict[tuple, dict[str, float]] = {
-        ("unrolled", None, None, None): {"cosine": 1.0, "relative_error": 0.0, "seconds": t_exact,
-                                         "peak_mb": mem.peak_bytes / 2**20},
+        ("unrolled", None, None, None, None): {"cosine": 1.0, "relative_error": 0.0, "seconds": t_exact,
+                                               "peak_mb": mem.peak_bytes / 2**20},
+        ("hvp-setup", None, None, None, None): {"seconds": hvp_setup},
     }
-    shared: dict[str, Any] = {}
-    if any(s["solver"] == "richardson" for s in settings):
-        t0 = time.perf_counter()  # λ_max by power iteration, cached per outer step in a run
-        registry.create("solver", "richardson").lambda_max(dataclasses.replace(problem, cache=shared))
-        figures[("lambda-max", None, None, None)] = {"seconds": time.perf_counter() - t0}
-    figures[("hvp-setup", None, None, None)] = {"seconds": hvp_setup}
-    for s in settings:
-        solver = registry.create("solver", s["solver"], s["options"])
-        gamma = s["gamma"] if s["gamma"] is not None else 1.0
-        m = measure(solver, dataclasses.replace(problem, gamma=gamma, cache=dict(shared)), exact, device=device)
-        figures[(s["solver"], s["K"], s["gamma"], s["x0"])] = (
-            {metric: getattr(m, metric) for metric in SOLVER_METRICS}
-            | ({"fallbacks": 1.0} if m.diagnostics.get("fallback") else {}))
     facts = {"exact_norm": tree.norm(exact), "g_norm": tree.norm(problem.grad_harm), "unrolled_s": t_exact,
              "hvp_setup_s": hvp_setup}
-    if "lambda_max" in shared:
-        facts["lambda_max"] = shared["lambda_max"]
+    curvatures = list(dict.fromkeys(s.get("curvature") or problem.curvature for s in settings))
+    for curvature in curvatures or [problem.curvature]:
+        p = problem if curvature == problem.curvature else problem_with(curvature)[0]
+        shared: dict[str, Any] = {}
+        if any(s["solver"] == "richardson" and s.get("curvature") == curvature for s in settings):
+            t0 = time.perf_counter()  # λ_max by power iteration, cached per outer step in a run
+            registry.create("solver", "richardson").lambda_max(dataclasses.replace(p, cache=shared))
+            figures[("lambda-max", None, None, None, curvature)] = {"seconds": time.perf_counter() - t0}
+            facts.setdefault("lambda_max", shared[f"lambda_max/{curvature}"])
+            facts[f"lambda_max/{curvature}"] = shared[f"lambda_max/{curvature}"]
+        for s in settings:
+            if (s.get("curvature") or problem.curvature) != curvature:
+                continue
+            solver = registry.create("solver", s["solver"], s["options"])
+            gamma = s["gamma"] if s["gamma"] is not None else 1.0
+            if s.get("rule") == "reach":
+                gamma *= reach  # γ · T · lr of this configuration
+            m = measure(solver, dataclasses.replace(p, gamma=gamma, cache=dict(shared)), exact, device=device)
+            figures[_key(s)] = (
+                {metric: getattr(m, metric) for metric in SOLVER_METRICS}
+                | ({"fallbacks": 1.0} if m.diagnostics.get("fallback") else {})
+                | ({"halved": 1.0} if m.diagnostics.get("halvings", 0) > 0 else {}))
     return figures, facts
 
 

@@ -192,10 +192,10 @@ def anchor_prompts(prompts: list[str], concept: str, anchor: str) -> list[str]:
 @torch.no_grad()
 def to_pairset(bundle, pairs: Pairs, anchor: tuple[str, str] | None = None, batch_size: int = 16) -> PairSet:
     """Images -> model space x_0 (VAE latents for SD, pixels for the toy world) and prompts -> c."""
-    xs = []
+    xs, generator = [], torch.Generator(device=bundle.device).manual_seed(0)  # the VAE posterior's sample
     for i in range(0, len(pairs.prompts), batch_size):
         img = torch.from_numpy(pairs.images[i: i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        xs.append(bundle.encode_images(img).float())
+        xs.append(bundle.encode_images(img, generator).float())
     x0 = torch.cat(xs)
     cond = bundle.encode_prompts(pairs.prompts).float()
     anchor_cond = None

@@ -333,10 +333,10 @@ def encode_pairs(bundle: Any, data: PairData, *, prompts: Sequence[str] | None =
     """Images to model space x_0 (VAE latents or pixels) and captions to text embeddings c, once."""
     images = _resize_square(np.asarray(data.images), bundle.image_size)
     caps = list(prompts) if prompts is not None else list(data.prompts)
-    xs = []
+    xs, generator = [], torch.Generator(device=bundle.device).manual_seed(0)  # the VAE posterior's sample
     for i in range(0, len(images), batch):
         t = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        xs.append(bundle.encode_images(t).float())
+        xs.append(bundle.encode_images(t, generator).float())
     return _Encoded(torch.cat(xs), bundle.encode_prompts(caps).float(), getattr(data, "name", ""))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from resalign.config import deep_merge, from_dict, load_toml, to_dict
+from resalign.core.health import simulation_summary, summary_markdown
 from resalign.core.meta import ConfigPool, MethodSettings, ResAlign
 from resalign.core.params import PARAM_KINDS, ParamsOptions
 from resalign.errors import ConfigError, ModelLoadError, ResAlignError, RunInterrupted
@@ -59,6 +60,14 @@ class RunConfig:
     alpha_schedule: str | None = None
     alpha_end: float | None = None
     gamma: float = 1.0
+    #: curvature of Eq. 6 given to the solvers: hessian | gauss-newton (None: the preset's)
+    curvature: str | None = None
+    #: γ per simulation: fixed (γ = gamma) | reach (γ = gamma · T · lr of the configuration)
+    gamma_rule: str = "fixed"
+    #: a simulation whose fine-tuning loss grew by more than this factor is dropped as diverged
+    max_ft_loss_growth: float | None = 2.0
+    #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
+    outlier_factor: float = 10.0
     J: int | None = None
     outer_steps: int | None = None
     outer_lr: float | None = None
@@ -92,7 +101,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         # least harmful after benign fine-tuning and within 5 points of the base model's benign
         # prompt accuracy; with GA neither held (docs/method.md, docs/evaluation.md)
         "loss": "ca",
-        "loss_options": {"ga": {"cap": 0.3}},
+        # ESD's η = 1 target is the unconditional prediction, which draws rings at the toy model's
+        # unconditional rate: η = 3 (negative guidance past it) unlearned to 0.13 in 30 steps, η = 1 to 0.75
+        "loss_options": {"ga": {"cap": 0.3}, "esd": {"eta": 3.0}},
+        "curvature": "gauss-newton",
         "beta": 0.8,
         "alpha": 1.0,
         "alpha_schedule": "constant",
@@ -102,16 +114,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_grad_norm": 1.0,
         "harm_batch": 8,
         "preserve_batch": 16,
-        "ft_size": 4,
+        "ft_size": 8,
         "checkpoint_every": 10,
+        # simulations as long as a few hundred steps of the downstream recipe need to show the rebound:
+        # full-parameter Adam at lr 1e-4 for 30 or 60 steps, batch 1. Shorter runs barely move
+        # L_harm, so β > 0 changed nothing; Adam at 3e-4 or 1e-3 and SGD at 0.03 or 0.1 diverge on
+        # this model (docs/results.md records each pool tried)
         "pool": {
-            "lrs": [1e-3, 3e-4, 1e-4],
-            "lrs_by_optimizer": {"sgd": [1e-1, 3e-2]},
-            "steps": [5, 10],
-            "optimizers": ["sgd", "adam"],
+            "lrs": [1e-4],
+            "steps": [30, 60],
+            "optimizers": ["adam"],
             "finetune_losses": ["denoise", "prior_preservation"],
-            "adapters": ["full", "lora"],
-            "batch_size": 2,
+            "adapters": ["full"],
+            "batch_size": 1,
             "max_lr_steps": 0.0,
             "adapter_options": {"lora": {"rank": 4, "alpha": 4.0}},
         },
@@ -132,6 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "params": "full",
         "loss": "ga",
         "loss_options": {},
+        "curvature": "gauss-newton",
         "beta": 0.8,
         "alpha": 1.6,
         "alpha_schedule": "sigmoid",
@@ -249,6 +265,17 @@ def validate(cfg: RunConfig, registry) -> dict[str, Any]:
         raise ConfigError(f"alpha_schedule: {cfg.alpha_schedule!r} is not one of constant, sigmoid")
     if cfg.gamma <= 0:
         raise ConfigError(f"gamma: must be > 0, got {cfg.gamma}")
+    from resalign.core.curvature import CURVATURES
+
+    if cfg.gamma_rule not in ("fixed", "reach"):
+        raise ConfigError(f"gamma_rule: {cfg.gamma_rule!r} is not one of fixed, reach")
+
+    if cfg.curvature not in CURVATURES:
+        raise ConfigError(f"curvature: {cfg.curvature!r} is not one of {', '.join(CURVATURES)}")
+    if cfg.max_ft_loss_growth is not None and not cfg.max_ft_loss_growth > 1.0:
+        raise ConfigError(f"max_ft_loss_growth: must be > 1 (or unset), got {cfg.max_ft_loss_growth}")
+    if not cfg.outlier_factor >= 0:
+        raise ConfigError(f"outlier_factor: must be >= 0 (0 turns the rule off), got {cfg.outlier_factor}")
     if cfg.model is not None:
         path = Path(cfg.model)
         if not path.is_dir():
@@ -485,7 +512,9 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
         beta=cfg.beta, alpha=cfg.alpha, alpha_schedule=cfg.alpha_schedule, alpha_end=cfg.alpha_end, J=cfg.J,
         gamma=cfg.gamma, outer_steps=cfg.outer_steps, outer_lr=cfg.outer_lr, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, harm_batch=cfg.harm_batch, preserve_batch=cfg.preserve_batch,
-        ft_size=cfg.ft_size, seed=cfg.seed, fixed_ft_data=cfg.fixed_ft_data,
+        ft_size=cfg.ft_size, seed=cfg.seed, fixed_ft_data=cfg.fixed_ft_data, curvature=cfg.curvature,
+        gamma_rule=cfg.gamma_rule,
+        max_ft_loss_growth=cfg.max_ft_loss_growth, outlier_factor=cfg.outlier_factor,
     )
     parameterization = Parameterization(cfg.params, ctx.theta0, cfg.params_options, seed=cfg.seed)
     trainer = ResAlign(
@@ -559,6 +588,10 @@ def execute(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool =
 
     report = TidyReport("run", settings=to_dict(cfg))
     rows = rd.read_metrics()
+    health = simulation_summary(rows)
+    report.settings["simulations"] = health
+    if progress and health["simulations"]:
+        _say_health(health)
     if rows:
         last = rows[-1]
         for key in ("loss_harm", "loss_reg", "harm_ft_mean", "hypergrad_norm", "objective"):
@@ -566,9 +599,21 @@ def execute(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool =
                 report.add(last[key], model="resalign", metric=key, step=last["step"])
     report.add(time.perf_counter() - t_start, model="resalign", metric="wall_time_s")
     rd.write_json("report.json", report.to_dict())
-    rd.write_text("report.md", _report_md(cfg, rows, stopped))
+    rd.write_text("report.md", _report_md(cfg, rows, stopped) + "\n".join(["", *summary_markdown(health)]))
     registry.pm.hook.on_run_end(run_dir=str(rd.path), report=report.to_dict())
     return rd.path
+
+
+def _say_health(health: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    mol = health["median_omega_lambda"]
+    console.print(f"simulations: {health['kept']} of {health['simulations']} kept, {health['dropped']} dropped; "
+                  f"{health['halved']} solves halved ω, {health['fallback']} fell back, {health['first_order']} in "
+                  f"effect first-order" + (f"; median ω·λ_max {mol:.3g}" if mol is not None else ""), highlight=False)
+    for w in health["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {w}", highlight=False)
 
 
 def _report_md(cfg: RunConfig, rows: list[dict[str, Any]], stopped: bool) -> str:

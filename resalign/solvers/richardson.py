@@ -110,11 +110,13 @@ class Richardson(Component):
     Config = RichardsonConfig
 
     def lambda_max(self, problem: HypergradProblem) -> tuple[float, int]:
-        """λ_max of ∇²L_FT, from ``problem.cache`` when another problem of this outer step computed it."""
-        if "lambda_max" in problem.cache:
-            return problem.cache["lambda_max"], 0
+        """λ_max of the problem's curvature, from ``problem.cache`` when another problem of this outer
+        step computed it with the same curvature operator."""
+        key = f"lambda_max/{problem.curvature}"
+        if key in problem.cache:
+            return problem.cache[key], 0
         lam, _ = power_iteration(problem.hvp_ft, problem.grad_harm, self.config.power_iters)
-        problem.cache["lambda_max"] = lam
+        problem.cache[key] = lam
         return lam, self.config.power_iters
 
     def solve(self, problem: HypergradProblem) -> HypergradResult:
@@ -125,7 +127,8 @@ class Richardson(Component):
             raise SolverError("richardson: the harmful gradient at θ_FT is not finite (the simulated fine-tuning diverged)")
         b = scale(g, 1.0 / gamma)
         b_norm = norm(b)
-        diag: dict[str, Any] = {"solver": self.name, "gamma": gamma, "K": c.K, "g_norm": norm(g), "hvps": 0}
+        diag: dict[str, Any] = {"solver": self.name, "gamma": gamma, "K": c.K, "g_norm": norm(g), "hvps": 0,
+                                "curvature": problem.curvature}
         if c.omega is None:
             lam, used = self.lambda_max(problem)
             diag["lambda_max"] = lam
@@ -172,4 +175,8 @@ class Richardson(Component):
             if c.fallback == "first-order":
                 x = g
         diag["x_norm"] = norm(x)
+        if "lambda_max" in diag:
+            diag["omega_lambda"] = omega * abs(diag["lambda_max"])
+        # ‖x − g‖/‖g‖: how far the estimate departs from first-order (0: it is first-order)
+        diag["correction"] = norm(axpy(-1.0, g, x)) / max(norm(g), 1e-30)
         return HypergradResult(x, diag)

@@ -1,0 +1,112 @@
+"""The curvature operator of Eq. 6: v ↦ C·v with C = ∇²L_FT(θ_FT) or a positive semi-definite stand-in.
+
+Eq. 6 solves (C + I/γ) x = g/γ. With C the Hessian (the paper) the system is well posed only while
+every eigenvalue of C exceeds −1/γ; a fine-tuning loss evaluated away from a minimum has negative
+curvature, and then no relaxation makes Richardson converge (``resalign.solvers.richardson``).
+
+``gauss-newton`` is the generalised Gauss–Newton matrix of L_FT = ℓ(f(θ)), with f the UNet outputs the
+loss reads and ℓ the (convex) loss of those outputs:
+
+    G = Jᵀ (∇²_f ℓ) J,      J = ∂f/∂θ,
+
+i.e. the Hessian without the term Σ_i (∂ℓ/∂f_i) ∇²f_i that the residuals carry. For the denoising
+loss ℓ = Σ w_i ‖f_i − ε_i‖² / n, ∇²_f ℓ = 2 diag(w_i)/n ⪰ 0, so G ⪰ 0 and I + γG is positive definite
+for every γ > 0. G equals the Hessian where the model is linear in θ (linear least squares) or where
+the residuals vanish. Each product costs two backward passes through the saved graph (J·v by the
+double-vjp trick, then Jᵀ·u), about as much as a Hessian-vector product.
+
+The products work with any fine-tuning loss: the model outputs that carry a gradient are recorded
+while the loss is evaluated, whatever the loss does with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from resalign.components import DiffusionContext, Params
+from resalign.core import tree
+from resalign.core.functional import second_order
+from resalign.core.hvp import HVP
+from resalign.errors import ConfigError
+
+#: The curvature operators a hypergradient problem can use.
+CURVATURES = ("hessian", "gauss-newton")
+
+#: L_FT evaluated through a context: ``loss_fn(ctx, params) -> scalar`` (fixed batch and noise).
+ContextLoss = Callable[[DiffusionContext, Params], torch.Tensor]
+
+
+class _RecordingModel:
+    """ctx.model, recording every output that depends on the differentiated parameters."""
+
+    def __init__(self, model: Any, outputs: list[torch.Tensor]):
+        self._model, self._outputs = model, outputs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self._model(*args, **kwargs)
+        if out.requires_grad:
+            self._outputs.append(out)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class GaussNewton:
+    """v ↦ Jᵀ (∇²_f ℓ) J v at fixed θ (see the module docstring), for ``loss_fn(ctx, params)``."""
+
+    def __init__(self, ctx: DiffusionContext, loss_fn: ContextLoss, params: Params):
+        self.params = tree.leaves(params)
+        outputs: list[torch.Tensor] = []
+        recording = dataclasses.replace(ctx, model=_RecordingModel(ctx.model, outputs))
+        self.calls = 0
+        with second_order():
+            self.loss = loss_fn(recording, self.params)
+            self.outputs = outputs
+            if not outputs:
+                self._probes, self._jt = [], []
+                return
+            # ∇_f ℓ with its graph: differentiating it once more w.r.t. f gives (∇²_f ℓ)·u
+            self._grad_f = torch.autograd.grad(self.loss, outputs, create_graph=True, allow_unused=True)
+            # Jᵀ·p as a function of dummy probes p: differentiating it w.r.t. p gives J·v
+            self._probes = [torch.zeros_like(o, requires_grad=True) for o in outputs]
+            jt = torch.autograd.grad(outputs, list(self.params.values()), grad_outputs=self._probes,
+                                     create_graph=True, allow_unused=True)
+        self._live = [i for i, j in enumerate(jt) if j is not None and j.requires_grad]
+        self._jt = jt
+
+    def jvp(self, v: Params) -> list[torch.Tensor]:
+        """J·v, one tensor per recorded output."""
+        names = list(self.params)
+        outs = [self._jt[i] for i in self._live]
+        vs = [v[names[i]].to(self._jt[i].dtype) for i in self._live]
+        jv = torch.autograd.grad(outs, self._probes, grad_outputs=vs, retain_graph=True, allow_unused=True)
+        return [j if j is not None else torch.zeros_like(p) for j, p in zip(jv, self._probes)]
+
+    def __call__(self, v: Params) -> Params:
+        self.calls += 1
+        if not self._probes or not self._live:
+            return tree.zeros_like(self.params)
+        jv = self.jvp(v)
+        pairs = [(g, o, u) for g, o, u in zip(self._grad_f, self.outputs, jv) if g is not None and g.requires_grad]
+        if not pairs:
+            return tree.zeros_like(self.params)
+        hjv = torch.autograd.grad([g for g, _, _ in pairs], [o for _, o, _ in pairs],
+                                  grad_outputs=[u for _, _, u in pairs], retain_graph=True, allow_unused=True)
+        used = [(o, h) for (_, o, _), h in zip(pairs, hjv) if h is not None]
+        gv = torch.autograd.grad([o for o, _ in used], list(self.params.values()),
+                                 grad_outputs=[h for _, h in used], retain_graph=True, allow_unused=True)
+        return {k: g.detach() for k, g in tree.grads_or_zeros(gv, self.params).items()}
+
+
+def make_curvature(kind: str, ctx: DiffusionContext, loss_fn: ContextLoss, params: Params):
+    """The product v ↦ C·v of curvature ``kind`` (``hessian`` or ``gauss-newton``) of L_FT at ``params``."""
+    if kind == "hessian":
+        return HVP(lambda p: loss_fn(ctx, p), params)
+    if kind == "gauss-newton":
+        return GaussNewton(ctx, loss_fn, params)
+    raise ConfigError(f"curvature {kind!r}: expected one of {', '.join(CURVATURES)}")
