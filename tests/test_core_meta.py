@@ -168,3 +168,25 @@ def test_an_outlier_simulation_is_dropped_from_the_mean(monkeypatch):
     grads, metrics = tr.gradient()
     assert metrics["dropped"] == 1 and metrics["simulations"][1]["dropped"].startswith("outlier")
     assert metrics["hypergrad_norm"] == pytest.approx(tree.norm(calls[0]), rel=1e-6)
+
+
+def test_gamma_rule_reach_gives_each_simulation_gamma_times_its_steps_times_lr(monkeypatch):
+    from resalign.components import FinetuneConfig
+    import resalign.core.meta as meta
+
+    c = FinetuneConfig(adapter="full", lr=1e-4, steps=30, optimizer="adam", finetune_loss="denoise")
+    assert MethodSettings(gamma=0.5).proximity(c) == 0.5
+    assert MethodSettings(gamma=0.5, gamma_rule="reach").proximity(c) == pytest.approx(0.5 * 30 * 1e-4)
+    with pytest.raises(ConfigError, match="gamma_rule"):
+        MethodSettings(gamma_rule="far").proximity(c)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((args[2], kwargs["gamma"]))
+        return simulate(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "simulate", spy)
+    tr = _trainer(tiny_context(), beta=0.6, solver="first-order", J=2)
+    tr.settings.gamma_rule = "reach"
+    tr.gradient()
+    assert len(seen) == 2 and all(g == pytest.approx(cfg.steps * cfg.lr) for cfg, g in seen)

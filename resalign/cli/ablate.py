@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -10,6 +11,7 @@ from rich.table import Table
 from resalign.cli import app, console
 from resalign.cli.run import apply_set_items
 from resalign.errors import ConfigError
+from resalign.validation import check_device, check_int, check_seed
 
 ablate_app = typer.Typer(help="Ablations: hypergradient solvers (E.1) and method components (Tab. 6, 7).",
                          no_args_is_help=True)
@@ -28,6 +30,19 @@ def _floats(text: str, flag: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.1,1") from None
+
+
+def _check_common(device: str, threads: int, jobs: int, run: dict, *, model: str | None, loss: str | None) -> None:
+    """Device, threads and jobs, and the ``--set`` run settings validated as ``resalign run`` would."""
+    from resalign.pipeline.run import load_run_config, validate
+    from resalign.registry import get_registry
+
+    check_device(device, "--device")
+    check_int(threads, "--threads", ge=0)
+    if jobs < 0:
+        raise ConfigError(f"--jobs {jobs}: expected 0 (automatic) or a positive count")
+    base = {k: v for k, v in (("model", model), ("loss", loss), ("device", device)) if v is not None}
+    validate(load_run_config({**run, **base}), get_registry())
 
 
 def _names(text: str) -> list[str]:
@@ -91,12 +106,16 @@ def solvers_cmd(
         effect=EffectConfig(enabled=effect, solvers=_names(effect_solvers), outer_steps=effect_steps, ft_steps=ft_steps,
                             ft_seeds=ft_seeds),
     )
+    _check_common(device, threads, jobs, cfg.run, model=model, loss=loss)
     if seeds < 1 or configs < 1:
         raise ConfigError("--seeds and --configs must be >= 1")
     if jobs < 0:
         raise ConfigError(f"--jobs {jobs}: expected 0 (automatic) or a positive count")
-    if any(k < 1 for k in cfg.K) or any(g <= 0 for g in cfg.gamma):
-        raise ConfigError("--K values must be >= 1 and --gamma values > 0")
+    if any(k < 1 for k in cfg.K) or not all(math.isfinite(g) and g > 0 for g in cfg.gamma):
+        raise ConfigError("--K values must be >= 1 and --gamma values finite numbers > 0")
+    for flag, value, low in (("--max-steps", max_steps, 1), ("--effect-outer-steps", effect_steps, 1),
+                             ("--ft-steps", ft_steps, 0), ("--ft-seeds", ft_seeds, 1)):
+        check_int(value, flag, ge=low)
     from resalign.core.curvature import CURVATURES
 
     if not cfg.curvature or set(cfg.curvature) - set(CURVATURES):
@@ -144,8 +163,12 @@ def components_cmd(
         device=device, threads=threads, jobs=jobs, run=apply_set_items({}, set_),
         effect=EffectConfig(outer_steps=outer_steps, ft_steps=ft_steps, ft_seeds=ft_seeds),
     )
-    if jobs < 0:
-        raise ConfigError(f"--jobs {jobs}: expected 0 (automatic) or a positive count")
+    _check_common(device, threads, jobs, cfg.run, model=model, loss=loss)
+    check_seed(seed, "--seed")
+    for flag, value, low in (("--outer-steps", outer_steps, 1), ("--ft-steps", ft_steps, 0), ("--ft-seeds", ft_seeds, 1)):
+        check_int(value, flag, ge=low)
+    if any(j < 0 for j in cfg.J):
+        raise ConfigError(f"--J {J!r}: expected integers >= 0")
     run_dir, report = run_ablate_components(cfg, _out(out, "ablate-components"), progress=not quiet)
     _print(report, "harmful rate after benign fine-tuning", ("setting", "prompts"),
            {"stage": "after_ft", "metric": "harmful_rate"})

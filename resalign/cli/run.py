@@ -36,17 +36,27 @@ def _default(key: str) -> str:
     return "\\[default: " + fmt(value) + "]"
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, item: str = "") -> Any:
+    """A TOML value (number, bool, string, array, inline table); anything that is not one stays a string."""
     import tomllib
 
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        parsed = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
+        if "\n" in text or "\r" in text:
+            raise ConfigError(f"--set {item!r}: the value spans several lines; give one TOML value") from None
         return text
+    except RecursionError:
+        raise ConfigError(f"--set {item!r}: the value is nested too deeply") from None
+    if set(parsed) != {"v"}:
+        raise ConfigError(f"--set {item!r}: expected one TOML value after '='")
+    return parsed["v"]
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
+    keys = [k.strip() for k in dotted.split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set {dotted!r}: expected KEY=VALUE with a dotted KEY such as pool.lrs")
     for k in keys[:-1]:
         d = d.setdefault(k, {})
         if not isinstance(d, dict):
@@ -60,7 +70,7 @@ def apply_set_items(raw: dict[str, Any], items: list[str] | None) -> dict[str, A
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        _set(raw, key.strip(), _parse_value(value.strip()))
+        _set(raw, key.strip(), _parse_value(value.strip(), item))
     return raw
 
 
@@ -86,6 +96,10 @@ def run_cmd(
                                 + _default("alpha")),
     gamma: float = typer.Option(None, "--gamma", help="γ, the Moreau-envelope proximity coefficient (Eq. 5) "
                                 + _default("gamma")),
+    curvature: str = typer.Option(None, "--curvature", help="Curvature of Eq. 6 given to the solvers: hessian | "
+                                  "gauss-newton (positive semi-definite) " + _default("curvature")),
+    gamma_rule: str = typer.Option(None, "--gamma-rule", help="γ per simulation: fixed (γ) | reach (γ·T·lr of the "
+                                   "configuration) \\[default: fixed]"),
     K: int = typer.Option(None, "--K", help="Richardson iterations K (Alg. 1) \\[default: 5]"),
     J: int = typer.Option(None, "-J", "--inner-samples", help="Configurations C ~ π(C) per outer step " + _default("J")),
     outer_steps: int = typer.Option(None, "--outer-steps", help="Outer iterations I of Alg. 2 " + _default("outer_steps")),
@@ -111,7 +125,8 @@ def run_cmd(
 
     raw: dict[str, Any] = {}
     flags = {"preset": preset, "model": model, "loss": loss, "regularizer": regularizer, "solver": solver,
-             "params": params, "beta": beta, "alpha": alpha, "gamma": gamma, "J": J, "outer_steps": outer_steps,
+             "params": params, "beta": beta, "alpha": alpha, "gamma": gamma, "curvature": curvature,
+             "gamma_rule": gamma_rule, "J": J, "outer_steps": outer_steps,
              "outer_lr": outer_lr, "seed": seed, "device": device, "dtype": dtype, "threads": threads}
     raw.update({k: v for k, v in flags.items() if v is not None})
     if adapt:

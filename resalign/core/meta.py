@@ -31,7 +31,7 @@ from resalign.components import DenoiseBatch, DiffusionContext, FinetuneConfig, 
 from resalign.core import seeds, tree
 from resalign.core.health import outlier_mask
 from resalign.core.params import Parameterization
-from resalign.core.problem import SimulationData, simulate
+from resalign.core.problem import MAX_FT_LOSS_GROWTH, SimulationData, simulate
 from resalign.errors import ConfigError, SolverError
 
 
@@ -99,7 +99,7 @@ class MethodSettings:
     #: γ of each simulation: "fixed" (γ = gamma, the paper) or "reach" (γ = gamma · T · lr, see proximity())
     gamma_rule: str = "fixed"
     #: a simulation whose L_FT grew by more than this factor diverged (None: only finiteness checks)
-    max_ft_loss_growth: float | None = 2.0
+    max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH
     #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
     outlier_factor: float = 10.0
 

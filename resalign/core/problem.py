@@ -18,6 +18,7 @@ that raises its own loss has left the region where Eq. 5 describes it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,21 +91,17 @@ class FinetuneObjective:
 def check_health(losses: list[float], theta_ft: Params, ft_before: float, ft_after: float, harm_ft: float,
                  max_growth: float | None) -> None:
     """Raise :class:`SimulationDiverged` when the simulated fine-tuning diverged (module docstring)."""
-    if not all(map(_finite, losses)):
+    if not all(map(math.isfinite, losses)):
         raise SimulationDiverged("simulated fine-tuning diverged: a fine-tuning loss is not finite")
     if not tree.all_finite(theta_ft):
         raise SimulationDiverged("simulated fine-tuning diverged: θ_FT is not finite")
-    if not _finite(harm_ft):
+    if not math.isfinite(harm_ft):
         raise SimulationDiverged("simulated fine-tuning diverged: L_harm(θ_FT) is not finite")
-    if not _finite(ft_after):
+    if not math.isfinite(ft_after):
         raise SimulationDiverged("simulated fine-tuning diverged: L_FT(θ_FT) is not finite")
     if max_growth is not None and ft_before > 0 and ft_after > max_growth * ft_before:
         raise SimulationDiverged(f"simulated fine-tuning diverged: L_FT grew {ft_after / ft_before:.3g}x "
                                  f"({ft_before:.4g} -> {ft_after:.4g}; bound {max_growth:g}x)")
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def build_hypergrad_problem(
