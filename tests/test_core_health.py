@@ -29,6 +29,9 @@ def test_summary_counts_drops_halvings_fallbacks_and_first_order_solves():
     assert s["warnings"] == []  # half first-order is not "most"
     text = "\n".join(summary_markdown(s))
     assert "| 2 | full/sgd/lr=0.1/T=10/denoise | simulated fine-tuning diverged |" in text
+    rows[1]["simulations"][1]["dropped"] = "outlier: |L_harm(θ_FT)| = 5 exceeds 10x"
+    table = [line for line in summary_markdown(simulation_summary(rows)) if line.startswith("| 2 |")]
+    assert table == ["| 2 | full/sgd/lr=0.1/T=10/denoise | outlier: \\|L_harm(θ_FT)\\| = 5 exceeds 10x |"]
 
 
 def test_summary_warns_when_most_hypergradients_were_first_order_or_everything_was_dropped():

@@ -90,5 +90,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"- **Warning:** {w}.")
     if s["dropped_list"]:
         lines += ["", "| step | configuration | reason dropped |", "|---:|---|---|"]
-        lines += [f"| {d['step']} | {d['config']} | {d['reason']} |" for d in s["dropped_list"]]
+        lines += [f"| {d['step']} | {d['config']} | {_cell(d['reason'])} |" for d in s["dropped_list"]]
     return lines + [""]
+
+
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell (its pipes escaped)."""
+    return text.replace("|", "\\|")
