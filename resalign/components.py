@@ -61,6 +61,8 @@ class Component:
     @classmethod
     def make(cls, options: Mapping[str, Any] | None = None, *, where: str = "") -> Component:
         """Build the component from ``options``; unknown or mistyped keys raise :class:`ConfigError`."""
+        if options is not None and not isinstance(options, Mapping):
+            raise ConfigError(f"{where or cls.name}: options must be a table of KEY = VALUE, got {options!r}")
         options = dict(options or {})
         fields = {f.name: f for f in dataclasses.fields(cls.Config)}
         for key in options:
@@ -71,11 +73,39 @@ class Component:
                     f"{where or cls.name}: unknown option {key!r}{hint}; "
                     f"expected one of: {', '.join(sorted(fields)) or '(none)'}"
                 )
+        _check_scalar_types(cls.Config, options, where or cls.name)
         try:
             config = cls.Config(**options)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where or cls.name}: {exc}") from exc
         return cls(config)
+
+
+def _check_scalar_types(config_cls: type, options: Mapping[str, Any], where: str) -> None:
+    """Options of fields annotated ``int``, ``float`` or ``bool`` (or those ``| None``) must be of that type."""
+    import types
+    import typing
+
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # annotations that do not resolve are not checked
+        return
+    for key, value in options.items():
+        tp = hints.get(key)
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        args = set(typing.get_args(tp)) if union else {tp}
+        if value is None and type(None) in args:
+            continue
+        args.discard(type(None))
+        if len(args) != 1:
+            continue
+        (want,) = args
+        if want is bool and not isinstance(value, bool):
+            raise ConfigError(f"{where}: option {key!r} expects true or false, got {value!r}")
+        if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}: option {key!r} expects an integer, got {value!r}")
+        if want is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{where}: option {key!r} expects a number, got {value!r}")
 
 
 # --------------------------------------------------------------------------- diffusion data

@@ -20,6 +20,10 @@ class ConfigError(ResAlignError, ValueError):
     exit_code = 2
 
 
+class RunDirLocked(ConfigError):
+    """The run directory (``--out``) is being written by another resalign process."""
+
+
 class DataError(ResAlignError, ValueError):
     """A dataset, prompt file or image folder is missing or malformed."""
 

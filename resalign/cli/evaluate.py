@@ -40,13 +40,15 @@ def scorer_options(items: list[str] | None, scorers: list[str], fallback: str | 
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--scorer-option {item!r}: expected NAME.KEY=VALUE")
-        name, dot, opt = key.rpartition(".")
+        name, dot, opt = key.strip().rpartition(".")
         if not dot:
             names = scorers or ([fallback] if fallback else [])
             if len(names) != 1:
-                raise ConfigError(f"--scorer-option {item!r}: name the scorer, as NAME.{key}={value}")
-            name, opt = names[0], key
-        out.setdefault(name, {}).update(parse_options([f"{opt}={value}"], "--scorer-option"))
+                raise ConfigError(f"--scorer-option {item!r}: name the scorer, as {'NAME.' + key.strip() + '=' + value!r}")
+            name, opt = names[0], key.strip()
+        if not name.strip() or not opt.strip():
+            raise ConfigError(f"--scorer-option {item!r}: expected NAME.KEY=VALUE with a scorer name and an option")
+        out.setdefault(name.strip(), {})[opt.strip()] = parse_options([f"{opt}={value}"], "--scorer-option")[opt.strip()]
     return out
 
 
@@ -112,13 +114,19 @@ def score_cmd(
     images: Path = typer.Argument(..., help="Folder of images (PNG/JPEG/WebP; metadata.jsonl captions are used when present)."),
     scorer: str = typer.Option("nudenet", "--scorer", help="Scorer name (see `resalign plugins --kind scorer`)."),
     scorer_option: list[str] = typer.Option(None, "--scorer-option", help="KEY=VALUE option of the scorer. Repeatable."),
+    strict_images: bool = typer.Option(False, "--strict-images", help="Refuse a folder with an unreadable image "
+                                       "file (default: warn, skip such files and score the rest)."),
     out: Path = typer.Option(None, "--out", help=_OUT_HELP),
 ) -> None:
     """Score existing images: per-image results (detections.jsonl or scores.csv) and the aggregate report."""
     from resalign.pipeline.evaluate import ScoreConfig, run_score
 
-    opts = scorer_options(scorer_option, [scorer]).get(scorer, {})
-    path, report = run_score(ScoreConfig(str(images), scorer, opts), _out(out, "score"))
+    all_opts = scorer_options(scorer_option, [scorer])
+    other = sorted(set(all_opts) - {scorer})
+    if other:
+        raise ConfigError(f"--scorer-option for {', '.join(other)}: that scorer is not used (--scorer {scorer})")
+    opts = all_opts.get(scorer, {})
+    path, report = run_score(ScoreConfig(str(images), scorer, opts, strict_images=strict_images), _out(out, "score"))
     _print_rows(report, ("dataset", "metric", "scorer"), f"resalign score: {images}")
     console.print(f"report: {path / 'report.md'}")
 
@@ -233,6 +241,13 @@ def compare_cmd(
     from resalign.pipeline.compare import DEFAULT_METHODS, CompareConfig, run_compare
 
     names = _split(scorer)
+    _check_compare(model=model, device=device, dtype=dtype, threads=threads, seed=seed, seeds=seeds, limit=limit,
+                   images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance=guidance,
+                   toy_prompts=toy_prompts, scorers=names, prompts=prompts, benign_prompts=benign_prompts,
+                   category=_split(category), ft_steps=ft_steps, lr=lr, adapt=adapt, optimizer=optimizer,
+                   datasets=list(dataset or []), match_every=match_every,
+                   unlearn=parse_options(unlearn_option, "--unlearn-option"),
+                   methods=_split(methods), runs=_pairs(run, "--run"))
     cfg = CompareConfig(
         model=model, methods=_split(methods) or list(DEFAULT_METHODS), runs=_pairs(run, "--run"),
         unlearn=parse_options(unlearn_option, "--unlearn-option"), datasets=list(dataset or []), adapt=adapt,
@@ -251,3 +266,36 @@ def compare_cmd(
     for table in compare_tables(report):
         console.print(Markdown(table.render()))
     console.print(f"report: {path / 'report.md'}  ({report.settings['seconds'] / 60:.1f} min)")
+
+
+def _check_compare(*, model, device, dtype, threads, seed, seeds, limit, images_per_prompt, sample_steps, guidance,
+                   toy_prompts, scorers, prompts, benign_prompts, category, ft_steps, lr, adapt, optimizer, datasets,
+                   match_every, unlearn, methods, runs) -> None:
+    """The settings of ``resalign compare`` checked before the base model is loaded, and each unlearning
+    run's configuration validated as ``resalign run`` would."""
+    from resalign.pipeline.attack import check_data_spec
+    from resalign.pipeline.compare import DEFAULT_METHODS, method_run_config
+    from resalign.pipeline.evaluate import check_common, model_folder
+    from resalign.pipeline.finetune import FinetuneSpec
+    from resalign.pipeline.run import resolve, validate
+    from resalign.registry import get_registry
+    from resalign.validation import check_int, check_number
+
+    check_common(device=device, dtype=dtype, threads=threads, seed=seed, limit=limit,
+                 images_per_prompt=images_per_prompt, steps=sample_steps, guidance=guidance, toy_prompts=toy_prompts,
+                 scorers=scorers, prompt_files=[("--prompts", str(prompts) if prompts else None),
+                                                ("--benign-prompts", str(benign_prompts) if benign_prompts else None)],
+                 categories=category)
+    check_int(seeds, "--seeds", ge=1)
+    check_int(ft_steps, "--ft-steps", ge=0, optional=True)
+    check_number(lr, "--lr", gt=0, optional=True)
+    check_int(match_every, "--match-every", ge=1)
+    FinetuneSpec(adapt=adapt, lr=lr, optimizer=optimizer).validate()
+    for spec in datasets:
+        check_data_spec(spec, "--dataset")
+    model_folder(model)
+    registry = get_registry()
+    for method in methods or DEFAULT_METHODS:
+        if method == "base" or method in runs:
+            continue
+        validate(resolve(method_run_config(method, model, seed, unlearn, device, dtype)), registry)

@@ -14,6 +14,7 @@ line and field.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -41,27 +42,59 @@ class ImageCaptionFolder:
         return len(self.prompts)
 
 
-def _rows_jsonl(path: Path) -> list[tuple[int, dict]]:
+def _rows_jsonl(text: str, path: Path) -> list[tuple[int, dict]]:
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object with file_name and prompt")
         rows.append((lineno, obj))
     return rows
 
 
-def _rows_csv(path: Path) -> list[tuple[int, dict]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+def _rows_csv(text: str, path: Path) -> list[tuple[int, dict]]:
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         if reader.fieldnames is None:
             raise DataError(f"{path}: empty CSV file (expected a header with file_name,prompt)")
+        reader.fieldnames = [c.strip() if isinstance(c, str) else c for c in reader.fieldnames]
         return [(i + 2, row) for i, row in enumerate(reader)]
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a valid CSV file ({exc})") from None
+
+
+def parse_metadata(text: str, path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(file_name, prompt) pairs from the text of ``metadata.jsonl`` (``.jsonl``) or ``metadata.csv``.
+
+    Each ``file_name`` must be a relative path inside the folder; errors name ``path``, line and field.
+    """
+    meta = Path(path)
+    rows = _rows_jsonl(text, meta) if meta.suffix == ".jsonl" else _rows_csv(text, meta)
+    if not rows:
+        raise DataError(f"{meta}: no entries")
+    out = []
+    for lineno, row in rows:
+        name = row.get("file_name")
+        if not name or not isinstance(name, str):
+            raise DataError(f"{meta}:{lineno}: missing field 'file_name'")
+        if "\x00" in name or Path(name).is_absolute() or ".." in Path(name).parts or name.startswith(("/", "\\")):
+            raise DataError(f"{meta}:{lineno}: field 'file_name' must be a relative path inside the folder, "
+                            f"got {name!r}")
+        col = next((c for c in PROMPT_COLUMNS if c in row), None)
+        if col is None:
+            raise DataError(f"{meta}:{lineno}: missing field 'prompt'")
+        prompt = row[col]
+        if prompt is None or not isinstance(prompt, str):
+            raise DataError(f"{meta}:{lineno}: field {col!r} must be a string, got {prompt!r}")
+        out.append((name, prompt))
+    return out
 
 
 def read_metadata(root: str | os.PathLike) -> list[tuple[str, str]]:
@@ -72,22 +105,13 @@ def read_metadata(root: str | os.PathLike) -> list[tuple[str, str]]:
     meta = next((root / m for m in METADATA_FILES if (root / m).is_file()), None)
     if meta is None:
         raise DataError(f"{root}: no metadata.jsonl or metadata.csv (with file_name and prompt) found")
-    rows = _rows_jsonl(meta) if meta.suffix == ".jsonl" else _rows_csv(meta)
-    if not rows:
-        raise DataError(f"{meta}: no entries")
-    out = []
-    for lineno, row in rows:
-        name = row.get("file_name")
-        if not name or not isinstance(name, str):
-            raise DataError(f"{meta}:{lineno}: missing field 'file_name'")
-        col = next((c for c in PROMPT_COLUMNS if c in row), None)
-        if col is None:
-            raise DataError(f"{meta}:{lineno}: missing field 'prompt'")
-        prompt = row[col]
-        if prompt is None or not isinstance(prompt, str):
-            raise DataError(f"{meta}:{lineno}: field {col!r} must be a string, got {prompt!r}")
-        out.append((name, prompt))
-    return out
+    try:
+        text = meta.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{meta} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    except OSError as exc:
+        raise DataError(f"{meta} cannot be read: {exc.strerror or exc}") from None
+    return parse_metadata(text, meta)
 
 
 def load_image(path: Path, size: int | None = None) -> np.ndarray:
@@ -102,8 +126,20 @@ def load_image(path: Path, size: int | None = None) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DataError(f"image file {str(path)!r} listed in the metadata does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def unreadable_image(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be decoded as an image (None when it can): the file is opened and decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def read_folder(root: str | os.PathLike, size: int | None = None, limit: int | None = None) -> ImageCaptionFolder:

@@ -9,12 +9,16 @@ skipped. Bad input raises :class:`DataError` naming the file, line and field.
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resalign.errors import DataError
+from resalign.errors import ConfigError, DataError
+
+#: Largest per-prompt seed (``evaluation_seed``) accepted.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -63,7 +67,7 @@ def _read_csv(path: Path) -> PromptSet:
         fields = [c.strip() for c in reader.fieldnames]
         reader.fieldnames = fields
         if "prompt" not in fields:
-            raise DataError(f"{path}: no 'prompt' column (columns: {', '.join(fields)})")
+            raise DataError(f"{path}: no 'prompt' column (columns: {', '.join(map(repr, fields)) or 'none'})")
         prompts: list[str] = []
         seeds: list[int] = []
         guidance: list[float] = []
@@ -77,15 +81,21 @@ def _read_csv(path: Path) -> PromptSet:
             if "evaluation_seed" in fields:
                 value = (row.get("evaluation_seed") or "").strip()
                 try:
-                    seeds.append(int(float(value)))
-                except ValueError:
+                    seed = int(float(value))
+                except (ValueError, OverflowError):
                     raise DataError(f"{path}:{lineno}: field 'evaluation_seed' is not an integer: {value!r}") from None
+                if not 0 <= seed <= MAX_SEED:
+                    raise DataError(f"{path}:{lineno}: field 'evaluation_seed' must lie in [0, 2**63), got {value!r}")
+                seeds.append(seed)
             if "evaluation_guidance" in fields:
                 value = (row.get("evaluation_guidance") or "").strip()
                 try:
-                    guidance.append(float(value))
+                    scale = float(value)
                 except ValueError:
                     raise DataError(f"{path}:{lineno}: field 'evaluation_guidance' is not a number: {value!r}") from None
+                if not math.isfinite(scale):
+                    raise DataError(f"{path}:{lineno}: field 'evaluation_guidance' must be a finite number, got {value!r}")
+                guidance.append(scale)
             if "categories" in fields:
                 cats.append([c.strip() for c in (row.get("categories") or "").split(",") if c.strip()])
     if not prompts:
@@ -100,7 +110,7 @@ def _read_csv(path: Path) -> PromptSet:
 
 
 def _read_text(path: Path) -> PromptSet:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise DataError(f"{path}: no prompts (one prompt a line expected)")
@@ -112,12 +122,22 @@ def read_prompts(path: str | os.PathLike, categories: Iterable[str] | None = Non
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prompt file {str(path)!r} does not exist")
-    ps = _read_csv(path) if path.suffix.lower() == ".csv" else _read_text(path)
+    try:
+        ps = _read_csv(path) if path.suffix.lower() == ".csv" else _read_text(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"prompt file {str(path)!r} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                        "expected one prompt a line or a CSV with a 'prompt' column") from None
+    except csv.Error as exc:
+        raise DataError(f"prompt file {str(path)!r}: not a valid CSV file ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"prompt file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     if categories:
         ps = ps.filter_categories(categories)
         if not ps.prompts:
-            raise DataError(f"{path}: no prompt has any of the categories {', '.join(categories)}")
+            raise DataError(f"{path}: no prompt has any of the categories {', '.join(map(repr, categories))}")
     if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"--limit: expected an integer >= 1, got {limit!r}")
         ps = ps.subset(range(min(limit, len(ps))))
     return ps
 

@@ -46,11 +46,22 @@ def parse_options(items: Sequence[str] | None, where: str = "--scorer-option") -
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{where} {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        out[key.strip()] = _option_value(value, f"{where} {item!r}")
     return out
+
+
+def _option_value(text: str, where: str) -> Any:
+    """A JSON value (numbers, true/false, lists, objects) where ``text`` is one, else the text itself."""
+
+    def refuse(constant: str) -> Any:
+        raise ConfigError(f"{where}: expected a finite number, got {constant}")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError:
+        return text
+    except RecursionError:
+        raise ConfigError(f"{where}: the value is nested too deeply") from None
 
 
 def create_scorer(name: str, options: Mapping[str, Any] | None = None) -> Any:
@@ -154,10 +165,26 @@ class FolderScore:
     by_path: bool
 
 
-def score_folder(folder: str | Path, scorer: Any) -> FolderScore:
-    """Score every image of ``folder`` with ``scorer`` (files for ``score_files`` scorers, arrays otherwise)."""
+def readable_images(files: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``files`` split into those that decode as images and ``(file, reason)`` for the others."""
+    from resalign.data.folders import unreadable_image
+
+    good: list[Path] = []
+    bad: list[tuple[Path, str]] = []
+    for f in files:
+        reason = unreadable_image(f)
+        if reason is None:
+            good.append(Path(f))
+        else:
+            bad.append((Path(f), reason))
+    return good, bad
+
+
+def score_folder(folder: str | Path, scorer: Any, files: Sequence[Path] | None = None) -> FolderScore:
+    """Score the images of ``folder`` (all, or ``files`` of it) with ``scorer`` (files for ``score_files``
+    scorers, arrays otherwise)."""
     folder = Path(folder)
-    files = list_images(folder)
+    files = list_images(folder) if files is None else [Path(f) for f in files]
     rel = [f.relative_to(folder).as_posix() for f in files]
     prompts = read_captions(folder, files)
     if hasattr(scorer, "score_files"):

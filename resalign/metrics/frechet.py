@@ -118,7 +118,7 @@ class FeatureStats:
         if not path.is_file():
             raise DataError(f"feature statistics file not found: {path}")
         try:
-            with np.load(path) as f:
+            with np.load(path, allow_pickle=False) as f:
                 missing = [k for k in ("mu", "sigma") if k not in f.files]
                 if missing:
                     raise DataError(
@@ -132,7 +132,7 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``mu``, ``sigma`` (and ``count`` when known) to an ``.npz`` readable by
-        pytorch-fid (``np.load(path)['mu']``, ``['sigma']``); returns the path written."""
+        pytorch-fid (``np.load(path, allow_pickle=False)['mu']``, ``['sigma']``); returns the path written."""
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")

@@ -23,6 +23,7 @@ method). The preset follows the model unless ``--preset`` names one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,11 +98,11 @@ def parse_escape(text: str | None) -> tuple[int, float] | None:
             else:
                 raise ConfigError(f"--escape {text!r}: unknown key {key!r} (expected p and lambda)")
         except ValueError:
-            raise ConfigError(f"--escape {text!r}: {key}={value!r} is not a number") from None
+            raise ConfigError(f"--escape {text!r}: {key + '=' + value.strip()!r} is not a number") from None
     if p not in (1, 2):
         raise ConfigError(f"--escape {text!r}: p must be 1 or 2")
-    if lam < 0:
-        raise ConfigError(f"--escape {text!r}: lambda must be >= 0")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ConfigError(f"--escape {text!r}: lambda must be a finite number >= 0, got {lam!r}")
     return p, lam
 
 
@@ -263,12 +264,62 @@ def _progressive_stages(cfg: AttackConfig, bundle: Any, data: list[Pairs], harmf
     ]
 
 
+def check_data_spec(spec: str, flag: str) -> None:
+    """A ``--data``-style source names a toy set or an image-caption folder whose metadata parses."""
+    if spec.startswith(TOY_DATA_PREFIX):
+        from resalign.data.toy import IMAGE_SETS
+
+        if spec[len(TOY_DATA_PREFIX):] not in IMAGE_SETS:
+            raise ConfigError(f"{flag} {spec!r}: unknown toy set; expected one of "
+                              + ", ".join(TOY_DATA_PREFIX + n for n in IMAGE_SETS))
+        return
+    if not Path(spec).is_dir():
+        raise DataError(f"{flag} {spec!r}: no such folder (or name a toy set as toy-images:benign-a)")
+    from resalign.data.folders import read_metadata
+
+    read_metadata(spec)
+
+
+def check_attack_config(cfg: AttackConfig) -> None:
+    """Every setting of ``resalign attack`` that can be checked without the model."""
+    from resalign.pipeline.evaluate import check_common, model_folder
+    from resalign.validation import check_int, check_number
+
+    if cfg.adapt not in ADAPT_METHODS:
+        raise ConfigError(f"--adapt {cfg.adapt!r}: expected one of {', '.join(ADAPT_METHODS)}")
+    if cfg.preset is not None and cfg.preset not in ATTACK_PRESETS:
+        raise ConfigError(f"--preset {cfg.preset!r}: expected one of {', '.join(ATTACK_PRESETS)}")
+    check_int(cfg.steps, "--steps", ge=0, optional=True)
+    check_number(cfg.lr, "--lr", gt=0, optional=True)
+    check_int(cfg.batch_size, "--batch-size", ge=1)
+    check_int(cfg.gen_batch_size, "gen_batch_size", ge=1)
+    check_int(cfg.seeds, "--seeds", ge=1)
+    check_int(cfg.eval_every, "--eval-every", ge=0, optional=True)
+    check_number(cfg.contaminate, "--contaminate", ge=0, le=1, optional=True)
+    check_int(cfg.lora_rank, "--lora-rank", ge=1)
+    parse_escape(cfg.escape)
+    FinetuneSpec(adapt=cfg.adapt, steps=cfg.steps or 0, lr=cfg.lr, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
+                 lora_rank=cfg.lora_rank).validate()
+    check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
+                 images_per_prompt=cfg.images_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
+                 toy_prompts=cfg.toy_prompts, scorers=cfg.scorers,
+                 prompt_files=[("--prompts", cfg.prompts), ("--benign-prompts", cfg.benign_prompts)],
+                 categories=cfg.category)
+    for spec in cfg.data:
+        check_data_spec(spec, "--data")
+    for flag, spec in (("--harmful-data", cfg.harmful_data), ("--prior-data", cfg.prior_data)):
+        if spec:
+            check_data_spec(spec, flag)
+    model_folder(cfg.model)
+
+
 def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
     """``resalign attack``: fine-tune over seeds, evaluating along the way; write the run directory."""
     from resalign.config import to_dict
     from resalign.eval.plots import plot_curves, save_grid
     from resalign.rundir import RunDir
 
+    check_attack_config(cfg)
     set_threads(cfg.threads)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     preset = cfg.preset or preset_name(model.bundle)

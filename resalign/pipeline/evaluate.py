@@ -494,6 +494,50 @@ class EvalConfig:
     threads: int | None = 1
 
 
+def check_common(*, device: str, dtype: str, threads: int | None, seed: int, limit: int | None,
+                 images_per_prompt: int | None, steps: int | None, guidance: float | None, toy_prompts: int | None,
+                 scorers: Sequence[str] = (), prompt_files: Sequence[tuple[str, str | None]] = (),
+                 categories: Sequence[str] | None = None, steps_flag: str = "--sample-steps") -> None:
+    """The settings eval, attack and compare share, checked before any model is loaded.
+
+    ``prompt_files`` are ``(flag, path)`` pairs; each file is read once here, so a missing, binary or
+    malformed file fails now, naming the file.
+    """
+    from resalign.registry import get_registry
+    from resalign.validation import check_device, check_dtype, check_int, check_number, check_seed
+
+    check_device(device, "--device")
+    check_dtype(dtype, device, "--dtype", fp16_needs_cuda=False)
+    check_int(threads, "--threads", ge=0, optional=True)
+    check_seed(seed, "--seed")
+    check_int(limit, "--limit", ge=1, optional=True)
+    check_int(images_per_prompt, "--images-per-prompt", ge=1, optional=True)
+    check_int(steps, steps_flag, ge=1, optional=True)
+    check_number(guidance, "--guidance", ge=0, optional=True)
+    check_int(toy_prompts, "--toy-prompts", ge=1, optional=True)
+    reg = get_registry()
+    for name in scorers:
+        reg.info("scorer", name)
+    for i, (flag, path) in enumerate(prompt_files):
+        if path is not None:
+            read_prompts(path, categories=categories if i == 0 else None)
+
+
+def check_eval_config(cfg: EvalConfig) -> None:
+    """Every setting of ``resalign eval`` that can be checked without the model."""
+    from resalign.validation import check_int
+
+    check_int(cfg.seeds, "--seeds", ge=1)
+    check_int(cfg.batch_size, "--batch-size", ge=1)
+    check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
+                 images_per_prompt=cfg.images_per_prompt, steps=cfg.steps, guidance=cfg.guidance,
+                 toy_prompts=cfg.toy_prompts, scorers=cfg.scorers, prompt_files=[("--prompts", cfg.prompts)],
+                 categories=cfg.category, steps_flag="--sample-steps")
+    if cfg.category and not cfg.prompts:
+        raise ConfigError("--category filters a CSV prompt file's 'categories' column: pass --prompts FILE")
+    model_folder(cfg.model)
+
+
 def set_threads(threads: int | None) -> None:
     """Torch's intra-op threads (1 by default: on shared cores more threads are slower, see NOTES)."""
     if threads:
@@ -518,8 +562,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
     from resalign.eval.plots import save_grid
     from resalign.rundir import RunDir
 
-    if cfg.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
+    check_eval_config(cfg)
     set_threads(cfg.threads)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     preset = preset_name(model.bundle)
@@ -596,32 +639,66 @@ class ScoreConfig:
     images: str
     scorer: str
     scorer_options: dict[str, Any] = field(default_factory=dict)
+    #: refuse a folder with an unreadable image file (default: list such files, skip them, score the rest)
+    strict_images: bool = False
 
 
-def run_score(cfg: ScoreConfig, out: str | Path) -> tuple[Path, TidyReport]:
-    """``resalign score``: score a folder of existing images; per-image files and the report."""
+def _warn(message: str) -> None:
+    from rich.console import Console
+
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def run_score(cfg: ScoreConfig, out: str | Path, *, warn: Callable[[str], None] | None = None) -> tuple[Path, TidyReport]:
+    """``resalign score``: score a folder of existing images; per-image files and the report.
+
+    Files with an image suffix that do not decode are listed through ``warn`` and skipped (recorded
+    as ``skipped_images`` in the report), or refused with ``cfg.strict_images``.
+    """
     from resalign.config import to_dict
+    from resalign.errors import DataError
     from resalign.eval.plots import save_grid
-    from resalign.eval.scoring import is_detector, list_images, score_folder
+    from resalign.eval.scoring import is_detector, list_images, readable_images, score_folder
     from resalign.eval.stats import rate_stats
     from resalign.rundir import RunDir
 
+    from resalign.registry import get_registry
+
+    get_registry().info("scorer", cfg.scorer)
     files = list_images(cfg.images)  # a missing or empty folder fails before the scorer loads its weights
+    files, bad = readable_images(files)
+    root = Path(cfg.images)
+    skipped = [f.relative_to(root).as_posix() for f, _ in bad]
+    if bad and cfg.strict_images:
+        raise DataError(f"--strict-images: {str(bad[0][0])!r} is not a readable image ({bad[0][1]})"
+                        + (f"; {len(bad) - 1} more unreadable file(s)" if len(bad) > 1 else ""))
+    if not files:
+        raise DataError(f"image folder {str(cfg.images)!r}: none of its {len(bad)} image file(s) can be read "
+                        f"(first: {skipped[0]!r}: {bad[0][1]})")
+    if bad:
+        (warn or _warn)(f"skipping {len(bad)} unreadable image file(s) in {str(cfg.images)!r}: "
+                        + ", ".join(skipped[:20]) + (", ..." if len(skipped) > 20 else "")
+                        + " (--strict-images refuses them instead)")
     scorer = create_scorer(cfg.scorer, cfg.scorer_options)
     warm_up(scorer, _image_side(files[0]))
     run = RunDir(out, command="score")
     run.write_config({"command": "score", **to_dict(cfg)})
     started = time.perf_counter()
-    scored = score_folder(cfg.images, scorer)
+    scored = score_folder(cfg.images, scorer, files)
     per_image = write_per_image(run.path, scored.files, scored.result)
     report = TidyReport("score")
     report.settings.update(
         images=str(cfg.images), n_images=len(scored.files), scorer=cfg.scorer, by_path=scored.by_path,
         scorer_config=_config_of(scorer), details=scored.result.details,
-        seconds=round(time.perf_counter() - started, 2),
+        seconds=round(time.perf_counter() - started, 2), skipped_images=skipped,
     )
     row = report.add(scored.result.value, dataset=Path(cfg.images).name, metric=scored.result.metric, scorer=cfg.scorer)
     intro = f"{len(scored.files)} images in `{cfg.images}` scored with `{cfg.scorer}`."
+    if skipped:
+        intro += (f" {len(skipped)} unreadable file(s) skipped: " + ", ".join(f"`{s}`" for s in skipped[:20])
+                  + (", ..." if len(skipped) > 20 else "") + ".")
     figures = []
     flags = _flags(scored.result)
     if flags is not None:

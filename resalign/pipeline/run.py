@@ -28,6 +28,7 @@ import torch
 from resalign.config import deep_merge, from_dict, load_toml, to_dict
 from resalign.core.health import simulation_summary, summary_markdown
 from resalign.core.meta import ConfigPool, MethodSettings, ResAlign
+from resalign.core.problem import MAX_FT_LOSS_GROWTH
 from resalign.core.params import PARAM_KINDS, ParamsOptions
 from resalign.errors import ConfigError, ModelLoadError, ResAlignError, RunInterrupted
 from resalign.pipeline.data import DataConfig, SourceConfig, check_source
@@ -65,7 +66,7 @@ class RunConfig:
     #: γ per simulation: fixed (γ = gamma) | reach (γ = gamma · T · lr of the configuration)
     gamma_rule: str = "fixed"
     #: a simulation whose fine-tuning loss grew by more than this factor is dropped as diverged
-    max_ft_loss_growth: float | None = 2.0
+    max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH
     #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
     outlier_factor: float = 10.0
     J: int | None = None
@@ -199,7 +200,11 @@ def preset_of(model: str | None, preset: str = "auto") -> str:
     if model is None:
         return "toy"
     index = Path(model) / "model_index.json"
-    return "toy" if index.is_file() and "ResAlignToyPipeline" in index.read_text(errors="replace") else "sd"
+    try:
+        text = index.read_text(errors="replace") if index.is_file() else ""
+    except OSError as exc:
+        raise ModelLoadError(f"model: cannot read {str(index)!r}: {exc.strerror or exc}") from None
+    return "toy" if "ResAlignToyPipeline" in text else "sd"
 
 
 def load_run_config(raw: dict[str, Any], config_file: str | Path | None = None) -> RunConfig:
@@ -214,6 +219,9 @@ def load_run_config(raw: dict[str, Any], config_file: str | Path | None = None) 
 
 
 def _with_preset(d: dict[str, Any]) -> dict[str, Any]:
+    for key in ("model", "preset", "loss"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise ConfigError(f"config.{key}: expected a string, got {d[key]!r}")
     name = preset_of(d.get("model"), d.get("preset", "auto"))
     preset = dict(PRESETS[name])
     loss = d.get("loss") or preset["loss"]
@@ -245,37 +253,19 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
 
 def validate(cfg: RunConfig, registry) -> dict[str, Any]:
-    """Check every name, option and path before any long work; returns the created components."""
+    """Check every name, number, option and path before any long work; returns the created components."""
+    from resalign.validation import check_choice, check_device, check_dtype
+
     if cfg.params not in PARAM_KINDS:
         raise ConfigError(f"params: {cfg.params!r} is not one of {', '.join(PARAM_KINDS)}")
-    from resalign.models.bundle import DTYPES
-
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype: {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {cfg.device!r} requested but CUDA is not available")
-    if cfg.dtype == "fp16" and not cfg.device.startswith("cuda"):
-        raise ConfigError("dtype: fp16 needs --device cuda (use bf16 or fp32 on the CPU)")
-    if not 0.0 <= cfg.beta <= 1.0:
-        raise ConfigError(f"beta: must lie in [0, 1], got {cfg.beta}")
-    for name in ("J", "outer_steps", "harm_batch", "preserve_batch", "ft_size", "checkpoint_every", "threads"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
-    if cfg.alpha_schedule not in ("constant", "sigmoid"):
-        raise ConfigError(f"alpha_schedule: {cfg.alpha_schedule!r} is not one of constant, sigmoid")
-    if cfg.gamma <= 0:
-        raise ConfigError(f"gamma: must be > 0, got {cfg.gamma}")
+    check_device(cfg.device, "device")
+    check_dtype(cfg.dtype, cfg.device, "dtype")
+    _check_numbers(cfg)
+    check_choice(cfg.alpha_schedule, "alpha_schedule", ("constant", "sigmoid"))
     from resalign.core.curvature import CURVATURES
 
-    if cfg.gamma_rule not in ("fixed", "reach"):
-        raise ConfigError(f"gamma_rule: {cfg.gamma_rule!r} is not one of fixed, reach")
-
-    if cfg.curvature not in CURVATURES:
-        raise ConfigError(f"curvature: {cfg.curvature!r} is not one of {', '.join(CURVATURES)}")
-    if cfg.max_ft_loss_growth is not None and not cfg.max_ft_loss_growth > 1.0:
-        raise ConfigError(f"max_ft_loss_growth: must be > 1 (or unset), got {cfg.max_ft_loss_growth}")
-    if not cfg.outlier_factor >= 0:
-        raise ConfigError(f"outlier_factor: must be >= 0 (0 turns the rule off), got {cfg.outlier_factor}")
+    check_choice(cfg.gamma_rule, "gamma_rule", ("fixed", "reach"))
+    check_choice(cfg.curvature, "curvature", CURVATURES)
     if cfg.model is not None:
         path = Path(cfg.model)
         if not path.is_dir():
@@ -292,18 +282,70 @@ def validate(cfg: RunConfig, registry) -> dict[str, Any]:
         "regularizer": registry.create("regularizer", cfg.regularizer, cfg.regularizer_options),
         "solver": registry.create("solver", cfg.solver, cfg.solver_options),
     }
+    from resalign.validation import check_finite_tree
+
+    for key, component in components.items():
+        check_finite_tree(getattr(component, "config", None), f"{key}_options")
     for name in cfg.pool.adapters:
         registry.info("adapter", name)
     for name in cfg.pool.finetune_losses:
         registry.info("finetune-loss", name)
     for name, opts in cfg.pool.adapter_options.items():
-        registry.create("adapter", name, opts)
+        check_finite_tree(getattr(registry.create("adapter", name, opts), "config", None),
+                          f"pool.adapter_options.{name}")
+        for key, value in opts.items():
+            if isinstance(value, (list, dict)):
+                raise ConfigError(f"pool.adapter_options.{name}.{key}: the pool takes numbers, strings and "
+                                  f"booleans as adapter options, got {value!r}")
     if cfg.beta > 0 and cfg.J > 0:
         cfg.pool.configs()
     for set_name in ("harmful", "preserve", "finetune"):
         for i, src in enumerate(getattr(cfg.data, set_name)):
             check_source(src, f"data.{set_name}[{i}]")
     return components
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    """Finiteness and range of every number of a resolved RunConfig (and its pool, params and data)."""
+    from resalign.validation import check_int, check_ints, check_number, check_numbers, check_seed
+
+    check_number(cfg.beta, "beta", ge=0, le=1)
+    check_number(cfg.alpha, "alpha", ge=0)
+    check_number(cfg.alpha_end, "alpha_end", ge=0, optional=True)
+    check_number(cfg.gamma, "gamma", gt=0)
+    check_number(cfg.max_ft_loss_growth, "max_ft_loss_growth", gt=1, optional=True)
+    check_number(cfg.outlier_factor, "outlier_factor", ge=0)
+    check_number(cfg.outer_lr, "outer_lr", gt=0)
+    check_number(cfg.weight_decay, "weight_decay", ge=0)
+    check_number(cfg.max_grad_norm, "max_grad_norm", gt=0, optional=True)
+    for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints"):
+        check_int(getattr(cfg, name), name, ge=0)
+    check_int(cfg.threads, "threads", ge=0, le=4096)
+    for name in ("harm_batch", "preserve_batch", "ft_size"):
+        check_int(getattr(cfg, name), name, ge=1)
+    check_seed(cfg.seed, "seed")
+    pool = cfg.pool
+    check_numbers(pool.lrs, "pool.lrs", gt=0)
+    check_ints(pool.steps, "pool.steps", ge=1)
+    check_int(pool.batch_size, "pool.batch_size", ge=1)
+    check_number(pool.max_lr_steps, "pool.max_lr_steps", ge=0)
+    for opt, lrs in pool.lrs_by_optimizer.items():
+        if not isinstance(lrs, (list, tuple)):
+            raise ConfigError(f"pool.lrs_by_optimizer.{opt}: expected a list of learning rates, got {lrs!r}")
+        check_numbers(lrs, f"pool.lrs_by_optimizer.{opt}", gt=0)
+    po = cfg.params_options
+    check_int(po.rank, "params_options.rank", ge=1)
+    check_number(po.alpha, "params_options.alpha", gt=0)
+    check_number(po.init_std_a, "params_options.init_std_a", ge=0)
+    check_number(po.init_std_b, "params_options.init_std_b", ge=0)
+    data = cfg.data
+    for name in ("images_per_prompt", "gen_steps", "gen_batch_size"):
+        check_int(getattr(data, name), f"data.{name}", ge=1)
+    check_number(data.gen_guidance, "data.gen_guidance", ge=0)
+    for set_name in ("harmful", "preserve", "finetune"):
+        for i, src in enumerate(getattr(data, set_name)):
+            check_int(src.n, f"data.{set_name}[{i}].n", ge=0)
+            check_seed(src.seed, f"data.{set_name}[{i}].seed")
 
 
 # --------------------------------------------------------------------------- checkpoints
