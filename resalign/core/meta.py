@@ -19,6 +19,7 @@ value keeps the median meaningful). The mean is over the simulations kept.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -193,7 +194,7 @@ class ResAlign:
 
     # ------------------------------------------------------------------ components by name
     def _adapter(self, c: FinetuneConfig):
-        key = ("adapter", c.adapter, tuple(sorted(c.adapter_options.items())))
+        key = ("adapter", c.adapter, json.dumps(c.adapter_options, sort_keys=True))  # options may hold lists
         if key not in self._components:
             self._components[key] = self.registry.create("adapter", c.adapter, dict(c.adapter_options))
         return self._components[key]

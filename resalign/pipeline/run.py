@@ -293,10 +293,6 @@ def validate(cfg: RunConfig, registry) -> dict[str, Any]:
     for name, opts in cfg.pool.adapter_options.items():
         check_finite_tree(getattr(registry.create("adapter", name, opts), "config", None),
                           f"pool.adapter_options.{name}")
-        for key, value in opts.items():
-            if isinstance(value, (list, dict)):
-                raise ConfigError(f"pool.adapter_options.{name}.{key}: the pool takes numbers, strings and "
-                                  f"booleans as adapter options, got {value!r}")
     if cfg.beta > 0 and cfg.J > 0:
         cfg.pool.configs()
     for set_name in ("harmful", "preserve", "finetune"):
