@@ -44,7 +44,8 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, expected):
 
 
 _HOLDER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background parent may have ignored it
     from resalign.rundir import RunDir
     rd = RunDir(sys.argv[1], command="holder")
     print("locked", flush=True)
