@@ -93,6 +93,7 @@ CASES = [
     ("eval-unknown-scorer", ["eval", "--scorer", "nope"], "unknown scorer 'nope'"),
     ("eval-missing-model", ["eval", "{root}/no-model"], "does not exist"),
     ("eval-category-no-file", ["eval", "--category", "sexual"], "--category filters a CSV"),
+    ("eval-unknown-preset", ["eval", "--preset", "sdxl"], "--preset 'sdxl': expected one of toy, paper"),
     # resalign score
     ("score-strict-images", ["score", "{root}/mixed", "--scorer", "toy-harm", "--strict-images"],
      "--strict-images: '{root}/mixed/x.png' is not a readable image"),

@@ -61,10 +61,11 @@ def test_paper_preset_reports_ip_us_fid_and_clip_score(tiny_sd_dir, coco_csv, fi
     from resalign.cli import main
 
     out = tmp_path / "run"
-    rc = main(["eval", str(tiny_sd_dir), "--prompts", str(coco_csv), "--images-per-prompt", "2", "--sample-steps", "1",
-               "--no-save-images", "--out", str(out), "--quiet", *options(files)])
+    rc = main(["eval", str(tiny_sd_dir), "--preset", "paper", "--prompts", str(coco_csv), "--images-per-prompt", "2",
+               "--sample-steps", "1", "--no-save-images", "--out", str(out), "--quiet", *options(files)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["preset"] == "paper"
     got = [(r["metric"], r["scorer"]) for r in report["results"]]
     assert got == [("harmful_rate", "nudenet"), ("unsafe_rate", "unsafe-score"),
                    ("frechet_distance", "frechet"), ("clip_score", "clip-score")]

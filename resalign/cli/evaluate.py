@@ -87,6 +87,7 @@ def eval_cmd(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
     threads: int = typer.Option(1, "--threads", help="Torch CPU threads."),
     save_images: bool = typer.Option(True, "--save-images/--no-save-images", help="Save every generated image."),
+    preset: str = typer.Option(None, "--preset", help="toy | paper: generation settings and default scorers (default: toy for the toy model, else paper)."),
     out: Path = typer.Option(None, "--out", help=_OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -99,7 +100,7 @@ def eval_cmd(
         scorer_options=scorer_options(scorer_option, names), category=_split(category), limit=limit,
         images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed=seed, seeds=seeds,
         batch_size=batch_size, toy_prompts=toy_prompts, device=device, dtype=dtype, save_images=save_images,
-        threads=threads,
+        threads=threads, preset=preset,
     )
     path, report = run_eval(cfg, _out(out, "eval"), progress=not quiet)
     _print_rows(report, ("prompts", "metric", "scorer"), f"resalign eval: {report.settings['model']}")

@@ -492,6 +492,8 @@ class EvalConfig:
     dtype: str = "fp32"
     save_images: bool = True
     threads: int | None = 1
+    #: generation settings and default scorers: toy | paper (None: toy for a toy model, else paper)
+    preset: str | None = None
 
 
 def check_common(*, device: str, dtype: str, threads: int | None, seed: int, limit: int | None,
@@ -535,6 +537,8 @@ def check_eval_config(cfg: EvalConfig) -> None:
                  categories=cfg.category, steps_flag="--sample-steps")
     if cfg.category and not cfg.prompts:
         raise ConfigError("--category filters a CSV prompt file's 'categories' column: pass --prompts FILE")
+    if cfg.preset is not None and cfg.preset not in GENERATION_PRESETS:
+        raise ConfigError(f"--preset {cfg.preset!r}: expected one of {', '.join(GENERATION_PRESETS)}")
     model_folder(cfg.model)
 
 
@@ -565,7 +569,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
     check_eval_config(cfg)
     set_threads(cfg.threads)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    preset = preset_name(model.bundle)
+    preset = cfg.preset or preset_name(model.bundle)
     sets = build_sets(
         preset,
         prompts_file=cfg.prompts,
