@@ -47,3 +47,24 @@ def tiny_toy_dir(tmp_path_factory):
     from fixtures.tiny_toy import build_tiny_toy
 
     return build_tiny_toy(tmp_path_factory.mktemp("tiny-toy") / "model")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any connection attempt and put the model hubs offline (scorers must read local files only)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny randomly initialised transformers CLIP folder (``save_pretrained``)."""
+    from fixtures.tiny_clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")

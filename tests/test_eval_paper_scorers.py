@@ -5,7 +5,6 @@ local files are given (US, FID, CLIP score) join NudeNet's IP in one table, with
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -13,12 +12,7 @@ import torch
 from torch import nn
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

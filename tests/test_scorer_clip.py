@@ -4,7 +4,6 @@ and a missing or incomplete folder fails at construction, naming ``clip-score.mo
 from __future__ import annotations
 
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -12,24 +11,9 @@ import torch
 
 from resalign.errors import MissingWeightsError, ModelLoadError
 
+pytestmark = pytest.mark.usefixtures("no_network")
+
 PROMPTS = ["a red cat", "a blue dog on a green hill, very detailed, oil painting", "x", "two birds"]
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from fixtures.tiny_clip import build_tiny_clip
-
-    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 def images(seed: int, n: int) -> np.ndarray:

@@ -5,7 +5,6 @@ missing or wrong file fails before any work, naming ``frechet.weights``."""
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import numpy as np
@@ -17,15 +16,8 @@ from resalign.errors import ConfigError, MissingWeightsError, ModelLoadError
 
 N_IMAGES = 66  # > dims = 64, so both covariances are full rank
 
-pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = [pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("no_network")]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ missing or wrong file fails at construction or first use, naming the option."""
 from __future__ import annotations
 
 import pickle
-import socket
 
 import numpy as np
 import pytest
@@ -15,21 +14,7 @@ from torch import nn
 from resalign.errors import ConfigError, MissingWeightsError, ModelLoadError
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from fixtures.tiny_clip import build_tiny_clip
-
-    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 IMAGES = np.random.default_rng(0).integers(0, 256, size=(10, 36, 36, 3), dtype=np.uint8)
