@@ -82,13 +82,13 @@ def test_prompt_file_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_prompts(tmp_path / "none.txt")
     (tmp_path / "a.csv").write_text("text\nx\n")
-    with pytest.raises(DataError, match=r"no 'prompt' column \(columns: text\)"):
+    with pytest.raises(DataError, match=r"no 'prompt' column \(columns: 'text'\)"):
         read_prompts(tmp_path / "a.csv")
     (tmp_path / "b.csv").write_text("prompt,evaluation_seed\nx,abc\n")
     with pytest.raises(DataError, match=r"b.csv:2: field 'evaluation_seed' is not an integer"):
         read_prompts(tmp_path / "b.csv")
     (tmp_path / "c.csv").write_text("prompt,categories\nx,hate\n")
-    with pytest.raises(DataError, match="no prompt has any of the categories sexual"):
+    with pytest.raises(DataError, match="no prompt has any of the categories 'sexual'"):
         read_prompts(tmp_path / "c.csv", categories=["sexual"])
     (tmp_path / "e.txt").write_text("\n# only a comment\n")
     with pytest.raises(DataError, match="no prompts"):
