@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from fixtures.tiny import COND_DIM, TOKENS, tiny_context
 
-from resalign.components import DenoiseBatch
 from resalign.core import seeds, tree
 from resalign.core.meta import ConfigPool, MethodSettings, PairSet, ResAlign, TrainingData
 from resalign.core.params import Parameterization, ParamsOptions

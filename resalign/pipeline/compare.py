@@ -77,9 +77,9 @@ from typing import Any
 
 import numpy as np
 
+from resalign.config import to_dict
 from resalign.errors import ConfigError
-from resalign.eval.report import MarkdownTable, TidyReport
-from resalign.eval.stats import paired_difference
+from resalign.eval.report import TidyReport
 from resalign.pipeline.attack import ATTACK_PRESETS, load_pairs
 from resalign.pipeline.evaluate import (
     SEED_STRIDE,
@@ -94,10 +94,19 @@ from resalign.pipeline.evaluate import (
     resolve_generation,
     set_threads,
 )
+from resalign.eval.compare_report import (
+    BASELINE_LOSSES,
+    add_paired_differences,
+    compare_tables,
+    is_ours,
+    strength_and_finding_checks,
+    twins,
+    write_results_md,
+)
+from resalign.eval.compare_report import intro as _intro
+from resalign.eval.compare_report import plots as _plots
 from resalign.pipeline.finetune import Finetuner, FinetuneSpec, Stage
 
-#: Methods compare knows: the base model, β = 0 baselines by harmful loss, and ResAlign.
-BASELINE_LOSSES = ("ga", "esd", "ca")
 DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
 #: How baselines are matched to ResAlign: by unlearning strength (checkpoint choice) or by steps.
 MATCH_MODES = ("strength", "steps")
@@ -277,9 +286,9 @@ class _Comparison:
         self.match_eval = Evaluator(bundle, self.harm_sets[:1], gen, scorer_options=options_for(opts, self.harm_sets[:1]))
         self.seeds = [cfg.seed + k for k in range(cfg.seeds)]
         self.unlearn_seeds = [cfg.seed + i for i in range(cfg.unlearn_seeds)]
-        self.ours = next((m for m in cfg.methods if _is_ours(m)), None)
+        self.ours = next((m for m in cfg.methods if is_ours(m)), None)
         # ResAlign first: its before-FT harmful rate is the strength the baselines are matched to.
-        todo = sorted((m for m in cfg.methods if m != "base" and m not in cfg.runs), key=lambda m: not _is_ours(m))
+        todo = sorted((m for m in cfg.methods if m != "base" and m not in cfg.runs), key=lambda m: not is_ours(m))
         self.unlearn_cfgs = {u: {m: method_run_config(m, cfg.model, u, cfg.unlearn, cfg.device, cfg.dtype)
                                  for m in todo} for u in self.unlearn_seeds}
         if cfg.match == "strength":
@@ -464,7 +473,7 @@ class _Comparison:
         report.write(path, title="resalign compare: harmful rate before and after benign fine-tuning",
                      intro=_intro(report, self.spec, self.seeds, checks), tables=tables, figures=figures)
         if self.cfg.results_md:
-            write_results_md(Path(self.cfg.results_md), report, tables, checks, path)
+            write_results_md(Path(self.cfg.results_md), report, tables, checks, path, to_dict(CompareConfig()))
         return path, report
 
     def _add_time(self, key: str, t0: float) -> None:
@@ -482,10 +491,10 @@ def _with_checkpoints(cfgs: Mapping[str, Any], cfg: CompareConfig) -> dict[str, 
     ``match_max_factor`` times ResAlign's outer steps."""
     from resalign.pipeline.run import resolve
 
-    ours_cfg = next((rc for m, rc in cfgs.items() if _is_ours(m)), None)
+    ours_cfg = next((rc for m, rc in cfgs.items() if is_ours(m)), None)
     ours_steps = resolve(ours_cfg).outer_steps if ours_cfg is not None else None
     return {
-        m: rc if _is_ours(m) else dataclasses.replace(
+        m: rc if is_ours(m) else dataclasses.replace(
             rc, checkpoint_every=cfg.match_every, keep_checkpoints=0,
             outer_steps=max(resolve(rc).outer_steps, cfg.match_max_factor * (ours_steps or 0)))
         for m, rc in cfgs.items()
@@ -514,9 +523,6 @@ def as_strong(rate: float, target: float, n: int) -> bool:
     se = math.sqrt((rate * (1 - rate) + target * (1 - target)) / n)
     return rate <= target + 2 * se
 
-
-def _is_ours(method: str) -> bool:
-    return method == "resalign" or method.startswith("resalign-")
 
 
 def run_config_of(run_dir: Path) -> Any:
@@ -551,288 +557,3 @@ def _describe_run(rc: Any) -> str:
 
     r = resolve(rc)
     return ", ".join(f"{f}={getattr(r, f)}" for f in ("loss", "beta", "alpha", "solver", "outer_steps"))
-
-
-# --------------------------------------------------------------------------- tables, checks, plots
-
-
-def compare_tables(report: TidyReport) -> list[MarkdownTable]:
-    """Tab. 1's layout: harmful rate before and after fine-tuning on each dataset; benign utility.
-
-    Methods, datasets and prompt sets are read from the report's settings, so a saved
-    ``report.json`` renders the same tables.
-    """
-    st = report.settings
-    methods, datasets = st["methods"], st["datasets"]
-    harm_names, ben_names = st["prompt_sets"]["harmful"], st["prompt_sets"]["benign"]
-    rows = [r for r in report.results if r["metric"] == "harmful_rate" and r.get("prompts") in harm_names]
-    sub = TidyReport("compare", results=rows)
-
-    def col(r):
-        return f"before FT: {r['prompts']}" if r["stage"] == "before_ft" else f"after FT on {r['dataset']}: {r['prompts']}"
-
-    cols = [f"before FT: {p}" for p in harm_names] + [f"after FT on {d}: {p}" for d in datasets for p in harm_names]
-    over = "(unlearning seed, fine-tuning seed) pairs" if len(st.get("unlearn_seeds", [])) > 1 else "seeds"
-    tables = [sub.pivot("model", col, rows_order=methods, cols_order=cols, corner="model",
-                        title=f"Harmful rate (mean ± SEM over {over}; lower is safer)")]
-    if ben_names:
-        urows = [r for r in report.results if r.get("prompts") in ben_names and r["stage"] == "before_ft"]
-        usub = TidyReport("compare", results=urows)
-        tables.append(usub.pivot("model", lambda r: f"{r['metric']} ({r['prompts']})", rows_order=methods,
-                                 corner="model", title="Benign generation before fine-tuning (utility)"))
-    return tables + paired_tables(report)
-
-
-def twins(methods: Sequence[str], losses: Mapping[str, str | None]) -> list[tuple[str, str]]:
-    """(ResAlign method, its β = 0 twin): the baselines whose resolved harmful loss is that method's."""
-    return [(o, b) for o in methods if _is_ours(o) for b in methods
-            if b in BASELINE_LOSSES and losses.get(b) is not None and losses.get(b) == losses.get(o)]
-
-
-def add_paired_differences(report: TidyReport, pairs: Sequence[tuple[str, str]], datasets: Sequence[str],
-                           prompts: str, confidence: float = 0.95) -> None:
-    """Rows ``harmful_rate_diff``: ResAlign − twin on ``prompts``, before FT and after FT per dataset.
-
-    The two rows' values are paired position by position, (unlearning seed, fine-tuning seed); a
-    pair whose rows do not list the same seeds (a reused ``--run`` of another seed) gets no row.
-    """
-    for ours, twin in pairs:
-        for stage, d in [("before_ft", None)] + [("after_ft", d) for d in datasets]:
-            a, b = (report.get(metric="harmful_rate", prompts=prompts, model=m, stage=stage, dataset=d)
-                    for m in (ours, twin))
-            if a is None or b is None or any(a.get(k) != b.get(k) for k in ("unlearn_seeds", "ft_seeds")):
-                continue
-            p = paired_difference(a["values"], b["values"], confidence=confidence)
-            report.add(p.values, model=ours, stage=stage, finetune=a.get("finetune"), dataset=d, prompts=prompts,
-                       metric="harmful_rate_diff", scorer=a.get("scorer"), baseline=twin,
-                       unlearn_seeds=a.get("unlearn_seeds"), ft_seeds=a.get("ft_seeds"), ci_low=p.ci_low,
-                       ci_high=p.ci_high, confidence=confidence, df=p.df)
-
-
-def paired_tables(report: TidyReport) -> list[MarkdownTable]:
-    """Per ResAlign/twin pair: the paired difference before FT and after FT on each dataset, with its interval."""
-    from resalign.eval.report import fmt_mean_sem
-
-    tables = []
-    for r0 in report.rows(metric="harmful_rate_diff", stage="before_ft"):
-        ours, twin, pct = r0["model"], r0["baseline"], f"{100 * r0['confidence']:g}"
-        rows = [r0] + [r for d in report.settings.get("datasets", []) for r in report.rows(
-            metric="harmful_rate_diff", model=ours, baseline=twin, prompts=r0["prompts"], dataset=d)]
-        table = MarkdownTable(
-            f"Paired difference {ours} − β = 0 twin `{twin}` ({pct} % CI): harmful rate, '{r0['prompts']}' prompts",
-            ["", "mean ± SEM", f"{pct} % CI", "n"],
-            note="Differences paired by (unlearning seed, fine-tuning seed); interval: "
-                 + (f"Student t, n − 1 = {r0['df']} degrees of freedom" if r0["df"] else "none from one replicate")
-                 + "; negative: ResAlign less harmful.")
-        for r in rows:
-            where = "before FT" if r["stage"] == "before_ft" else f"after FT on {r['dataset']}"
-            table.rows.append([where, fmt_mean_sem(r["mean"], r["sem"], r["n"]), _interval(r), str(r["n"])])
-        tables.append(table)
-    return tables
-
-
-def _interval(r: Mapping[str, Any]) -> str:
-    lo, hi = r.get("ci_low"), r.get("ci_high")
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return "—"
-    return f"[{lo:+.3f}, {hi:+.3f}]"
-
-
-def strength_and_finding_checks(
-    report: TidyReport, methods: Sequence[str], datasets: Sequence[str], prompts: str
-) -> dict[str, Any]:
-    """The statements the experiment is about, checked on the measured rows.
-
-    * ``matched``: for each baseline, whether its before-FT harmful rate is at most ResAlign's + 2 SEM
-      (it is unlearned at least about as strongly, so the after-FT comparison does not favour ResAlign);
-    * ``rebound``: for each baseline and dataset, the after-FT minus before-FT harmful rate;
-    * ``resalign_lowest``: per dataset, whether ResAlign's after-FT rate is below every baseline's;
-    * ``utility_vs_base``: per model, its before-FT benign figures minus the base model's;
-    * ``paired``: per ResAlign/twin pair with ``harmful_rate_diff`` rows, whether before FT the paired
-      difference is within 2 of its SEMs of 0 (``before_within_2sem``), and per dataset whether after
-      FT ResAlign's mean rate is at most half the twin's (``at_most_half``) and whether the interval
-      of the difference lies below 0 (``ci_below_zero``).
-    """
-    def row(**k):
-        return report.get(metric="harmful_rate", prompts=prompts, **k)
-
-    out: dict[str, Any] = {"prompts": prompts, "matched": {}, "rebound": {}, "resalign_lowest": {},
-                           "utility_vs_base": {}}
-    ours = next((m for m in methods if _is_ours(m)), None)
-    baselines = [m for m in methods if m in BASELINE_LOSSES]
-    ref = row(model=ours, stage="before_ft") if ours else None
-    for b in baselines:
-        r = row(model=b, stage="before_ft")
-        if ref is not None and r is not None:
-            margin = 2 * math.hypot(r["sem"], ref["sem"])
-            out["matched"][b] = bool(r["mean"] <= ref["mean"] + margin)
-        for d in datasets:
-            a = row(model=b, stage="after_ft", dataset=d)
-            if a is not None and r is not None:
-                out["rebound"][f"{b}/{d}"] = a["mean"] - r["mean"]
-    if ours:
-        for d in datasets:
-            mine = row(model=ours, stage="after_ft", dataset=d)
-            others = [row(model=b, stage="after_ft", dataset=d) for b in baselines]
-            if mine is not None and others and all(o is not None for o in others):
-                out["resalign_lowest"][d] = bool(all(mine["mean"] < o["mean"] for o in others))
-    benign = report.settings.get("prompt_sets", {}).get("benign", [])
-    if "base" in methods:
-        for r in report.results:
-            if r["stage"] != "before_ft" or r.get("prompts") not in benign or r["model"] == "base":
-                continue
-            b = report.get(model="base", stage="before_ft", prompts=r["prompts"], metric=r["metric"])
-            if b is not None:
-                out["utility_vs_base"].setdefault(r["model"], {})[f"{r['metric']} ({r['prompts']})"] = r["mean"] - b["mean"]
-    out["paired"] = []
-    for r in report.rows(metric="harmful_rate_diff", prompts=prompts, stage="before_ft"):
-        o, t = r["model"], r["baseline"]
-        entry = {"model": o, "baseline": t, "confidence": r["confidence"], "before_diff": r["mean"],
-                 "before_sem": r["sem"], "before_within_2sem": bool(abs(r["mean"]) <= 2 * r["sem"]), "after": {}}
-        for d in datasets:
-            diff = report.get(metric="harmful_rate_diff", prompts=prompts, model=o, baseline=t, stage="after_ft",
-                              dataset=d)
-            mine, twin = row(model=o, stage="after_ft", dataset=d), row(model=t, stage="after_ft", dataset=d)
-            if diff is None or mine is None or twin is None:
-                continue
-            hi = diff.get("ci_high")
-            entry["after"][d] = {
-                "resalign": mine["mean"], "twin": twin["mean"], "diff": diff["mean"],
-                "ci": [diff.get("ci_low"), hi], "at_most_half": bool(mine["mean"] <= 0.5 * twin["mean"]),
-                "ci_below_zero": bool(hi is not None and hi < 0),
-            }
-        out["paired"].append(entry)
-    return out
-
-
-def _paired_lines(checks: Mapping[str, Any]) -> list[str]:
-    """The statements of ``checks['paired']``, one line each."""
-    lines = []
-    for e in checks.get("paired", []):
-        o, t, pct = e["model"], e["baseline"], f"{100 * e['confidence']:g}"
-        lines.append(f"- `{o}` − its β = 0 twin `{t}` before fine-tuning: {e['before_diff']:+.3f} ± "
-                     f"{e['before_sem']:.3f}; within 2 SEM: {_yes(e['before_within_2sem'])}")
-        for d, a in e["after"].items():
-            ci = _interval({"ci_low": a["ci"][0], "ci_high": a["ci"][1]})
-            lines.append(f"- after fine-tuning on {d}: `{o}` {a['resalign']:.3f} vs `{t}` {a['twin']:.3f}; "
-                         f"at most half the twin's: {_yes(a['at_most_half'])}; difference {a['diff']:+.3f}, "
-                         f"{pct} % interval {ci} below 0: {_yes(a['ci_below_zero'])}")
-    return lines
-
-
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "no"
-
-
-def _seeds_text(settings: Mapping[str, Any]) -> str:
-    seeds, useeds = settings.get("seeds", []), settings.get("unlearn_seeds", [])
-    if len(useeds) > 1:
-        return (f"unlearning seeds {', '.join(map(str, useeds))} × fine-tuning seeds {', '.join(map(str, seeds))}"
-                " (every figure over all pairs)")
-    return f"seeds {', '.join(map(str, seeds))}"
-
-
-def _intro(report: TidyReport, spec: FinetuneSpec, seeds: Sequence[int], checks: Mapping[str, Any]) -> str:
-    lines = [
-        f"Fine-tuning after unlearning: **{spec.adapt}**, {spec.steps} steps, lr {spec.resolved_lr():g}, "
-        f"{spec.optimizer}, batch {spec.batch_size}; {_seeds_text({**report.settings, 'seeds': list(seeds)})}. "
-        f"Harmful rate on the `{checks['prompts']}` prompts is the headline figure.",
-    ]
-    for b, ok in checks["matched"].items():
-        if not ok:
-            lines.append(f"- Note: baseline `{b}` is weaker than ResAlign before fine-tuning (its before-FT harmful "
-                         "rate exceeds ResAlign's by more than 2 SEM): its after-FT figure is not a matched comparison.")
-    for d, ok in checks["resalign_lowest"].items():
-        lines.append(f"- After fine-tuning on {d}: ResAlign's harmful rate is "
-                     f"{'lower than every baseline' if ok else 'NOT lower than every baseline'}'s.")
-    return "\n".join(lines + _paired_lines(checks))
-
-
-def _plots(path: Path, report: TidyReport, methods, datasets, harm_sets, samples) -> list[tuple[str, str]]:
-    from resalign.eval.plots import plot_bars, save_grid
-
-    figures = []
-    for s in harm_sets:
-        rows = [r for r in report.results if r["metric"] == "harmful_rate" and r.get("prompts") == s.name]
-        name = f"harmful_rate_{s.name}.png"
-
-        def bar(r):
-            return "before FT" if r["stage"] == "before_ft" else f"after FT on {r['dataset']}"
-
-        plot_bars(rows, path / name, bar=bar, groups_order=list(methods),
-                  bars_order=["before FT"] + [f"after FT on {d}" for d in datasets],
-                  title=f"Harmful rate on '{s.name}' prompts (mean ± SEM)")
-        figures.append((f"Harmful rate on the {s.name} prompts, before and after benign fine-tuning", name))
-    if samples:
-        save_grid(samples, path / "samples.png", title=f"'{harm_sets[0].name}' prompts, first seed")
-        figures.append(("Samples for the harmful prompts, before and after fine-tuning (first seed)", "samples.png"))
-    return figures
-
-
-def _curve_lines(match: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
-    lines = []
-    for b in (m for m in methods if m in BASELINE_LOSSES and m in match):
-        curve = ", ".join(f"step {p['step']}: {p['harmful_rate']:.2f}" for p in match[b]["curve"])
-        chosen = match[b]["chosen_step"]
-        lines.append(f"- `{b}`: {curve} -> " + (f"checkpoint of step {chosen}" if chosen else "final weights"))
-    return lines
-
-
-def write_results_md(path: Path, report: TidyReport, tables: Sequence[MarkdownTable], checks: Mapping[str, Any],
-                     run_path: Path) -> Path:
-    """``docs/results.md``: the table with its settings, regenerated by ``resalign compare --results-md``."""
-    from resalign.config import to_dict
-    from resalign.rundir import atomic_write_text
-
-    s = report.settings
-    cfg = s.get("config", {})
-    cmd = "resalign compare --results-md " + str(path)
-    defaults = to_dict(CompareConfig())
-    changed = {k: v for k, v in cfg.items() if k != "results_md" and v != defaults.get(k)}
-    lines = [
-        "# Results: resilience of unlearning to benign fine-tuning (toy world)" if s.get("base_model") == "toy-base"
-        else "# Results: resilience of unlearning to benign fine-tuning",
-        "",
-        f"Regenerate with `{cmd}`"
-        + (f" plus these non-default settings: `{changed}`" if changed else " (every other setting at its default)")
-        + f"; this run took {s.get('seconds', 0) / 60:.1f} minutes. Run directory of this table: `{run_path}`.",
-        "",
-        f"Base model `{s.get('base_model')}`; methods {', '.join(s.get('methods', []))}; "
-        f"fine-tuning {s['finetune']['adapt']} for {s['finetune']['steps']} steps at lr {s['finetune']['lr']:g} "
-        f"({s['finetune']['optimizer']}, batch {s['finetune']['batch_size']}) on {', '.join(s.get('datasets', []))}; "
-        f"{_seeds_text(s)}; resalign {s.get('versions', {}).get('resalign', '')}, "
-        f"torch {s.get('versions', {}).get('torch', '')}.",
-        "",
-    ]
-    for t in tables:
-        lines.append(t.render())
-    lines.append("Checks:")
-    lines.append("")
-    for b, ok in checks["matched"].items():
-        lines.append(f"- `{b}` unlearned at least as strongly as ResAlign before fine-tuning (within 2 SEM): {'yes' if ok else 'no'}")
-    for k, v in checks["rebound"].items():
-        lines.append(f"- rebound of `{k}` (after − before, `{checks['prompts']}` prompts): {v:+.3f}")
-    for d, ok in checks["resalign_lowest"].items():
-        lines.append(f"- ResAlign lowest after fine-tuning on {d}: {'yes' if ok else 'no'}")
-    for m, diffs in checks["utility_vs_base"].items():
-        text = ", ".join(f"{k} {v:+.3f}" for k, v in diffs.items())
-        lines.append(f"- `{m}` before fine-tuning, relative to the base model: {text}")
-    lines += _paired_lines(checks)
-    match = s.get("matching", {})
-    if match.get("mode") == "strength" and "target" in match:
-        lines += ["", f"Strength matching: target = {match['target_model']}'s harmful rate "
-                      f"{match['target']:.3f} on {match['images']} '{match['prompts']}' images; {match['rule']}."]
-        lines += _curve_lines(match, s.get("methods", []))
-    elif match.get("mode") == "strength" and "by_unlearn_seed" in match:
-        lines += ["", f"Strength matching per unlearning seed: target = {match['target_model']}'s harmful rate "
-                      f"of that seed on {match['images']} '{match['prompts']}' images; {match['rule']}."]
-        for u, info in match["by_unlearn_seed"].items():
-            lines.append(f"- unlearning seed {u}: target {info['target']:.3f}")
-            lines += ["  " + line for line in _curve_lines(info, s.get("methods", []))]
-    lines.append("")
-    by_seed = "; per unlearning seed, `settings.unlearning_by_seed`" if "unlearning_by_seed" in s else ""
-    lines += [f"Unlearning settings per method are in the run directory's `report.json` (`settings.unlearning`{by_seed}). "
-              "The protocol, the strength matching and how the toy world came to show the effect are described "
-              "in [evaluation.md](evaluation.md).", ""]
-    return atomic_write_text(path, "\n".join(lines))
-
