@@ -120,8 +120,10 @@ def solvers_cmd(
 
     if not cfg.curvature or set(cfg.curvature) - set(CURVATURES):
         raise ConfigError(f"--curvature {curvature!r}: expected a comma-separated subset of {', '.join(CURVATURES)}")
-    if not cfg.gamma_rule or set(cfg.gamma_rule) - {"fixed", "reach"}:
-        raise ConfigError(f"--gamma-rule {gamma_rule!r}: expected a comma-separated subset of fixed, reach")
+    from resalign.core.meta import GAMMA_RULES
+
+    if not cfg.gamma_rule or set(cfg.gamma_rule) - set(GAMMA_RULES):
+        raise ConfigError(f"--gamma-rule {gamma_rule!r}: expected a comma-separated subset of {', '.join(GAMMA_RULES)}")
     if not cfg.x0 or set(cfg.x0) - {"zero", "grad"}:
         raise ConfigError(f"--x0 {x0!r}: expected a comma-separated subset of zero, grad")
     run_dir, report = run_ablate_solvers(cfg, _out(out, "ablate-solvers"), progress=not quiet)

@@ -75,6 +75,10 @@ class ConfigPool:
         return configs[int(rng.integers(len(configs)))]
 
 
+#: How the γ of Eq. 5 is set per simulation (:meth:`MethodSettings.proximity`).
+GAMMA_RULES = ("fixed", "reach")
+
+
 @dataclass
 class MethodSettings:
     """The scalars of Alg. 2."""
@@ -116,7 +120,7 @@ class MethodSettings:
             return self.gamma
         if self.gamma_rule == "reach":
             return self.gamma * config.steps * config.lr
-        raise ConfigError(f"gamma_rule {self.gamma_rule!r}: expected fixed or reach")
+        raise ConfigError(f"gamma_rule {self.gamma_rule!r}: expected one of {', '.join(GAMMA_RULES)}")
 
     def alpha_at(self, step: int) -> float:
         if self.alpha_schedule == "constant" or self.alpha_end is None:

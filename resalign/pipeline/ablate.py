@@ -35,6 +35,7 @@ from resalign.components import FinetuneConfig
 from resalign.config import to_dict
 from resalign.core import seeds, tree
 from resalign.core.fidelity import PeakMemory, measure
+from resalign.core.meta import MethodSettings
 from resalign.core.problem import build_hypergrad_problem
 from resalign.errors import ConfigError, SolverError
 from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
@@ -222,7 +223,7 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                 try:
                     problem, info = problem_with(cfg.curvature[0])
                     measured = _measure_problem(problem, settings, unrolled, registry, cfg.device, problem_with,
-                                                reach=config.steps * config.lr)
+                                                config=config)
                 except SolverError:
                     measured = None
                 if measured is None:  # the simulated fine-tuning diverged: no exact reference to compare with
@@ -253,7 +254,8 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
 
 
 def _measure_problem(problem, settings: list[dict[str, Any]], unrolled, registry, device: str,
-                     problem_with=None, reach: float = 1.0) -> tuple[dict[tuple, dict[str, float]], dict[str, Any]] | None:
+                     problem_with=None, config: FinetuneConfig | None = None
+                     ) -> tuple[dict[tuple, dict[str, float]], dict[str, Any]] | None:
     """Every solver setting on one problem against its exact hypergradient (None when that diverged).
 
     Settings with another curvature than ``problem``'s are measured on ``problem_with(curvature)``, the
@@ -285,17 +287,17 @@ def _measure_problem(problem, settings: list[dict[str, Any]], unrolled, registry
         shared: dict[str, Any] = {}
         if any(s["solver"] == "richardson" and s.get("curvature") == curvature for s in settings):
             t0 = time.perf_counter()  # λ_max by power iteration, cached per outer step in a run
-            registry.create("solver", "richardson").lambda_max(dataclasses.replace(p, cache=shared))
+            lam, _ = registry.create("solver", "richardson").lambda_max(dataclasses.replace(p, cache=shared))
             figures[("lambda-max", None, None, None, curvature)] = {"seconds": time.perf_counter() - t0}
-            facts.setdefault("lambda_max", shared[f"lambda_max/{curvature}"])
-            facts[f"lambda_max/{curvature}"] = shared[f"lambda_max/{curvature}"]
+            facts.setdefault("lambda_max", lam)
+            facts[f"lambda_max/{curvature}"] = lam
         for s in settings:
             if (s.get("curvature") or problem.curvature) != curvature:
                 continue
             solver = registry.create("solver", s["solver"], s["options"])
             gamma = s["gamma"] if s["gamma"] is not None else 1.0
-            if s.get("rule") == "reach":
-                gamma *= reach  # γ · T · lr of this configuration
+            if config is not None:  # the simulation's γ under the setting's rule, as a run would set it
+                gamma = MethodSettings(gamma=gamma, gamma_rule=s.get("rule", "fixed")).proximity(config)
             m = measure(solver, dataclasses.replace(p, gamma=gamma, cache=dict(shared)), exact, device=device)
             figures[_key(s)] = (
                 {metric: getattr(m, metric) for metric in SOLVER_METRICS}

@@ -27,7 +27,7 @@ import torch
 
 from resalign.config import deep_merge, from_dict, load_toml, to_dict
 from resalign.core.health import simulation_summary, summary_markdown
-from resalign.core.meta import ConfigPool, MethodSettings, ResAlign
+from resalign.core.meta import GAMMA_RULES, ConfigPool, MethodSettings, ResAlign
 from resalign.core.problem import MAX_FT_LOSS_GROWTH
 from resalign.core.params import PARAM_KINDS, ParamsOptions
 from resalign.errors import ConfigError, ModelLoadError, ResAlignError, RunInterrupted
@@ -264,7 +264,7 @@ def validate(cfg: RunConfig, registry) -> dict[str, Any]:
     check_choice(cfg.alpha_schedule, "alpha_schedule", ("constant", "sigmoid"))
     from resalign.core.curvature import CURVATURES
 
-    check_choice(cfg.gamma_rule, "gamma_rule", ("fixed", "reach"))
+    check_choice(cfg.gamma_rule, "gamma_rule", GAMMA_RULES)
     check_choice(cfg.curvature, "curvature", CURVATURES)
     if cfg.model is not None:
         path = Path(cfg.model)
