@@ -1,0 +1,159 @@
+"""Processes of a ``torchrun`` job: who this process is, which items it takes, and the collectives.
+
+The work of resalign splits into independent items: the J simulations of an outer step (Alg. 2 lines
+5-9), the prompts of an evaluation, the cells of ``attack`` / ``compare`` / ``ablate``. Under
+``torchrun`` rank r takes the items i ≡ r (mod world size) (:func:`my_indices`); sums are all-reduced
+(:func:`all_reduce_sum`), Python objects gathered (:func:`all_gather_object`); rank 0 alone writes
+(:func:`is_main`). Without torchrun (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``) every
+function is the single-process identity, so the same code runs in both.
+
+Backends: NCCL for CUDA devices, gloo otherwise. Every collective has a timeout
+(``RESALIGN_DIST_TIMEOUT_S``, default 1800 s), so a rank that fails stops the job with its error
+instead of leaving the others waiting for ever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from resalign.errors import ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def _env_world_size() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable WORLD_SIZE={raw!r}: expected a positive integer") from None
+    if n < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE={raw!r}: expected a positive integer")
+    return n
+
+
+def timeout_s() -> float:
+    """Seconds a collective may wait for the other ranks (``RESALIGN_DIST_TIMEOUT_S``)."""
+    raw = os.environ.get("RESALIGN_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        t = float(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable RESALIGN_DIST_TIMEOUT_S={raw!r}: expected seconds > 0") from None
+    if not t > 0:
+        raise ConfigError(f"environment variable RESALIGN_DIST_TIMEOUT_S={raw!r}: expected seconds > 0")
+    return t
+
+
+def backend_for(device: str) -> str:
+    """NCCL for CUDA devices, gloo for everything else."""
+    return "nccl" if str(device).startswith("cuda") and dist.is_nccl_available() else "gloo"
+
+
+def local_device(device: str) -> str:
+    """``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun (one GPU per process); other devices unchanged."""
+    if str(device) == "cuda" and active():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return str(device)
+
+
+def init(device: str = "cpu") -> bool:
+    """Join the torchrun job described by the environment, once; return whether it is distributed.
+
+    Does nothing (and returns False) when ``WORLD_SIZE`` is absent or 1. Under torchrun the
+    ``MASTER_ADDR`` / ``MASTER_PORT`` / ``RANK`` variables it sets are used (``env://``).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if _env_world_size() <= 1:
+        return False
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = backend_for(device)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
+    return dist.get_world_size() > 1
+
+
+def shutdown() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    """Whether this process is one of several ranks of an initialised job."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one process that writes run directories, checkpoints and progress."""
+    return rank() == 0
+
+
+def my_indices(n: int) -> list[int]:
+    """The item indices i ∈ [0, n) with i ≡ rank (mod world size)."""
+    return list(range(rank(), n, world_size()))
+
+
+def shard(items: Sequence[T]) -> list[tuple[int, T]]:
+    """``(i, item)`` for this rank's items (:func:`my_indices`)."""
+    return [(i, items[i]) for i in my_indices(len(items))]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_items(mine: Sequence[tuple[int, T]], n: int) -> list[T]:
+    """The full list of ``n`` items from each rank's ``(i, item)`` pairs, on every rank, in index order."""
+    merged: dict[int, T] = {}
+    for part in all_gather_object(list(mine)):
+        merged.update(dict(part))
+    missing = [i for i in range(n) if i not in merged]
+    if missing:
+        raise RuntimeError(f"items {missing[:5]} were computed by no rank")
+    return [merged[i] for i in range(n)]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum each tensor over the ranks, in place (a no-op in a single process)."""
+    if not active():
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)

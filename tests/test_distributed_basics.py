@@ -1,0 +1,73 @@
+"""resalign.distributed with gloo and two CPU processes: item split, gathers and sums against the
+single-process values computed here."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from resalign import distributed as D
+from resalign.errors import ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(r: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(r))
+    assert D.init("cpu")
+    try:
+        mine = D.shard(list("abcde"))
+        t = torch.tensor([float(r + 1), 10.0 * (r + 1)])
+        D.all_reduce_sum([t])
+        out[r] = {
+            "indices": D.my_indices(5),
+            "items": [x for _, x in mine],
+            "gathered": D.gather_items([(i, x.upper()) for i, x in mine], 5),
+            "sum": t.tolist(),
+            "bcast": D.broadcast_object({"from": r}),
+            "main": D.is_main(),
+        }
+    finally:
+        D.shutdown()
+
+
+def test_two_gloo_ranks_split_gather_and_sum():
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+    assert out[0]["indices"] == [0, 2, 4] and out[1]["indices"] == [1, 3]
+    assert out[0]["items"] == ["a", "c", "e"] and out[1]["items"] == ["b", "d"]
+    for r in (0, 1):
+        assert out[r]["gathered"] == list("ABCDE")
+        assert out[r]["sum"] == [3.0, 30.0]
+        assert out[r]["bcast"] == {"from": 0}
+    assert out[0]["main"] and not out[1]["main"]
+
+
+def test_single_process_is_the_identity(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.init("cpu") is False
+    assert (D.rank(), D.world_size(), D.is_main()) == (0, 1, True)
+    assert D.my_indices(3) == [0, 1, 2]
+    t = torch.ones(2)
+    D.all_reduce_sum([t])
+    assert t.tolist() == [1.0, 1.0]
+    assert D.gather_items([(1, "b"), (0, "a")], 2) == ["a", "b"]
+    assert D.local_device("cuda") == "cuda"
+
+
+@pytest.mark.parametrize("var,value", [("WORLD_SIZE", "two"), ("WORLD_SIZE", "0"),
+                                       ("RESALIGN_DIST_TIMEOUT_S", "-1")])
+def test_bad_environment_is_a_config_error(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=var):
+        D.init("cpu") if var == "WORLD_SIZE" else D.timeout_s()
