@@ -14,9 +14,10 @@ instead of leaving the others waiting for ever.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -27,6 +28,7 @@ from resalign.errors import ConfigError
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 1800.0
+_solo_depth = 0
 
 
 def _env_world_size() -> int:
@@ -90,8 +92,20 @@ def shutdown() -> None:
 
 
 def active() -> bool:
-    """Whether this process is one of several ranks of an initialised job."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether this process is one of several ranks of an initialised job (and not inside :func:`solo`)."""
+    return _solo_depth == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def solo() -> Iterator[None]:
+    """Inside, this rank behaves as a single process: for a cell that one rank computes whole (a
+    fine-tuning run of ``compare``), whose own work must not be split or synchronised again."""
+    global _solo_depth
+    _solo_depth += 1
+    try:
+        yield
+    finally:
+        _solo_depth -= 1
 
 
 def rank() -> int:

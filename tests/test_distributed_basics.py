@@ -36,6 +36,8 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
             "bcast": D.broadcast_object({"from": r}),
             "main": D.is_main(),
         }
+        with D.solo():
+            out[r]["solo"] = (D.rank(), D.world_size(), D.my_indices(3))
     finally:
         D.shutdown()
 
@@ -51,6 +53,7 @@ def test_two_gloo_ranks_split_gather_and_sum():
         assert out[r]["sum"] == [3.0, 30.0]
         assert out[r]["bcast"] == {"from": 0}
     assert out[0]["main"] and not out[1]["main"]
+    assert out[0]["solo"] == out[1]["solo"] == (0, 1, [0, 1, 2])
 
 
 def test_single_process_is_the_identity(monkeypatch):
