@@ -28,7 +28,10 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
         mine = D.shard(list("abcde"))
         t = torch.tensor([float(r + 1), 10.0 * (r + 1)])
         D.all_reduce_sum([t])
+        with D.solo():
+            solo = (D.rank(), D.world_size(), D.my_indices(3))
         out[r] = {
+            "solo": solo,
             "indices": D.my_indices(5),
             "items": [x for _, x in mine],
             "gathered": D.gather_items([(i, x.upper()) for i, x in mine], 5),
@@ -36,8 +39,6 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
             "bcast": D.broadcast_object({"from": r}),
             "main": D.is_main(),
         }
-        with D.solo():
-            out[r]["solo"] = (D.rank(), D.world_size(), D.my_indices(3))
     finally:
         D.shutdown()
 
