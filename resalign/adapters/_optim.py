@@ -78,12 +78,16 @@ class Adam:
         return out, {"t": t, "m": m_new, "v": v_new}
 
 
-def make_optimizer(name: str, lr: float) -> SGD | Adam:
+#: The optimizers a configuration C may name.
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float | None = None) -> SGD | Adam:
     """The inner optimizer of a configuration C (torch's default hyperparameters; AdamW wd 1e-2)."""
     if name == "sgd":
-        return SGD(lr)
+        return SGD(lr, weight_decay=weight_decay or 0.0)
     if name == "adam":
-        return Adam(lr)
+        return Adam(lr, weight_decay=weight_decay or 0.0)
     if name == "adamw":
-        return Adam(lr, weight_decay=1e-2, decoupled=True)
+        return Adam(lr, weight_decay=1e-2 if weight_decay is None else weight_decay, decoupled=True)
     raise ConfigError(f"optimizer {name!r}: expected one of sgd, adam, adamw")

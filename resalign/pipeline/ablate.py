@@ -215,7 +215,7 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                 def problem_with(curvature: str, config=config, harm=harm, j=j):
                     return build_hypergrad_problem(
                         prep.ctx, theta, config, trainer.simulation_data(j, 0, config, harm),
-                        adapter=trainer._adapter(config), finetune_loss=trainer._ft_loss(config.finetune_loss),
+                        adapter=trainer.adapter(config), finetune_loss=trainer.finetune_loss(config),
                         harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
                         gamma=1.0, curvature=curvature, with_unroll=True,
                         max_ft_loss_growth=prep.settings.max_ft_loss_growth)
