@@ -73,8 +73,12 @@ def clip_by_norm(a: Params, max_norm: float) -> Params:
     """
     if not a:
         return a
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in a.values()]))
-    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    values = list(a.values())
+    if any(v.requires_grad for v in values):
+        norms = [torch.linalg.vector_norm(v.float()) for v in values]
+    else:  # no graph to keep: one kernel for all tensors
+        norms = torch._foreach_norm([v.float() for v in values])
+    factor = torch.clamp(max_norm / (torch.linalg.vector_norm(torch.stack(norms)) + 1e-6), max=1.0)
     return {k: v * factor.to(v.dtype) for k, v in a.items()}
 
 

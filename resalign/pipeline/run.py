@@ -470,7 +470,8 @@ def _load_bundle(cfg: RunConfig, registry):
     if cfg.model is None:
         loader = registry.create("model", "toy")
     else:
-        for name in ("toy", "diffusers"):
+        # every registered loader, a plugin's included; the generic diffusers one last
+        for name in sorted(registry.names("model"), key=lambda n: n == "diffusers"):
             candidate = registry.create("model", name)
             if candidate.can_load(cfg.model):
                 loader = candidate
