@@ -108,6 +108,12 @@ def needs(component: Any, what: str) -> bool:
     return bool(getattr(component, f"needs_{what}", False))
 
 
+def finetune_loss_of(adapter: Any, configured: str) -> str:
+    """L_FT of a fine-tuning with ``adapter`` (class or instance): the loss the method prescribes
+    (``finetune_loss`` class attribute, e.g. DreamBooth's prior preservation), else ``configured``."""
+    return getattr(adapter, "finetune_loss", None) or configured
+
+
 def _check_scalar_types(config_cls: type, options: Mapping[str, Any], where: str) -> None:
     """Options of fields annotated ``int``, ``float`` or ``bool`` (or those ``| None``) must be of that type."""
     import types
@@ -218,6 +224,10 @@ class FinetuneLoss(Protocol):
 
 
 # --------------------------------------------------------------------------- ADAPT
+
+
+#: The optimizers a fine-tuning configuration may name (functional, in :mod:`resalign.adapters`).
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 
 @dataclass

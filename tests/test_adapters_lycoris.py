@@ -68,7 +68,7 @@ def test_delta_equals_peft_layer(name, options):
         want = layer.get_delta_weight("default").detach()
         assert torch.count_nonzero(want) > 0
         torch.testing.assert_close(merged[key] - theta[key], want, atol=1e-6, rtol=0)
-    assert set(k for k in theta if not torch.equal(merged[k], theta[k])) == {f"{m}.weight" for m in TARGETS}
+    assert {k for k in theta if not torch.equal(merged[k], theta[k])} == {f"{m}.weight" for m in TARGETS}
 
 
 @pytest.mark.parametrize("name", ["loha", "lokr"])

@@ -63,8 +63,8 @@ def _data(n=6, seed=0):
     return TrainingData(harmful=pairs(), preserve=pairs(), finetune=pairs())
 
 
-def _trainer(ctx, *, beta=0.5, solver="richardson", params="full", J=2, seed=0, **pool):
-    reg = get_registry()
+def _trainer(ctx, *, beta=0.5, solver="richardson", params="full", J=2, seed=0, registry=None, **pool):
+    reg = registry or get_registry()
     pool = ConfigPool(**{"lrs": [1e-3], "steps": [2], "optimizers": ["sgd", "adam"], "adapters": ["full", "lora"],
                          "batch_size": 2, "max_lr_steps": 0, **pool})
     settings = MethodSettings(beta=beta, alpha=0.7, J=J, outer_lr=1e-3, harm_batch=2, preserve_batch=2, ft_size=2,
@@ -205,3 +205,46 @@ def test_gamma_rule_reach_gives_each_simulation_gamma_times_its_steps_times_lr(m
     tr.settings.gamma_rule = "reach"
     tr.gradient()
     assert len(seen) == 2 and all(g == pytest.approx(cfg.steps * cfg.lr) for cfg, g in seen)
+
+
+def test_prior_pairs_follow_what_the_loss_or_adapter_declares():
+    """A third-party L_FT declaring ``needs_prior`` gets prior pairs; an undeclared one gets none, whatever
+    its name; DreamBooth (the adapter) prescribes prior preservation."""
+    from dataclasses import dataclass
+
+    from resalign.hookspecs import hookimpl
+    from resalign.losses._common import denoising_loss
+    from resalign.registry import build_registry
+
+    seen = []
+
+    class WithPrior:
+        name, needs_prior = "with-prior", True
+
+        def __call__(self, ctx, params, batch, generator=None):
+            seen.append(batch.prior is not None)
+            return denoising_loss(ctx, params, batch, generator)
+
+    @dataclass
+    class Plugin:
+        @hookimpl
+        def register_finetune_losses(self, register):
+            register("with-prior", WithPrior)
+            register("prior_preservation_lookalike", type("Plain", (WithPrior,), {"needs_prior": False,
+                                                                                  "name": "prior_preservation_lookalike"}))
+
+    reg = build_registry(entry_points=False, extra_plugins=(Plugin(),))
+    ctx = tiny_context()
+    for loss, adapter, want in (("with-prior", "full", True), ("prior_preservation_lookalike", "full", False),
+                                ("denoise", "dreambooth", True)):
+        tr = _trainer(ctx, J=1, registry=reg, optimizers=["sgd"], adapters=[adapter], finetune_losses=[loss])
+        (config,) = tr.pool.configs()
+        data = tr.simulation_data(0, 0, config, tr.data.harmful.sample(2, seeds.generator(0, "h")))
+        assert (data.ft.prior is not None) == want, (loss, adapter)
+        if want:
+            assert data.ft.prior.x0.shape == data.ft.x0.shape
+    assert type(tr.finetune_loss(config)).__name__ == "PriorPreservation"
+    seen.clear()
+    _trainer(ctx, J=1, beta=0.5, solver="first-order", registry=reg, optimizers=["sgd"], adapters=["full"],
+             finetune_losses=["with-prior"]).gradient()
+    assert seen and all(seen)

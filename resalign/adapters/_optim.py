@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from resalign.components import OPTIMIZERS
 from resalign.errors import ConfigError
 
 Tensors = dict[str, torch.Tensor]
@@ -115,10 +116,6 @@ class Adam:
         return dict(zip(keys, out)), {"t": t, "m": dict(zip(keys, m)), "v": dict(zip(keys, v))}
 
 
-#: The optimizers a configuration C may name.
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
-
-
 def make_optimizer(name: str, lr: float, weight_decay: float | None = None) -> SGD | Adam:
     """The inner optimizer of a configuration C (torch's default hyperparameters; AdamW wd 1e-2)."""
     if name == "sgd":
@@ -127,4 +124,4 @@ def make_optimizer(name: str, lr: float, weight_decay: float | None = None) -> S
         return Adam(lr, weight_decay=weight_decay or 0.0)
     if name == "adamw":
         return Adam(lr, weight_decay=1e-2 if weight_decay is None else weight_decay, decoupled=True)
-    raise ConfigError(f"optimizer {name!r}: expected one of sgd, adam, adamw")
+    raise ConfigError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from resalign.adapters._optim import make_optimizer
 from resalign import ops
+from resalign.adapters._optim import make_optimizer
 from resalign.components import AdaptResult, Component, FinetuneConfig, Params
 from resalign.errors import ConfigError
 

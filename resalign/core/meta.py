@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from resalign.components import DenoiseBatch, DiffusionContext, FinetuneConfig, Params, needs
+from resalign.components import (
+    DenoiseBatch,
+    DiffusionContext,
+    FinetuneConfig,
+    Params,
+    finetune_loss_of,
+    needs,
+)
 from resalign.core import seeds, tree
 from resalign.core.health import outlier_mask
 from resalign.core.params import Parameterization
@@ -207,7 +214,7 @@ class ResAlign:
     def finetune_loss(self, c: FinetuneConfig):
         """L_FT of configuration C: the one its ADAPT method prescribes (``finetune_loss`` class
         attribute, e.g. DreamBooth's prior preservation), else the configuration's."""
-        name = getattr(self.adapter(c), "finetune_loss", None) or c.finetune_loss
+        name = finetune_loss_of(self.adapter(c), c.finetune_loss)
         key = ("finetune-loss", name)
         if key not in self._components:
             self._components[key] = self.registry.create("finetune-loss", name, {})

@@ -33,8 +33,15 @@ import numpy as np
 import torch
 
 from resalign import ops
-from resalign.adapters._optim import OPTIMIZERS
-from resalign.components import DenoiseBatch, DiffusionContext, FinetuneConfig, Params, needs
+from resalign.components import (
+    OPTIMIZERS,
+    DenoiseBatch,
+    DiffusionContext,
+    FinetuneConfig,
+    Params,
+    finetune_loss_of,
+    needs,
+)
 from resalign.errors import ConfigError, DataError, UnknownComponentError
 
 #: Learning rate of an adapter that declares no ``paper_lr`` (that of full fine-tuning, App. B.4).
@@ -167,7 +174,7 @@ class FinetuneSpec:
 
 def loss_name(adapt: str, finetune_loss: str = "denoise") -> str:
     """L_FT of a fine-tuning with ``adapt``: the one the method prescribes, else ``finetune_loss``."""
-    return getattr(adapter_class(adapt), "finetune_loss", None) or finetune_loss
+    return finetune_loss_of(adapter_class(adapt), finetune_loss)
 
 
 def uses_prior(adapt: str, finetune_loss: str = "denoise") -> bool:
@@ -404,7 +411,7 @@ def contaminate(
     check_pairs(benign, "fine-tuning data")
     check_pairs(harmful, "--harmful-data")
     n = len(benign.prompts)
-    k = int(round(ratio * n))
+    k = round(ratio * n)
     rng = np.random.default_rng(seed)
     clean, dirty = _resize_like(np.asarray(benign.images), np.asarray(harmful.images))
     replace = rng.choice(n, size=k, replace=False) if k else np.array([], int)
