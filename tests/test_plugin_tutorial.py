@@ -56,7 +56,8 @@ SCRIPT = textwrap.dedent('''
         "compare": main(["compare", "--model", model, "--methods", "base,resalign", "--run", f"resalign={work}/run",
                          "--adapt", "bitfit", "--ft-steps", "1", "--out", f"{work}/compare", *small_eval]),
         "ablate": main(["ablate", "solvers", "--model", model, "--solvers", "neumann", "--loss", "bounded-ga",
-                        "--no-effect", "--seeds", "1", "--configs", "1", "--K", "2", "--gamma", "0.1", "--x0", "zero",
+                        "--no-effect", "--adapt", "bitfit", "--seeds", "1", "--configs", "1", "--K", "2", "--gamma", "0.1",
+                        "--x0", "zero",
                         "--out", f"{work}/ablate", "--quiet", "--set", 'pool.adapters=["bitfit"]', *data]),
         "score": main(["score", f"{work}/images", "--scorer", "brightness", "--out", f"{work}/score", "--quiet"]),
     }
