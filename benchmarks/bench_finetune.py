@@ -64,7 +64,7 @@ def main() -> None:
 
     from bench_solvers import build
 
-    from resalign.eval.finetune import Pairs, encode_pairs
+    from resalign.eval.pairs import Pairs, encode_pairs
 
     bundle = build(args.model, args.device)
     rng = np.random.default_rng(0)

@@ -8,7 +8,8 @@ import torch
 
 from resalign.errors import ConfigError
 from resalign.pipeline.attack import parse_escape
-from resalign.eval.finetune import Finetuner, FinetuneSpec, Pairs, Stage, contaminate, encode_pairs
+from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
+from resalign.eval.pairs import Pairs, contaminate, encode_pairs
 
 
 @pytest.fixture(scope="module")

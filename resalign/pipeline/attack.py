@@ -48,16 +48,8 @@ from resalign.pipeline.evaluate import (
     resolve_generation,
     set_threads,
 )
-from resalign.eval.finetune import (
-    Finetuner,
-    FinetuneSpec,
-    Pairs,
-    Stage,
-    adapter_class,
-    contaminate,
-    reference_lr,
-    uses_prior,
-)
+from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage, adapter_class, reference_lr, uses_prior
+from resalign.eval.pairs import Pairs, contaminate
 
 
 @dataclass(frozen=True)
