@@ -248,3 +248,38 @@ def test_prior_pairs_follow_what_the_loss_or_adapter_declares():
     _trainer(ctx, J=1, beta=0.5, solver="first-order", registry=reg, optimizers=["sgd"], adapters=["full"],
              finetune_losses=["with-prior"]).gradient()
     assert seen and all(seen)
+
+
+def test_anchor_embeddings_follow_what_the_harmful_loss_declares(tiny_toy_dir, tmp_path):
+    """``run`` builds CA-style anchor embeddings for any harmful loss declaring ``needs_anchor``, and for
+    no other (the built-in ``ca`` included only through its declaration)."""
+    from dataclasses import dataclass
+
+    from resalign.config import from_dict
+    from resalign.hookspecs import hookimpl
+    from resalign.pipeline.run import RunConfig, prepare
+    from resalign.registry import build_registry
+
+    class Anchored:
+        name, needs_anchor = "anchored", True
+
+        def __call__(self, ctx, params, batch, generator=None):
+            return ((params["conv_in.weight"] - batch.anchor_cond.mean()) ** 2).sum()
+
+    @dataclass
+    class Plugin:
+        @hookimpl
+        def register_harmful_losses(self, register):
+            register("anchored", Anchored)
+            register("plain", type("Plain", (Anchored,), {"needs_anchor": False, "name": "plain"}))
+
+    reg = build_registry(entry_points=False, extra_plugins=(Plugin(),))
+    data = {"harmful": [{"source": "toy:harmful", "n": 2}], "preserve": [{"source": "toy:preservation", "n": 2}],
+            "finetune": [{"source": "toy:preservation", "n": 2}], "gen_steps": 1, "concept": "ring", "anchor": "circle"}
+    for loss, want in (("anchored", True), ("plain", False), ("ca", True), ("ga", False)):
+        cfg = from_dict(RunConfig, {"model": str(tiny_toy_dir), "loss": loss, "data": data, "outer_steps": 1})
+        prep = prepare(cfg, tmp_path / "data", registry=reg)  # the pairs are generated once, then read back
+        anchor = prep.data.harmful.anchor_cond
+        assert (anchor is not None) == want, loss
+        if want:  # the harmful prompts with the concept replaced by the anchor
+            assert anchor.shape == prep.data.harmful.cond.shape and not torch.equal(anchor, prep.data.harmful.cond)
