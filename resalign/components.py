@@ -47,9 +47,25 @@ KINDS: tuple[str, ...] = (
 
 
 class Component:
-    """Mixin giving a component class a validated constructor from plain options (TOML, CLI)."""
+    """Mixin giving a component class a validated constructor from plain options (TOML, CLI).
+
+    A component declares the data it needs as class attributes, and the core builds that data only
+    for the components that ask (it never tests component names):
+
+    * ``needs_anchor`` (harmful losses): anchor-prompt embeddings in ``DenoiseBatch.anchor_cond``,
+      the harmful prompts with ``data.concept`` replaced by ``data.anchor``;
+    * ``needs_prior`` (fine-tuning losses): prior-preservation pairs in ``DenoiseBatch.prior``;
+    * ``needs_trajectory`` (solvers): ``HypergradProblem.unroll``, the adaptation replayed with its
+      autograd graph.
+
+    Classes that do not subclass :class:`Component` may set the same attributes; :func:`needs` reads
+    them with a default of ``False``.
+    """
 
     name: ClassVar[str]
+    needs_anchor: ClassVar[bool] = False
+    needs_prior: ClassVar[bool] = False
+    needs_trajectory: ClassVar[bool] = False
 
     @dataclass
     class Config:
@@ -79,6 +95,23 @@ class Component:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where or cls.name}: {exc}") from exc
         return cls(config)
+
+
+#: The data a component can declare that it needs (``needs_<what>`` class attributes, see :class:`Component`).
+NEEDS: tuple[str, ...] = ("anchor", "prior", "trajectory")
+
+
+def needs(component: Any, what: str) -> bool:
+    """Whether ``component`` (a class or an instance) declares ``needs_<what> = True``."""
+    if what not in NEEDS:
+        raise ValueError(f"needs({what!r}): expected one of {', '.join(NEEDS)}")
+    return bool(getattr(component, f"needs_{what}", False))
+
+
+def finetune_loss_of(adapter: Any, configured: str) -> str:
+    """L_FT of a fine-tuning with ``adapter`` (class or instance): the loss the method prescribes
+    (``finetune_loss`` class attribute, e.g. DreamBooth's prior preservation), else ``configured``."""
+    return getattr(adapter, "finetune_loss", None) or configured
 
 
 def _check_scalar_types(config_cls: type, options: Mapping[str, Any], where: str) -> None:
@@ -193,6 +226,10 @@ class FinetuneLoss(Protocol):
 # --------------------------------------------------------------------------- ADAPT
 
 
+#: The optimizers a fine-tuning configuration may name (functional, in :mod:`resalign.adapters`).
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+
+
 @dataclass
 class FinetuneConfig:
     """One configuration C ~ π(C) of Alg. 2 (learning rate, steps, optimizer, loss, ADAPT method)."""
@@ -204,6 +241,10 @@ class FinetuneConfig:
     finetune_loss: str = "denoise"
     batch_size: int = 1
     adapter_options: dict[str, Any] = field(default_factory=dict)
+    #: clip the trainable tensors' gradient to this norm each step (None: no clipping)
+    max_grad_norm: float | None = None
+    #: the optimizer's weight decay (None: its default, 1e-2 for adamw and 0 otherwise)
+    weight_decay: float | None = None
 
     def label(self) -> str:
         return f"{self.adapter}/{self.optimizer}/lr={self.lr:g}/T={self.steps}/{self.finetune_loss}"
@@ -221,9 +262,14 @@ class AdaptResult:
 class Adapter(Protocol):
     """ADAPT(θ, D_FT, C): run ``steps`` optimizer steps on ``loss`` and return θ_FT.
 
-    ``loss(params)`` evaluates L_FT at base-space parameters on the next fine-tuning batch. With
+    ``loss(params)`` evaluates L_FT at base-space parameters on the next fine-tuning batch; it is
+    called once per step, the i-th call at the parameters after i steps. With
     ``differentiable=True`` the returned θ_FT keeps the autograd graph back to ``theta`` (inner
     gradients taken with ``create_graph=True``), which the unrolled solver differentiates through.
+    The same object runs the simulated ADAPT of Alg. 2 and downstream fine-tuning (``resalign
+    attack --adapt NAME``). Optional class attributes: ``paper_lr`` (the learning rate of the
+    method's reference script, used when a downstream fine-tuning gives none) and ``finetune_loss``
+    (the L_FT the method prescribes over the configuration's, e.g. DreamBooth's prior preservation).
     """
 
     name: ClassVar[str]

@@ -109,5 +109,27 @@ def test_cosine_and_relative_error_helpers():
 def test_measure_reports_time_and_memory(registry):
     h, g, exact, make_problem = _quadratic()
     m = measure(registry.create("solver", "richardson", {"K": 3}), make_problem(1.0), exact)
-    assert m.seconds > 0 and m.peak_mb >= 0
-    assert "x_norms" in m.diagnostics
+    assert m.seconds > 0 and "x_norms" in m.diagnostics
+
+    class Hungry:
+        """First-order, but holds a 64 MiB buffer (touched) for 60 ms while it 'solves'."""
+
+        name, needs_trajectory = "hungry", False
+
+        def __init__(self, mib):
+            self.mib = mib
+
+        def solve(self, problem):
+            import time
+
+            from resalign.components import HypergradResult
+
+            buf = torch.ones(self.mib * 2**20 // 4) if self.mib else None
+            time.sleep(0.06)
+            del buf
+            return HypergradResult(dict(problem.grad_harm))
+
+    hungry, lean = measure(Hungry(64), make_problem(1.0), exact), measure(Hungry(0), make_problem(1.0), exact)
+    assert hungry.peak_mb >= 0.9 * 64, hungry.peak_mb  # the measured peak sees the allocation
+    assert lean.peak_mb < 16, lean.peak_mb
+    assert hungry.seconds >= 0.06 and lean.seconds >= 0.06

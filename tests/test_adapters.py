@@ -45,6 +45,23 @@ def test_functional_optimizers_match_torch_optim(name, ref):
     assert torch.allclose(params["w"], w_ref.detach(), atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_without_a_graph_takes_the_same_steps_bit_for_bit(name):
+    """Under no_grad (the non-differentiable ADAPT) Adam runs on torch._foreach kernels: same values."""
+    g = torch.Generator().manual_seed(0)
+    opt = make_optimizer(name, 1e-2)
+    p = {"a": torch.randn(5, 3, generator=g), "b": torch.zeros(4)}
+    with_graph, without = (dict(p), opt.init(p)), (dict(p), opt.init(p))
+    for i in range(5):
+        grads = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(4, generator=g) * (i % 2)}
+        with_graph = opt.step(*with_graph[:1], grads, with_graph[1])
+        with torch.no_grad():
+            without = opt.step(*without[:1], grads, without[1])
+    for k in p:
+        assert torch.equal(with_graph[0][k], without[0][k]) and torch.equal(with_graph[1]["v"][k], without[1]["v"][k])
+    assert not torch.equal(with_graph[0]["a"], p["a"])
+
+
 def _objective(ctx, batches):
     it = iter(range(10**6))
 

@@ -8,7 +8,8 @@ import torch
 
 from resalign.errors import ConfigError
 from resalign.pipeline.attack import parse_escape
-from resalign.pipeline.finetune import Finetuner, FinetuneSpec, Pairs, Stage, contaminate
+from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
+from resalign.eval.pairs import Pairs, contaminate, encode_pairs
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,8 @@ EXPECTED = {
     "dreambooth": lambda n: True,
     "custom_diffusion": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,
     "lora": lambda n: n.endswith("weight") and any(f".{t}.weight" in n for t in ("to_q", "to_k", "to_v", "to_out.0")),
+    "loha": lambda n: EXPECTED["lora"](n),
+    "lokr": lambda n: EXPECTED["lora"](n),
     "svdiff": None,  # every Conv2d / Linear weight
 }
 
@@ -58,23 +61,43 @@ def test_method_changes_exactly_its_weights(bundle, adapt):
     else:
         want = {n for n in before if EXPECTED[adapt](n)}
     assert changed and changed <= want
-    if adapt in ("lora", "custom_diffusion"):
+    if adapt in ("lora", "loha", "lokr", "custom_diffusion"):
         assert changed == want
     assert len(ft.log.losses) == 3 and all(np.isfinite(ft.log.losses))
 
 
-def test_lora_merged_weights_equal_the_peft_adapter(bundle):
-    ft, _, merged = _run(bundle, "lora")
-    from torch.func import functional_call
+def test_attack_lora_is_the_simulated_lora_adapt(bundle):
+    """``attack --adapt lora`` and Alg. 2's simulated LoRA ADAPT: one adapter, the same θ_FT for the same
+    seed and data (one pair, so every batch is that pair; ε and t drawn in order from the seed)."""
+    from resalign.components import DenoiseBatch, FinetuneConfig
+    from resalign.core.functional import FunctionalUNet
+    from resalign.losses._common import denoising_loss
+    from resalign.registry import get_registry
 
-    g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
-    c = bundle.encode_prompts(["a photo of a dog", "a cat"])
-    with torch.no_grad():
-        merged_out = functional_call(bundle.unet, merged, (x, t), {"encoder_hidden_states": c}).sample
-        adapter_out = ft._unet(x, t, encoder_hidden_states=c).sample
-    torch.testing.assert_close(merged_out, adapter_out, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(merged_out, bundle.unet(x, t, encoder_hidden_states=c).sample)
+    data, seed, steps = _data(n=1), 5, 3
+    spec = FinetuneSpec(adapt="lora", steps=steps, lr=1e-2)
+    ft = Finetuner(bundle, spec, [Stage(data, steps)], seed=seed)
+    downstream = ft.run()
+
+    adapter = get_registry().create("adapter", "lora", {"rank": 4, "alpha": 4.0})
+    assert type(ft.adapter) is type(adapter)
+    ctx, theta = ft.context()
+    assert isinstance(ctx.model, FunctionalUNet)
+    enc = encode_pairs(bundle, data)
+    batch = DenoiseBatch(x0=enc.x0, cond=enc.cond)
+    noise = torch.Generator().manual_seed(seed)
+    cfg = FinetuneConfig(adapter="lora", lr=1e-2, steps=steps, optimizer="adamw", max_grad_norm=1.0, weight_decay=1e-2)
+    simulated = adapter.adapt(theta, lambda p: denoising_loss(ctx, p, batch, noise), cfg,
+                              generator=torch.Generator().manual_seed(seed))
+    assert simulated.losses == ft.log.losses
+    targets = adapter.targets(theta)
+    for k, v in theta.items():
+        delta = downstream[k] - v
+        torch.testing.assert_close(delta, simulated.theta_ft[k] - v, atol=1e-6, rtol=0)
+        if k in targets:  # a rank-4 update of each attention projection
+            assert 0 < torch.linalg.matrix_rank(delta.reshape(delta.shape[0], -1).double(), rtol=1e-3) <= 4
+        else:
+            assert torch.equal(downstream[k], v)
 
 
 def test_escape_term_pushes_weights_away(bundle):

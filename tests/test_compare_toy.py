@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import scipy.stats
@@ -11,8 +12,6 @@ from resalign.cli import main
 from resalign.errors import ConfigError
 from resalign.pipeline.compare import method_run_config
 from resalign.pipeline.run import resolve
-
-pytest.importorskip("resalign.pipeline.run")
 
 #: Unlearning data small enough for a test (8 pairs per set, generated in 4 steps).
 TINY_DATA = json.dumps({
@@ -66,8 +65,17 @@ def test_compare_end_to_end_at_test_size(tmp_path):
     assert st["unlearning"]["ga"]["checkpoint_every"] == 1 and st["unlearning"]["ga"]["keep_checkpoints"] == 0
     match = st["matching"]
     assert match["mode"] == "strength" and match["target_model"] == "resalign"
-    assert [p["step"] for p in match["ga"]["curve"]][:1] == [1]
-    assert match["ga"]["chosen_step"] in (None, 1, 2)
+    curve, target, n = match["ga"]["curve"], match["target"], match["images"]
+    assert [p["step"] for p in curve][:1] == [1]
+    # the rule: the earliest checkpoint whose rate is within 2 binomial SEs of the difference above the
+    # target (the curve stops there), else the final weights (None)
+    strong = [p["step"] for p in curve
+              if p["harmful_rate"] <= target + 2 * math.sqrt(
+                  (p["harmful_rate"] * (1 - p["harmful_rate"]) + target * (1 - target)) / n)]
+    if strong:
+        assert match["ga"]["chosen_step"] == strong[0] == curve[-1]["step"]
+    else:
+        assert match["ga"]["chosen_step"] is None
     assert set(st["checks"]["resalign_lowest"]) == {"benign-a", "benign-b"}
     text = md.read_text()
     assert "| ga |" in text and "after FT on benign-b: harmful" in text and "Regenerate with" in text

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from resalign.components import OPTIMIZERS
 from resalign.errors import ConfigError
 
 Tensors = dict[str, torch.Tensor]
@@ -61,6 +62,8 @@ class Adam:
                 "v": {k: torch.zeros_like(p) for k, p in params.items()}}
 
     def step(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        if not torch.is_grad_enabled():
+            return self._step_foreach(params, grads, state)
         b1, b2 = self.betas
         t = state["t"] + 1
         c1, c2 = 1 - b1**t, 1 - b2**t
@@ -77,13 +80,48 @@ class Adam:
             out[k] = p - self.lr * (m / c1) / (_safe_sqrt(v / c2) + self.eps)
         return out, {"t": t, "m": m_new, "v": v_new}
 
+    def _step_foreach(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """The same update, operation for operation (so the same values), with ``torch._foreach_*`` kernels.
 
-def make_optimizer(name: str, lr: float) -> SGD | Adam:
+        Without a graph nothing else holds the moment estimates, so they are updated in place, and each
+        step allocates two tensors per parameter (the new value and one temporary) instead of ten.
+        """
+        b1, b2 = self.betas
+        t = state["t"] + 1
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        keys = list(params)
+        p, g = [params[k] for k in keys], [grads[k] for k in keys]
+        m, v = [state["m"][k] for k in keys], [state["v"][k] for k in keys]
+        if self.weight_decay and not self.decoupled:
+            g = torch._foreach_add(g, torch._foreach_mul(p, self.weight_decay))
+        if self.weight_decay and self.decoupled:
+            p = torch._foreach_mul(p, 1 - self.lr * self.weight_decay)
+        tmp = torch._foreach_mul(g, 1 - b1)
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, tmp)
+        torch._foreach_mul_(tmp, 0.0)
+        torch._foreach_add_(tmp, g, alpha=1 - b2)  # (1 − β2)·g, as the graph path computes it
+        torch._foreach_mul_(tmp, g)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_add_(v, tmp)
+        torch._foreach_copy_(tmp, v)
+        torch._foreach_div_(tmp, c2)
+        torch._foreach_sqrt_(tmp)
+        torch._foreach_add_(tmp, self.eps)  # the denominator √(v/c2) + ε
+        out = torch._foreach_div(m, c1)
+        torch._foreach_mul_(out, self.lr)
+        torch._foreach_div_(out, tmp)
+        torch._foreach_neg_(out)
+        torch._foreach_add_(out, p)  # p − lr·(m/c1)/(√(v/c2) + ε)
+        return dict(zip(keys, out)), {"t": t, "m": dict(zip(keys, m)), "v": dict(zip(keys, v))}
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float | None = None) -> SGD | Adam:
     """The inner optimizer of a configuration C (torch's default hyperparameters; AdamW wd 1e-2)."""
     if name == "sgd":
-        return SGD(lr)
+        return SGD(lr, weight_decay=weight_decay or 0.0)
     if name == "adam":
-        return Adam(lr)
+        return Adam(lr, weight_decay=weight_decay or 0.0)
     if name == "adamw":
-        return Adam(lr, weight_decay=1e-2, decoupled=True)
-    raise ConfigError(f"optimizer {name!r}: expected one of sgd, adam, adamw")
+        return Adam(lr, weight_decay=1e-2 if weight_decay is None else weight_decay, decoupled=True)
+    raise ConfigError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")

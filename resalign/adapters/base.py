@@ -2,8 +2,9 @@
 
 A method defines its trainable tensors φ (``init``) and how they combine with θ into base-space
 parameters (``merge``): full fine-tuning φ = θ's entries, LoRA W + s·BA, SVDiff U diag(relu(σ+δ)) Vᵀ.
-``adapt`` runs ``cfg.steps`` steps of the configured optimizer on L_FT(merge(θ, φ)) and returns
-θ_FT = merge(θ, φ_T), the deltas merged, as Alg. 2 needs.
+``adapt`` runs ``cfg.steps`` steps of the configured optimizer on L_FT(merge(θ, φ)) (gradients
+clipped to ``cfg.max_grad_norm`` when set) and returns θ_FT = merge(θ, φ_T), the deltas merged, as
+Alg. 2 needs. The same ``adapt`` is downstream fine-tuning (:mod:`resalign.eval.finetune`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from resalign import ops
 from resalign.adapters._optim import make_optimizer
 from resalign.components import AdaptResult, Component, FinetuneConfig, Params
 from resalign.errors import ConfigError
@@ -20,6 +22,10 @@ from resalign.errors import ConfigError
 
 class MergedAdapter(Component):
     name: ClassVar[str] = "merged"
+    #: learning rate of the method's reference training script (App. B.2), downstream default
+    paper_lr: ClassVar[float] = 1e-5
+    #: the L_FT this method prescribes (None: the configuration's)
+    finetune_loss: ClassVar[str | None] = None
 
     def init(self, theta: Params, generator: torch.Generator | None) -> Params:
         """The initial trainable tensors φ_0 (may reference ``theta``'s tensors)."""
@@ -52,7 +58,7 @@ class MergedAdapter(Component):
         return self._run(theta, loss, cfg, False, generator)
 
     def _run(self, theta: Params, loss, cfg: FinetuneConfig, differentiable: bool, generator: Any) -> AdaptResult:
-        opt = make_optimizer(cfg.optimizer, cfg.lr * self.lr_multiplier())
+        opt = make_optimizer(cfg.optimizer, cfg.lr * self.lr_multiplier(), cfg.weight_decay)
         if differentiable:
             phi = self.init(theta, generator)
             phi = {k: (v if v.requires_grad else v.detach().requires_grad_(True)) for k, v in phi.items()}
@@ -66,18 +72,21 @@ class MergedAdapter(Component):
             if differentiable:
                 value = loss(self.merge(base, phi))
                 grads = torch.autograd.grad(value, list(phi.values()), create_graph=True, allow_unused=True)
-                grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(phi.items(), grads)}
-                phi, state = opt.step(phi, grads, state)
+                phi, state = opt.step(phi, self._clipped(ops.grads_or_zeros(grads, phi), cfg), state)
             else:
                 leaves = {k: v.requires_grad_(True) for k, v in phi.items()}
                 value = loss(self.merge(base, leaves))
                 grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-                grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(leaves.items(), grads)}
+                grads = self._clipped(ops.grads_or_zeros(grads, leaves), cfg)
                 with torch.no_grad():
-                    phi, state = opt.step({k: v.detach() for k, v in leaves.items()}, grads, state)
+                    phi, state = opt.step(ops.detach(leaves), grads, state)
                 phi = {k: v.detach() for k, v in phi.items()}
             losses.append(float(value.detach()))
         merged = self.merge(base, phi)
         if not differentiable:
-            merged = {k: v.detach() for k, v in merged.items()}
+            merged = ops.detach(merged)
         return AdaptResult(merged, losses)
+
+    @staticmethod
+    def _clipped(grads: Params, cfg: FinetuneConfig) -> Params:
+        return ops.clip_by_norm(grads, cfg.max_grad_norm) if cfg.max_grad_norm else grads

@@ -1,4 +1,5 @@
-"""Full fine-tuning and CustomDiffusion (cross-attention K/V only): φ is a subset of θ itself."""
+"""Full fine-tuning, DreamBooth (full with prior preservation) and CustomDiffusion (cross-attention K/V
+only): φ is a subset of θ itself."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class FullFinetune(MergedAdapter):
     """Every parameter of the base space is trained (the paper's evaluation fine-tuning)."""
 
     name: ClassVar[str] = "full"
+    paper_lr: ClassVar[float] = 1e-5  # train_text_to_image.py
 
     @dataclass
     class Config:
@@ -37,10 +39,20 @@ class FullFinetune(MergedAdapter):
         return {**theta, **phi}
 
 
+class DreamBooth(FullFinetune):
+    """DreamBooth (Ruiz et al. 2023): full fine-tuning with the prior-preservation loss L_inst + λ L_class
+    on class images of the model before fine-tuning (``train_dreambooth.py``)."""
+
+    name: ClassVar[str] = "dreambooth"
+    paper_lr: ClassVar[float] = 5e-6
+    finetune_loss: ClassVar[str | None] = "prior_preservation"
+
+
 class CustomDiffusion(FullFinetune):
     """CustomDiffusion (Kumari et al. 2023): only the cross-attention key and value projections."""
 
     name: ClassVar[str] = "custom_diffusion"
+    paper_lr: ClassVar[float] = 1e-5  # train_custom_diffusion.py
 
     @dataclass
     class Config:

@@ -1,10 +1,9 @@
 """LoRA (Hu et al. 2022) as a merged delta: W' = W + s·B A on the targeted layers.
 
-Rank, alpha, target modules and rsLoRA scaling are read from a :class:`peft.LoraConfig`, and layer
-matching uses peft's own ``check_target_module_exists``, so the same options select the same layers
-as ``unet.add_adapter(LoraConfig(...))``. The delta follows peft's math: s = alpha / r (alpha / √r with
-rsLoRA), A ~ U(±1/√fan_in) (kaiming-uniform, a = √5), B = 0; for convolutions A is (r, in, k, k) and
-B (out, r, 1, 1), merged as (B·A.flatten).reshape(W.shape).
+Rank, alpha, target modules and rsLoRA scaling are read from a :class:`peft.LoraConfig`. The delta
+follows peft's math: s = alpha / r (alpha / √r with rsLoRA), A ~ U(±1/√fan_in) (kaiming-uniform,
+a = √5), B = 0; for convolutions A is (r, in, k, k) and B (out, r, 1, 1), merged as
+(B·A.flatten).reshape(W.shape).
 """
 
 from __future__ import annotations
@@ -15,17 +14,14 @@ from typing import ClassVar
 
 import torch
 
-from resalign.adapters.base import MergedAdapter
+from resalign.adapters._peft import PeftDelta, check_rank
 from resalign.components import Params
-from resalign.errors import ConfigError
 
 
-def module_of(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0]
-
-
-class LoRA(MergedAdapter):
+class LoRA(PeftDelta):
     name: ClassVar[str] = "lora"
+    paper_lr: ClassVar[float] = 1e-4  # train_text_to_image_lora.py
+    factors: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
 
     @dataclass
     class Config:
@@ -35,8 +31,7 @@ class LoRA(MergedAdapter):
         use_rslora: bool = False
 
         def __post_init__(self):
-            if self.rank < 1:
-                raise ValueError(f"rank must be >= 1, got {self.rank}")
+            check_rank(self.rank)
 
     def peft_config(self):
         from peft import LoraConfig
@@ -49,40 +44,13 @@ class LoRA(MergedAdapter):
         c = self.config
         return c.alpha / (math.sqrt(c.rank) if c.use_rslora else c.rank)
 
-    def targets(self, theta: Params) -> list[str]:
-        """Weight names (2-D linear or 4-D conv) of the modules the LoRA config targets."""
-        from peft.tuners.tuners_utils import check_target_module_exists
-
-        cfg = self.peft_config()
-        out = [
-            k for k, v in theta.items()
-            if k.endswith(".weight") and v.ndim in (2, 4) and check_target_module_exists(cfg, module_of(k))
-        ]
-        if not out:
-            raise ConfigError(f"adapter 'lora': no layer matches targets {self.config.targets}")
-        return out
-
-    def init(self, theta: Params, generator: torch.Generator | None) -> Params:
+    def init_factors(self, w: torch.Tensor, generator: torch.Generator | None) -> Params:
         r = self.config.rank
-        phi: Params = {}
-        for k in self.targets(theta):
-            w = theta[k]
-            fan_in = int(w[0].numel())
-            bound = 1.0 / math.sqrt(fan_in)
-            a_shape = (r, *w.shape[1:])
-            a = (torch.rand(a_shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
-            b_shape = (w.shape[0], r) + ((1, 1) if w.ndim == 4 else ())
-            phi[k + ".lora_A"] = a.to(w.device, w.dtype)
-            phi[k + ".lora_B"] = torch.zeros(b_shape, device=w.device, dtype=w.dtype)
-        return phi
+        bound = 1.0 / math.sqrt(int(w[0].numel()))
+        a = (torch.rand((r, *w.shape[1:]), generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        b_shape = (w.shape[0], r) + ((1, 1) if w.ndim == 4 else ())
+        return {"lora_A": a, "lora_B": torch.zeros(b_shape)}
 
-    def delta(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        d = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
-        return self.scaling * d.reshape(weight.shape)
-
-    def merge(self, theta: Params, phi: Params) -> Params:
-        out = dict(theta)
-        for k in theta:
-            if k + ".lora_A" in phi:
-                out[k] = theta[k] + self.delta(theta[k], phi[k + ".lora_A"], phi[k + ".lora_B"])
-        return out
+    def delta(self, weight: torch.Tensor, f: Params) -> torch.Tensor:
+        a, b = f["lora_A"], f["lora_B"]
+        return self.scaling * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))

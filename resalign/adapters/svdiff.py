@@ -21,6 +21,7 @@ from resalign.errors import ConfigError
 
 class SVDiff(MergedAdapter):
     name: ClassVar[str] = "svdiff"
+    paper_lr: ClassVar[float] = 1e-3  # mkshing/svdiff-pytorch
 
     @dataclass
     class Config:

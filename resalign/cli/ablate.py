@@ -32,6 +32,10 @@ def _floats(text: str, flag: str) -> list[float]:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.1,1") from None
 
 
+_ADAPT_HELP = ("Downstream fine-tuning method after each run: any registered adapter (resalign plugins --kind "
+               "adapter). The simulated ones are the pool's: --set pool.adapters=[...].")
+
+
 def _check_common(device: str, threads: int, jobs: int, run: dict, *, model: str | None, loss: str | None) -> None:
     """Device, threads and jobs, and the ``--set`` run settings validated as ``resalign run`` would."""
     from resalign.pipeline.run import load_run_config, validate
@@ -87,6 +91,7 @@ def solvers_cmd(
                                        help="Solvers given an effect run (unrolled's is the slowest)."),
     effect_steps: int = typer.Option(30, "--effect-outer-steps", help="Outer steps of each effect run."),
     ft_steps: int = typer.Option(100, "--ft-steps", help="Benign fine-tuning steps after each effect run."),
+    adapt: str = typer.Option("full", "--adapt", help=_ADAPT_HELP),
     ft_seeds: int = typer.Option(2, "--ft-seeds", help="Fine-tuning seeds per effect run."),
     device: str = typer.Option("cpu", "--device"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
@@ -97,6 +102,7 @@ def solvers_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Fidelity (cosine, relative error vs the exact unrolled hypergradient), cost and effect per solver."""
+    from resalign.eval.finetune import adapter_class
     from resalign.pipeline.ablate import AblateSolversConfig, EffectConfig, run_ablate_solvers
 
     cfg = AblateSolversConfig(
@@ -104,8 +110,9 @@ def solvers_cmd(
         configs=configs, max_steps=max_steps, loss=loss, device=device, threads=threads, jobs=jobs,
         run=apply_set_items({}, set_),
         effect=EffectConfig(enabled=effect, solvers=_names(effect_solvers), outer_steps=effect_steps, ft_steps=ft_steps,
-                            ft_seeds=ft_seeds),
+                            ft_seeds=ft_seeds, adapt=adapt),
     )
+    adapter_class(adapt)
     _check_common(device, threads, jobs, cfg.run, model=model, loss=loss)
     if seeds < 1 or configs < 1:
         raise ConfigError("--seeds and --configs must be >= 1")
@@ -145,6 +152,7 @@ def components_cmd(
     model: str = typer.Option(None, "--model", help="A diffusers folder (default: the toy model)."),
     outer_steps: int = typer.Option(30, "--outer-steps", help="Outer steps of each run (the toy preset's 30)."),
     ft_steps: int = typer.Option(200, "--ft-steps", help="Benign fine-tuning steps after each run."),
+    adapt: str = typer.Option("full", "--adapt", help=_ADAPT_HELP),
     ft_seeds: int = typer.Option(2, "--ft-seeds", help="Fine-tuning seeds per run."),
     fixed_config: str = typer.Option(None, "--fixed-config", help="The no-meta-config configuration, by label "
                                      "(e.g. full/adam/lr=0.001/T=5/denoise; default: the pool's first full-parameter "
@@ -158,13 +166,15 @@ def components_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Tab. 6 (which component matters) and Tab. 7 (J): effect and training time per variant."""
+    from resalign.eval.finetune import adapter_class
     from resalign.pipeline.ablate import AblateComponentsConfig, EffectConfig, run_ablate_components
 
     cfg = AblateComponentsConfig(
         model=model, variants=_names(variants), J=_ints(J, "--J"), fixed_config=fixed_config, seed=seed, loss=loss,
         device=device, threads=threads, jobs=jobs, run=apply_set_items({}, set_),
-        effect=EffectConfig(outer_steps=outer_steps, ft_steps=ft_steps, ft_seeds=ft_seeds),
+        effect=EffectConfig(outer_steps=outer_steps, ft_steps=ft_steps, ft_seeds=ft_seeds, adapt=adapt),
     )
+    adapter_class(adapt)
     _check_common(device, threads, jobs, cfg.run, model=model, loss=loss)
     check_seed(seed, "--seed")
     for flag, value, low in (("--outer-steps", outer_steps, 1), ("--ft-steps", ft_steps, 0), ("--ft-seeds", ft_seeds, 1)):

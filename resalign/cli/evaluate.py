@@ -118,6 +118,7 @@ def score_cmd(
     strict_images: bool = typer.Option(False, "--strict-images", help="Refuse a folder with an unreadable image "
                                        "file (default: warn, skip such files and score the rest)."),
     out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="No results table: print only where the report is."),
 ) -> None:
     """Score existing images: per-image results (detections.jsonl or scores.csv) and the aggregate report."""
     from resalign.pipeline.evaluate import ScoreConfig, run_score
@@ -128,7 +129,8 @@ def score_cmd(
         raise ConfigError(f"--scorer-option for {', '.join(other)}: that scorer is not used (--scorer {scorer})")
     opts = all_opts.get(scorer, {})
     path, report = run_score(ScoreConfig(str(images), scorer, opts, strict_images=strict_images), _out(out, "score"))
-    _print_rows(report, ("dataset", "metric", "scorer"), f"resalign score: {images}")
+    if not quiet:
+        _print_rows(report, ("dataset", "metric", "scorer"), f"resalign score: {images}")
     console.print(f"report: {path / 'report.md'}")
 
 
@@ -138,7 +140,7 @@ def score_cmd(
 @app.command("attack")
 def attack_cmd(
     model: str = typer.Argument(None, help="A diffusers model folder or a run directory (its model/). Default: the toy base model."),
-    adapt: str = typer.Option("full", "--adapt", help="full | lora | svdiff | custom_diffusion | dreambooth."),
+    adapt: str = typer.Option("full", "--adapt", help="Any registered adapter (resalign plugins --kind adapter): full, lora, loha, lokr, svdiff, custom_diffusion, dreambooth, ..."),
     data: list[str] = typer.Option(None, "--data", help="Fine-tuning image-caption folder (metadata.jsonl), or a toy set toy-images:benign-a|benign-b|contamination. A second --data is the second benign stage of --progressive."),
     steps: int = typer.Option(None, "--steps", help="Fine-tuning steps (default 200)."),
     lr: float = typer.Option(None, "--lr", help="Learning rate (default: the preset's for the method; paper full 1e-5)."),
@@ -277,7 +279,7 @@ def _check_compare(*, model, device, dtype, threads, seed, seeds, limit, images_
     from resalign.pipeline.attack import check_data_spec
     from resalign.pipeline.compare import DEFAULT_METHODS, method_run_config
     from resalign.pipeline.evaluate import check_common, model_folder
-    from resalign.pipeline.finetune import FinetuneSpec
+    from resalign.eval.finetune import FinetuneSpec
     from resalign.pipeline.run import resolve, validate
     from resalign.registry import get_registry
     from resalign.validation import check_int, check_number

@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from resalign.components import DenoiseBatch, DiffusionContext, FinetuneConfig, Params
+from resalign.components import (
+    DenoiseBatch,
+    DiffusionContext,
+    FinetuneConfig,
+    Params,
+    finetune_loss_of,
+    needs,
+)
 from resalign.core import seeds, tree
 from resalign.core.health import outlier_mask
 from resalign.core.params import Parameterization
@@ -194,16 +201,20 @@ class ResAlign:
         if settings.beta > 0 and settings.J > 0:
             pool.configs()  # fail early on an empty pool
             for c in pool.configs():
-                self._adapter(c), self._ft_loss(c.finetune_loss)
+                self.adapter(c), self.finetune_loss(c)
 
     # ------------------------------------------------------------------ components by name
-    def _adapter(self, c: FinetuneConfig):
+    def adapter(self, c: FinetuneConfig):
+        """The ADAPT method of configuration C (one instance per method and options)."""
         key = ("adapter", c.adapter, json.dumps(c.adapter_options, sort_keys=True))  # options may hold lists
         if key not in self._components:
             self._components[key] = self.registry.create("adapter", c.adapter, dict(c.adapter_options))
         return self._components[key]
 
-    def _ft_loss(self, name: str):
+    def finetune_loss(self, c: FinetuneConfig):
+        """L_FT of configuration C: the one its ADAPT method prescribes (``finetune_loss`` class
+        attribute, e.g. DreamBooth's prior preservation), else the configuration's."""
+        name = finetune_loss_of(self.adapter(c), c.finetune_loss)
         key = ("finetune-loss", name)
         if key not in self._components:
             self._components[key] = self.registry.create("finetune-loss", name, {})
@@ -215,7 +226,7 @@ class ResAlign:
         if s.fixed_ft_data:
             step, j = 0, 0
         ft = self.data.finetune.sample(s.ft_size, seeds.generator(s.seed, step, j, "ft-data"))
-        if config.finetune_loss == "prior_preservation":
+        if needs(self.finetune_loss(config), "prior"):
             ft.prior = self.data.preserve.sample(s.ft_size, seeds.generator(s.seed, step, j, "prior-data"))
         return SimulationData(ft=ft, harm=harm)
 
@@ -293,8 +304,8 @@ class ResAlign:
             t_sim = time.perf_counter()
             try:
                 h, info = simulate(
-                    self.ctx, w_detached, config, data, adapter=self._adapter(config),
-                    finetune_loss=self._ft_loss(config.finetune_loss), harmful_loss=self.harmful_loss,
+                    self.ctx, w_detached, config, data, adapter=self.adapter(config),
+                    finetune_loss=self.finetune_loss(config), harmful_loss=self.harmful_loss,
                     solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.proximity(config),
                     curvature=s.curvature, cache=cache, max_ft_loss_growth=s.max_ft_loss_growth,
                 )

@@ -34,6 +34,7 @@ from resalign.components import (
     HypergradProblem,
     Params,
     Solver,
+    needs,
 )
 from resalign.core import seeds, tree
 from resalign.core.curvature import make_curvature
@@ -197,7 +198,7 @@ def simulate(
     """(θ, C, D_FT, seed) ↦ the hypergradient ∇_θ L_harm(θ_FT) estimated by ``solver``, and diagnostics."""
     problem, info = build_hypergrad_problem(
         ctx, theta, config, data, adapter=adapter, finetune_loss=finetune_loss, harmful_loss=harmful_loss,
-        seed=seed, gamma=gamma, curvature=curvature, with_unroll=getattr(solver, "needs_trajectory", False),
+        seed=seed, gamma=gamma, curvature=curvature, with_unroll=needs(solver, "trajectory"),
         cache=cache, max_ft_loss_growth=max_ft_loss_growth,
     )
     result = solver.solve(problem)

@@ -27,6 +27,7 @@ class PriorPreservation(Component):
     """DreamBooth's prior-preserved loss: denoise(D_FT) + λ · denoise(class images of the original model)."""
 
     name: ClassVar[str] = "prior_preservation"
+    needs_prior: ClassVar[bool] = True
 
     @dataclass
     class Config:

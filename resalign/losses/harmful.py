@@ -75,6 +75,7 @@ class ConceptAblation(Component):
     """
 
     name: ClassVar[str] = "ca"
+    needs_anchor: ClassVar[bool] = True
 
     @dataclass
     class Config:

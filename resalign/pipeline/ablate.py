@@ -55,6 +55,8 @@ class EffectConfig:
     #: outer steps of each effect run: the toy preset's, so the runs unlearn as far as ``resalign run``
     outer_steps: int = 30
     ft_data: str = "toy-images:benign-a"
+    #: the downstream fine-tuning method (any registered adapter)
+    adapt: str = "full"
     ft_steps: int = 100
     ft_seeds: int = 2
     eval_prompts: int = 40
@@ -215,7 +217,7 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                 def problem_with(curvature: str, config=config, harm=harm, j=j):
                     return build_hypergrad_problem(
                         prep.ctx, theta, config, trainer.simulation_data(j, 0, config, harm),
-                        adapter=trainer._adapter(config), finetune_loss=trainer._ft_loss(config.finetune_loss),
+                        adapter=trainer.adapter(config), finetune_loss=trainer.finetune_loss(config),
                         harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
                         gamma=1.0, curvature=curvature, with_unroll=True,
                         max_ft_loss_growth=prep.settings.max_ft_loss_growth)
@@ -323,7 +325,7 @@ def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: 
         run_cfg = _run_config(model, loss, seed, device, threads,
                               {**base_run, "outer_steps": effect.outer_steps, **overrides})
         run_out = workdir / f"run-{_slug(label)}"
-        attack_cfg = AttackConfig(model=str(run_out / "model"), adapt="full",
+        attack_cfg = AttackConfig(model=str(run_out / "model"), adapt=effect.adapt,
                                   data=[effect.ft_data], steps=effect.ft_steps, seeds=effect.ft_seeds, seed=seed,
                                   eval_every=effect.ft_steps, toy_prompts=effect.eval_prompts, device=device,
                                   threads=threads)

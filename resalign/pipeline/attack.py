@@ -48,30 +48,26 @@ from resalign.pipeline.evaluate import (
     resolve_generation,
     set_threads,
 )
-from resalign.pipeline.finetune import (
-    ADAPT_METHODS,
-    PAPER_LR,
-    Finetuner,
-    FinetuneSpec,
-    Pairs,
-    Stage,
-    contaminate,
-)
+from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage, adapter_class, reference_lr, uses_prior
+from resalign.eval.pairs import Pairs, contaminate
 
 
 @dataclass(frozen=True)
 class AttackPreset:
-    """Fine-tuning defaults of a preset: steps, evaluation interval, per-method learning rates, set size."""
+    """Fine-tuning defaults of a preset: steps, evaluation interval, learning-rate scale, set size."""
 
     steps: int
     eval_every: int
-    lr: dict[str, float]
+    lr_scale: float = 1.0  # times each method's reference learning rate (its adapter's paper_lr)
     toy_data_size: int = 100
+
+    def lr_for(self, adapt: str) -> float:
+        return self.lr_scale * reference_lr(adapt)
 
 
 ATTACK_PRESETS: dict[str, AttackPreset] = {
-    "paper": AttackPreset(steps=200, eval_every=50, lr=dict(PAPER_LR)),
-    "toy": AttackPreset(steps=200, eval_every=50, lr={k: 10.0 * v for k, v in PAPER_LR.items()}),
+    "paper": AttackPreset(steps=200, eval_every=50),
+    "toy": AttackPreset(steps=200, eval_every=50, lr_scale=10.0),
 }
 
 #: Toy image-caption sets ``--data`` may name (``toy-images:NAME``) instead of a folder, and the seed each
@@ -178,8 +174,7 @@ class Plan:
 
 def plan_attack(cfg: AttackConfig, bundle: Any, preset: str) -> Plan:
     """Resolve data, schedule and fine-tuning spec; every input error surfaces here."""
-    if cfg.adapt not in ADAPT_METHODS:
-        raise ConfigError(f"--adapt {cfg.adapt!r}: expected one of {', '.join(ADAPT_METHODS)}")
+    adapter_class(cfg.adapt)
     if cfg.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
     p = ATTACK_PRESETS[preset]
@@ -191,7 +186,7 @@ def plan_attack(cfg: AttackConfig, bundle: Any, preset: str) -> Plan:
     spec = FinetuneSpec(
         adapt=cfg.adapt,
         steps=steps,
-        lr=cfg.lr if cfg.lr is not None else p.lr[cfg.adapt],
+        lr=cfg.lr if cfg.lr is not None else p.lr_for(cfg.adapt),
         optimizer=cfg.optimizer,
         batch_size=cfg.batch_size,
         lora_rank=cfg.lora_rank,
@@ -236,10 +231,10 @@ def plan_attack(cfg: AttackConfig, bundle: Any, preset: str) -> Plan:
         stages = [Stage(d, steps, d.name)]
         dataset = d.name
     prior = None
-    if cfg.adapt == "dreambooth" and cfg.prior_data:
+    if cfg.prior_data and uses_prior(cfg.adapt):
         prior = load_pairs(cfg.prior_data, size=size, toy_size=toy_n)
     elif cfg.prior_data:
-        raise ConfigError("--prior-data is only used with --adapt dreambooth")
+        raise ConfigError(f"--prior-data: --adapt {cfg.adapt} trains on no prior pairs (e.g. --adapt dreambooth does)")
     return Plan(spec, stages, eval_every, dataset, prior, notes)
 
 
@@ -285,8 +280,7 @@ def check_attack_config(cfg: AttackConfig) -> None:
     from resalign.pipeline.evaluate import check_common, model_folder
     from resalign.validation import check_int, check_number
 
-    if cfg.adapt not in ADAPT_METHODS:
-        raise ConfigError(f"--adapt {cfg.adapt!r}: expected one of {', '.join(ADAPT_METHODS)}")
+    adapter_class(cfg.adapt)
     if cfg.preset is not None and cfg.preset not in ATTACK_PRESETS:
         raise ConfigError(f"--preset {cfg.preset!r}: expected one of {', '.join(ATTACK_PRESETS)}")
     check_int(cfg.steps, "--steps", ge=0, optional=True)

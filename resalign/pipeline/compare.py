@@ -105,7 +105,7 @@ from resalign.eval.compare_report import (
 )
 from resalign.eval.compare_report import intro as _intro
 from resalign.eval.compare_report import plots as _plots
-from resalign.pipeline.finetune import Finetuner, FinetuneSpec, Stage
+from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
 
 DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
 #: How baselines are matched to ResAlign: by unlearning strength (checkpoint choice) or by steps.
@@ -272,7 +272,7 @@ class _Comparison:
         self.ft_data = [load_pairs(d, size=self.base.bundle.image_size, toy_size=ap.toy_data_size) for d in datasets]
         self.spec = FinetuneSpec(
             adapt=cfg.adapt, steps=cfg.ft_steps if cfg.ft_steps is not None else ap.steps,
-            lr=cfg.lr if cfg.lr is not None else ap.lr[cfg.adapt], optimizer=cfg.optimizer,
+            lr=cfg.lr if cfg.lr is not None else ap.lr_for(cfg.adapt), optimizer=cfg.optimizer,
         ).validate()
         self.harm_sets, self.benign_sets = harmful_and_benign_sets(
             gen_preset, prompts=cfg.prompts, benign_prompts=cfg.benign_prompts, categories=cfg.category,

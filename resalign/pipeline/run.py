@@ -470,7 +470,8 @@ def _load_bundle(cfg: RunConfig, registry):
     if cfg.model is None:
         loader = registry.create("model", "toy")
     else:
-        for name in ("toy", "diffusers"):
+        # every registered loader, a plugin's included; the generic diffusers one last
+        for name in sorted(registry.names("model"), key=lambda n: n == "diffusers"):
             candidate = registry.create("model", name)
             if candidate.can_load(cfg.model):
                 loader = candidate
@@ -523,7 +524,7 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
     folder when None) and the Alg. 2 trainer at the original model."""
     import tempfile
 
-    from resalign.components import DiffusionContext
+    from resalign.components import DiffusionContext, needs
     from resalign.core.functional import FunctionalUNet
     from resalign.core.params import Parameterization
     from resalign.models.bundle import DTYPES
@@ -544,7 +545,7 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
     with tempfile.TemporaryDirectory(prefix="resalign-data-") as tmp:
         data = build_training_data(
             cfg.data, bundle, Path(data_dir) if data_dir is not None else Path(tmp), cfg.seed,
-            with_anchor=cfg.loss == "ca", progress=progress or (lambda name, done, total: None),
+            with_anchor=needs(components["loss"], "anchor"), progress=progress or (lambda name, done, total: None),
         )
     settings = MethodSettings(
         beta=cfg.beta, alpha=cfg.alpha, alpha_schedule=cfg.alpha_schedule, alpha_end=cfg.alpha_end, J=cfg.J,

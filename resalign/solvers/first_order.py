@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from resalign.components import Component, HypergradProblem, HypergradResult
 from resalign.errors import SolverError
-from resalign.solvers._ops import finite, norm
+from resalign.ops import all_finite, norm
 
 
 class FirstOrder(Component):
@@ -15,6 +15,6 @@ class FirstOrder(Component):
 
     def solve(self, problem: HypergradProblem) -> HypergradResult:
         g = {k: v.detach() for k, v in problem.grad_harm.items()}
-        if not finite(g):
+        if not all_finite(g):
             raise SolverError("first-order: the harmful gradient at θ_FT is not finite (the simulated fine-tuning diverged)")
         return HypergradResult(g, {"solver": self.name, "g_norm": norm(g), "hvps": 0})

@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 
 from resalign.components import Component, HypergradProblem, HypergradResult
 from resalign.errors import SolverError
-from resalign.solvers._ops import axpy, dot, finite, norm, randn_like, scale, zeros_like
+from resalign.ops import all_finite, axpy, inner, norm, randn_like, scale, zeros_like
 
 
 @dataclass
@@ -96,9 +96,9 @@ def power_iteration(hvp, like, iters: int, seed: int = 0) -> tuple[float, dict[s
     lam = 0.0
     for _ in range(iters):
         w = hvp(v)
-        lam = dot(v, w)
+        lam = inner(v, w)
         n = norm(w)
-        if n == 0.0 or not finite(w):
+        if n == 0.0 or not all_finite(w):
             break
         v = scale(w, 1.0 / n)
     return lam, v
@@ -123,7 +123,7 @@ class Richardson(Component):
         c = self.config
         gamma = c.gamma if c.gamma is not None else problem.gamma
         g = {k: v.detach() for k, v in problem.grad_harm.items()}
-        if not finite(g):
+        if not all_finite(g):
             raise SolverError("richardson: the harmful gradient at θ_FT is not finite (the simulated fine-tuning diverged)")
         b = scale(g, 1.0 / gamma)
         b_norm = norm(b)
@@ -152,7 +152,7 @@ class Richardson(Component):
                 residuals.append(r_norm)
                 if not c.safeguards:
                     pass
-                elif not finite(r) or (k > 0 and r_norm > residuals[-2] * (1 + 1e-6)):
+                elif not all_finite(r) or (k > 0 and r_norm > residuals[-2] * (1 + 1e-6)):
                     ok = False
                     break
                 elif r_norm <= c.tol * b_norm:

@@ -14,7 +14,7 @@ import torch
 
 from resalign.components import Component, HypergradProblem, HypergradResult
 from resalign.errors import SolverError
-from resalign.solvers._ops import finite, norm
+from resalign.ops import all_finite, norm
 
 
 class Unrolled(Component):
@@ -29,6 +29,6 @@ class Unrolled(Component):
         loss = problem.harm_loss(theta_ft)
         grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
         hyper = {k: (g.detach() if g is not None else torch.zeros_like(p)) for (k, p), g in zip(theta.items(), grads)}
-        if not finite(hyper):
+        if not all_finite(hyper):
             raise SolverError("solver 'unrolled': non-finite hypergradient")
         return HypergradResult(hyper, {"solver": self.name, "loss_ft": float(loss.detach()), "x_norm": norm(hyper)})

@@ -1,0 +1,7 @@
+"""``python -m resalign``: the ``resalign`` command."""
+
+import sys
+
+from resalign.cli import main
+
+sys.exit(main())
