@@ -194,7 +194,9 @@ def to_pairset(bundle, pairs: Pairs, anchor: tuple[str, str] | None = None, batc
     """Images -> model space x_0 (VAE latents for SD, pixels for the toy world) and prompts -> c."""
     xs, generator = [], torch.Generator(device=bundle.device).manual_seed(0)  # the VAE posterior's sample
     for i in range(0, len(pairs.prompts), batch_size):
-        img = torch.from_numpy(pairs.images[i: i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        # contiguous NCHW whatever the array's layout (PNG-read HWC arrays would give channels-last,
+        # whose convolutions round differently: a resumed run would not reproduce the uninterrupted one)
+        img = torch.from_numpy(pairs.images[i: i + batch_size]).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1
         xs.append(bundle.encode_images(img, generator).float())
     x0 = torch.cat(xs)
     cond = bundle.encode_prompts(pairs.prompts).float()
