@@ -21,6 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PROMPTS = ["a red ring", "a blue square", "a green circle", "a red cross", "a blue ring"]
+
+
 def _refuse() -> None:
     raise ConfigError("--out: rank 0 says no")
 
@@ -57,6 +60,18 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
                     seen.append(view.get("lambda_max/hessian"))
                 cache.done(j)
             cache.close()
+        # generation: split by batches and gathered; inside solo() whole in each rank
+        from resalign.eval.generate import generate
+        from resalign.models.toy import build_bundle
+
+        bundle = build_bundle(seed=0, channels=(8, 16))
+        counts: dict[str, int] = {}
+        kw = dict(steps=1, batch_size=2, seed=3)
+        split_images = generate(bundle, PROMPTS, distribute=True,
+                                progress=lambda done, total: counts.update(split=total), **kw)
+        with D.solo():
+            solo_images = generate(bundle, PROMPTS, distribute=True,
+                                   progress=lambda done, total: counts.update(solo=total), **kw)
         out[r] = {
             "solo": solo,
             "indices": D.my_indices(5),
@@ -68,7 +83,8 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
             "many": [t.tolist() for t in many],
             "on_main_error": on_main_error,
             "seen": seen,
-            "after": D.all_gather_object(r),  # still in step: every rank joined each broadcast once
+            "after": D.all_gather_object(r),
+            "generated": (split_images.tolist() == solo_images.tolist(), len(split_images), counts),  # still in step: every rank joined each broadcast once
         }
     finally:
         D.shutdown()
@@ -91,6 +107,9 @@ def test_two_gloo_ranks_split_gather_and_sum():
         assert out[r]["on_main_error"] == "--out: rank 0 says no"
         assert out[r]["after"] == [0, 1]
     assert out[0]["seen"] == [5.0, None]  # rank 0's j = 2
+    # 5 images in batches of 2: rank 0 generates batches 0 and 2 (3 images), rank 1 batch 1 (2 images)
+    assert out[0]["generated"] == (True, 5, {"split": 3, "solo": 5})
+    assert out[1]["generated"] == (True, 5, {"split": 2, "solo": 5})
     assert out[1]["seen"] == [5.0, 5.0, None, None]  # rank 1's j = 1, 3
 
 
