@@ -66,7 +66,7 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
 
         bundle = build_bundle(seed=0, channels=(8, 16))
         counts: dict[str, int] = {}
-        kw = dict(steps=1, batch_size=2, seed=3)
+        kw = {"steps": 1, "batch_size": 2, "seed": 3}
         split_images = generate(bundle, PROMPTS, distribute=True,
                                 progress=lambda done, total: counts.update(split=total), **kw)
         with D.solo():
