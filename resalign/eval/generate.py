@@ -89,7 +89,6 @@ def generate(
     divides the batches between the ranks of a ``torchrun`` job (every rank must call it); ``progress``
     then counts this rank's images.
     """
-
     prompts = list(prompts)
     if images_per_prompt < 1:
         raise ConfigError(f"images_per_prompt must be >= 1, got {images_per_prompt}")

@@ -13,7 +13,8 @@ The :class:`Evaluator` here is shared by ``attack`` and ``compare``: it is built
 loaded, prompts fixed) and evaluates any parameters of the bundle's UNet (``unet_params``).
 
 Under ``torchrun`` the ranks share the generation (each rank the batches b ≡ rank mod world size,
-images gathered), rank 0 scores and writes; the report equals the single-process one. Inside
+images gathered on every rank), every rank scores the whole set, rank 0 alone writes; the report
+equals the single-process one. Inside
 :func:`resalign.distributed.solo` (a cell of ``attack`` / ``compare`` computed by one rank) an
 evaluation runs whole in its process.
 """
@@ -430,8 +431,8 @@ class Evaluator:
         """Every set's figures at ``params`` (None: the UNet's own weights), and its images if asked.
 
         ``bundle`` evaluates another model of the same family with the same scorers (default: the
-        evaluator's own). Under ``torchrun`` every rank calls it; rank 0 alone scores (the other
-        ranks get no figures).
+        evaluator's own). Under ``torchrun`` every rank calls it, shares the generation and gets the
+        figures (scoring has no collectives, so a caller may use them on any rank).
         """
         figures: list[Figure] = []
         images_out: dict[str, np.ndarray] = {}
@@ -440,7 +441,7 @@ class Evaluator:
             update = bars.task(f"{label}{s.name}: generating", total) if bars else None
             images = self.generate(s, bundle=bundle, params=params, seed=seed, progress=update)
             prompts = [p for p in s.prompts.prompts for _ in range(self.generation.images_per_prompt)]
-            for name in s.scorers if distributed.is_main() else ():
+            for name in s.scorers:
                 result = self.scorers[name].score(images, prompts)
                 figures.append(Figure(s.name, result.metric, name, float(result.value), result))
             if keep_images:
