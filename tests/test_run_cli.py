@@ -175,3 +175,17 @@ def test_usage_errors_print_a_message_not_a_traceback(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_metrics_cut_short_by_a_crash_read_up_to_the_last_whole_row(tmp_path):
+    from resalign.errors import DataError
+    from resalign.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run", command="run")
+    rd.append_metrics({"step": 1, "loss_harm": 0.5})
+    with open(rd.path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 2, "loss_ha')  # SIGKILL in the middle of a write
+    assert rd.read_metrics() == [{"step": 1, "loss_harm": 0.5}]
+    (rd.path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(DataError, match="line 2"):
+        rd.read_metrics()
