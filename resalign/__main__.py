@@ -1,4 +1,4 @@
-"""``python -m resalign``: the ``resalign`` command."""
+"""``python -m resalign``: the command line (what ``torchrun -m resalign`` runs on every rank)."""
 
 import sys
 

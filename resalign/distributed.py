@@ -17,17 +17,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from resalign.errors import ConfigError
+from resalign.errors import ConfigError, ResAlignError
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 1800.0
+#: Elements per all-reduce: :func:`all_reduce_sum` packs small tensors into buckets up to this size.
+BUCKET_ELEMENTS = 1 << 24
 _solo_depth = 0
 
 
@@ -166,8 +168,61 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum each tensor over the ranks, in place (a no-op in a single process)."""
+    """Sum each tensor over the ranks, in place (a no-op in a single process).
+
+    Tensors of one dtype and device travel together in buckets of up to :data:`BUCKET_ELEMENTS`
+    elements (one all-reduce for the hundreds of small tensors of a UNet instead of one each).
+    """
     if not active():
         return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for t in [*group, None]:
+            if bucket and (t is None or size + t.numel() > BUCKET_ELEMENTS):
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                    b.copy_(part.view_as(b))
+                bucket, size = [], 0
+            if t is not None:
+                bucket.append(t)
+                size += t.numel()
+
+
+def on_main(fn: Callable[[], T]) -> T | None:
+    """``fn()`` on rank 0 (None on the others); a :class:`ResAlignError` it raises is raised on every
+    rank, so a bad ``--out`` or ``--resume`` stops the whole job with rank 0's message."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except ResAlignError as exc:
+            error = exc
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+    return result
+
+
+class Ranks:
+    """The split of an outer step's J simulations over the ranks (:class:`resalign.core.split.SimulationSplit`):
+    rank r computes j ≡ r (mod world size). Outside ``torchrun`` (or inside :func:`solo`) it is one process."""
+
+    def indices(self, n: int) -> list[int]:
+        return my_indices(n)
+
+    def owner(self, j: int) -> int:
+        return j % world_size()
+
+    def gather(self, obj: Any) -> list[Any]:
+        return all_gather_object(obj)
+
+    def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
+        all_reduce_sum(tensors)
+
+    def broadcast(self, obj: Any, src: int) -> Any:
+        return broadcast_object(obj, src=src)

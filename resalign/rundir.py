@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from resalign.errors import ConfigError, RunDirLocked
+from resalign.errors import ConfigError, DataError, RunDirLocked
 
 #: The lock file inside a run directory, held (``fcntl.flock``) by the process writing it.
 LOCK_FILE = ".resalign.lock"
@@ -226,10 +226,23 @@ class RunDir:
             os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl``; a last line cut short by a crash (no final newline) is left out."""
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        text = p.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) and not text.endswith("\n"):
+                    break
+                raise DataError(f"{str(p)!r}: line {i} is not a JSON object") from None
+        return rows
 
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic_write_json(self.path / name, obj)

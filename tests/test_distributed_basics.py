@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from resalign import distributed as D
+from resalign.core.split import StepCache
 from resalign.errors import ConfigError
 
 
@@ -18,6 +19,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PROMPTS = ["a red ring", "a blue square", "a green circle", "a red cross", "a blue ring"]
+
+
+def _refuse() -> None:
+    raise ConfigError("--out: rank 0 says no")
 
 
 def _worker(r: int, world: int, port: int, out: dict) -> None:
@@ -30,6 +38,40 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
         D.all_reduce_sum([t])
         with D.solo():
             solo = (D.rank(), D.world_size(), D.my_indices(3))
+        D.BUCKET_ELEMENTS = 5  # several buckets, a tensor larger than one, two dtypes
+        many = [torch.arange(n, dtype=dtype) * (r + 1) for n, dtype in
+                ((3, torch.float32), (4, torch.float64), (7, torch.float32), (1, torch.float32))]
+        D.all_reduce_sum(many)
+        try:
+            D.on_main(_refuse)
+            on_main_error = None
+        except ConfigError as exc:
+            on_main_error = str(exc)
+        # StepCache over the ranks: j ≡ rank (mod 2); simulation 0 (rank 0) shares its first entry
+        seen = []
+        split = D.Ranks()
+        for stored in (True, False, None):  # stored; dropped before storing; rank 1 never looks
+            cache = StepCache(split)
+            for j in split.indices(4):
+                view = cache.view(j)
+                if j == 0 and stored:
+                    view["lambda_max/hessian"] = 5.0
+                elif j != 0 and stored is not None:
+                    seen.append(view.get("lambda_max/hessian"))
+                cache.done(j)
+            cache.close()
+        # generation: split by batches and gathered; inside solo() whole in each rank
+        from resalign.eval.generate import generate
+        from resalign.models.toy import build_bundle
+
+        bundle = build_bundle(seed=0, channels=(8, 16))
+        counts: dict[str, int] = {}
+        kw = {"steps": 1, "batch_size": 2, "seed": 3}
+        split_images = generate(bundle, PROMPTS, distribute=True,
+                                progress=lambda done, total: counts.update(split=total), **kw)
+        with D.solo():
+            solo_images = generate(bundle, PROMPTS, distribute=True,
+                                   progress=lambda done, total: counts.update(solo=total), **kw)
         out[r] = {
             "solo": solo,
             "indices": D.my_indices(5),
@@ -38,6 +80,11 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
             "sum": t.tolist(),
             "bcast": D.broadcast_object({"from": r}),
             "main": D.is_main(),
+            "many": [t.tolist() for t in many],
+            "on_main_error": on_main_error,
+            "seen": seen,
+            "after": D.all_gather_object(r),
+            "generated": (split_images.tolist() == solo_images.tolist(), len(split_images), counts),  # still in step: every rank joined each broadcast once
         }
     finally:
         D.shutdown()
@@ -55,6 +102,15 @@ def test_two_gloo_ranks_split_gather_and_sum():
         assert out[r]["bcast"] == {"from": 0}
     assert out[0]["main"] and not out[1]["main"]
     assert out[0]["solo"] == out[1]["solo"] == (0, 1, [0, 1, 2])
+    for r in (0, 1):
+        assert out[r]["many"] == [[3.0 * i for i in range(n)] for n in (3, 4, 7, 1)]
+        assert out[r]["on_main_error"] == "--out: rank 0 says no"
+        assert out[r]["after"] == [0, 1]
+    assert out[0]["seen"] == [5.0, None]  # rank 0's j = 2
+    # 5 images in batches of 2: rank 0 generates batches 0 and 2 (3 images), rank 1 batch 1 (2 images)
+    assert out[0]["generated"] == (True, 5, {"split": 3, "solo": 5})
+    assert out[1]["generated"] == (True, 5, {"split": 2, "solo": 5})
+    assert out[1]["seen"] == [5.0, 5.0, None, None]  # rank 1's j = 1, 3
 
 
 def test_single_process_is_the_identity(monkeypatch):

@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_progress()
     try:
         app(args=argv, standalone_mode=False)
+        if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group
+            from resalign import distributed
+
+            distributed.shutdown()
     except ResAlignError as exc:
         if os.environ.get("RESALIGN_DEBUG"):
             raise

@@ -103,8 +103,11 @@ def eval_cmd(
         threads=threads, preset=preset,
     )
     path, report = run_eval(cfg, _out(out, "eval"), progress=not quiet)
-    _print_rows(report, ("prompts", "metric", "scorer"), f"resalign eval: {report.settings['model']}")
-    console.print(f"report: {path / 'report.md'}")
+    from resalign import distributed
+
+    if distributed.is_main():  # under torchrun the other ranks only generated
+        _print_rows(report, ("prompts", "metric", "scorer"), f"resalign eval: {report.settings['model']}")
+        console.print(f"report: {path / 'report.md'}")
 
 
 # --------------------------------------------------------------------------- score

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from resalign import distributed
 from resalign.cli import app, console
 from resalign.errors import ConfigError
 
@@ -143,4 +144,5 @@ def run_cmd(
         config = out / "config.toml"
     cfg = load_run_config(raw, config)
     run_dir = execute(cfg, out, resume=resume, progress=progress and sys.stderr.isatty() or progress and console.is_terminal)
-    console.print(f"[green]done:[/] unlearned model in {run_dir / 'model'}; metrics in {run_dir / 'metrics.jsonl'}")
+    if distributed.is_main():
+        console.print(f"[green]done:[/] unlearned model in {run_dir / 'model'}; metrics in {run_dir / 'metrics.jsonl'}")

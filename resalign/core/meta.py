@@ -14,6 +14,10 @@ step's metrics, when its fine-tuning diverged (:func:`resalign.core.problem.chec
 solver failed, or when it is an outlier of its outer step: |L_harm(θ_FT,j)| above ``outlier_factor``
 times the median of |L_harm(θ_i)| and the step's |L_harm(θ_FT,j')| (with J = 2 the no-fine-tuning
 value keeps the median meaningful). The mean is over the simulations kept.
+
+The simulations may be divided between processes (:mod:`resalign.core.split`): each computes its
+share, all J diagnostics are gathered so every process drops the same ones, and the kept
+hypergradients are summed over the processes; every process then takes the same step.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from resalign.core import seeds, tree
 from resalign.core.health import outlier_mask
 from resalign.core.params import Parameterization
 from resalign.core.problem import MAX_FT_LOSS_GROWTH, SimulationData, simulate
+from resalign.core.split import ONE_PROCESS, SimulationSplit, StepCache
 from resalign.errors import ConfigError, SolverError
 
 
@@ -174,7 +179,8 @@ class TrainingData:
 class ResAlign:
     """The state and one outer step of Alg. 2.
 
-    ``registry`` provides ADAPT methods and fine-tuning losses by name (``create(kind, name, options)``).
+    ``registry`` provides ADAPT methods and fine-tuning losses by name (``create(kind, name, options)``);
+    ``split`` says which simulations j this process computes and how the processes combine them.
     """
 
     def __init__(
@@ -189,10 +195,11 @@ class ResAlign:
         data: TrainingData,
         settings: MethodSettings,
         registry,
+        split: SimulationSplit = ONE_PROCESS,
     ):
         self.ctx, self.param, self.data, self.settings = ctx, parameterization, data, settings
         self.harmful_loss, self.regularizer, self.solver, self.pool = harmful_loss, regularizer, solver, pool
-        self.registry = registry
+        self.registry, self.split = registry, split
         self.theta: Params = {k: v.requires_grad_(True) for k, v in parameterization.init().items()}
         self.optimizer = torch.optim.AdamW(list(self.theta.values()), lr=settings.outer_lr,
                                            weight_decay=settings.weight_decay)
@@ -293,12 +300,17 @@ class ResAlign:
 
     def hypergradient(self, step: int, weights: Params, harm: DenoiseBatch, loss_harm: float,
                       sims: list[dict[str, Any]]) -> Params | None:
-        """(1/J') Σ_j h_j over the J' simulations kept (Alg. 2 lines 5-10); appends each one's diagnostics."""
-        s = self.settings
+        """(1/J') Σ_j h_j over the J' simulations kept (Alg. 2 lines 5-10); appends each one's diagnostics.
+
+        This process computes the simulations ``split.indices(J)``; the diagnostics of all J are
+        gathered (in j order) before the outlier rule, and the kept h_j are summed over the processes.
+        """
+        s, split = self.settings, self.split
         w_detached = tree.detach(weights)
-        kept: list[tuple[dict[str, Any], Params]] = []
-        cache: dict[str, Any] = {}
-        for j in range(s.J):
+        mine: list[tuple[int, dict[str, Any]]] = []
+        h_of: dict[int, Params] = {}
+        cache = StepCache(split)
+        for j in split.indices(s.J):
             config = self.pool.sample(seeds.rng(s.seed, step, j, "config"))
             data = self.simulation_data(step, j, config, harm)
             t_sim = time.perf_counter()
@@ -307,27 +319,33 @@ class ResAlign:
                     self.ctx, w_detached, config, data, adapter=self.adapter(config),
                     finetune_loss=self.finetune_loss(config), harmful_loss=self.harmful_loss,
                     solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.proximity(config),
-                    curvature=s.curvature, cache=cache, max_ft_loss_growth=s.max_ft_loss_growth,
+                    curvature=s.curvature, cache=cache.view(j), max_ft_loss_growth=s.max_ft_loss_growth,
                 )
                 if not tree.all_finite(h):
                     raise SolverError("non-finite hypergradient")
+                h_of[j] = h
             except SolverError as exc:
-                sims.append({"config": config.label(), "dropped": str(exc), "time_s": time.perf_counter() - t_sim})
-                continue
+                info = {"config": config.label(), "dropped": str(exc)}
+            cache.done(j)
             info["time_s"] = time.perf_counter() - t_sim
-            sims.append(info)
-            kept.append((info, h))
-        flags = outlier_mask(loss_harm, [i["harm_ft"] for i, _ in kept], s.outlier_factor)
-        for (info, _), outlier in zip(kept, flags):
+            mine.append((j, info))
+        cache.close()
+        infos = sorted((pair for part in split.gather(mine) for pair in part), key=lambda pair: pair[0])
+        sims.extend(info for _, info in infos)
+        solved = [(j, info) for j, info in infos if "dropped" not in info]
+        flags = outlier_mask(loss_harm, [info["harm_ft"] for _, info in solved], s.outlier_factor)
+        for (_, info), outlier in zip(solved, flags):
             if outlier:
                 info["dropped"] = (f"outlier: |L_harm(θ_FT)| = {abs(info['harm_ft']):.4g} exceeds {s.outlier_factor:g}x "
                                    "the median of its outer step")
-        kept = [(i, h) for (i, h), outlier in zip(kept, flags) if not outlier]
+        kept = [j for (j, _), outlier in zip(solved, flags) if not outlier]
         if not kept:
             return None
-        total = kept[0][1]
-        for _, h in kept[1:]:
-            total = tree.add(total, h)
+        total = tree.zeros_like(w_detached)
+        for j in kept:
+            if j in h_of:
+                total = tree.add(total, h_of[j])
+        split.sum_(list(total.values()))
         return tree.scale(total, 1.0 / len(kept))
 
     # ------------------------------------------------------------------ state (checkpoints)

@@ -4,6 +4,10 @@ Works for pixel-space bundles (the toy world: ``vae is None``) and latent bundle
 latents decoded through the VAE). Every image has its own initial noise drawn from its own seed, so
 an image does not depend on the batch it was generated in, and I2P-style per-prompt seeds and
 guidance scales are honoured.
+
+Under ``torchrun`` (``distribute=True``) rank r generates the batches b ≡ r (mod world size) and the
+images are gathered on every rank: each batch holds the same images as in one process, so the result
+is the single-process one, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from resalign import distributed
 from resalign.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,6 +77,7 @@ def generate(
     progress: ProgressFn | None = None,
     unet_params: Mapping[str, torch.Tensor] | None = None,
     negative_prompt: str = "",
+    distribute: bool = False,
 ) -> np.ndarray:
     """Generate ``images_per_prompt`` images for every prompt; uint8 RGB (N, H, W, 3), prompt-major.
 
@@ -79,7 +85,9 @@ def generate(
     uses the bundle's scheduler (DDIM for the toy model) for ``steps`` steps, with classifier-free
     guidance ε_u + w (ε_c − ε_u) against ``negative_prompt`` (empty by default). ``unet_params``
     evaluates the UNet at other parameters (name -> tensor, e.g. θ from an unlearning run) through
-    :func:`torch.func.functional_call`, leaving the module's own weights untouched.
+    :func:`torch.func.functional_call`, leaving the module's own weights untouched. ``distribute``
+    divides the batches between the ranks of a ``torchrun`` job (every rank must call it); ``progress``
+    then counts this rank's images.
     """
     prompts = list(prompts)
     if images_per_prompt < 1:
@@ -118,12 +126,16 @@ def generate(
     cond_all = bundle.encode_prompts(distinct + [negative_prompt])
     uncond = cond_all[-1:]
 
+    starts = list(range(0, total, batch_size))
+    mine = distributed.my_indices(len(starts)) if distribute else list(range(len(starts)))
+    mine_total = sum(min(starts[b] + batch_size, total) - starts[b] for b in mine)
     was_training = unet.training
     unet.eval()
-    out = []
+    out: list[tuple[int, np.ndarray]] = []
     done = 0
     try:
-        for start in range(0, total, batch_size):
+        for b_index in mine:
+            start = starts[b_index]
             stop = min(start + batch_size, total)
             b = stop - start
             cond = cond_all[[index[p] for p in all_prompts[start:stop]]]
@@ -138,10 +150,12 @@ def generate(
                 eps_u, eps_c = eps_fn(xin, t, context).chunk(2)
                 eps = eps_u + g * (eps_c - eps_u)
                 x = scheduler.step(eps, t, x).prev_sample
-            out.append(to_uint8(bundle.decode(x)))
-            done = stop
+            out.append((b_index, to_uint8(bundle.decode(x))))
+            done += b
             if progress is not None:
-                progress(done, total)
+                progress(done, mine_total)
     finally:
         unet.train(was_training)
-    return np.concatenate(out)
+    if distribute:
+        return np.concatenate(distributed.gather_items(out, len(starts)))
+    return np.concatenate([images for _, images in out])

@@ -11,6 +11,12 @@ sets: ``harmful`` (explicit), ``implicit`` (never naming the harmful concept, li
 
 The :class:`Evaluator` here is shared by ``attack`` and ``compare``: it is built once (scorers
 loaded, prompts fixed) and evaluates any parameters of the bundle's UNet (``unet_params``).
+
+Under ``torchrun`` the ranks share the generation (each rank the batches b ≡ rank mod world size,
+images gathered on every rank), every rank scores the whole set, rank 0 alone writes; the report
+equals the single-process one. Inside
+:func:`resalign.distributed.solo` (a cell of ``attack`` / ``compare`` computed by one rank) an
+evaluation runs whole in its process.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from resalign import distributed
 from resalign.components import ScoreResult
 from resalign.data.prompts import PromptSet, read_prompts
 from resalign.errors import ConfigError, ModelLoadError
@@ -408,6 +415,7 @@ class Evaluator:
             batch_size=self.generation.batch_size,
             unet_params=params,
             progress=progress,
+            distribute=True,
         )
 
     def evaluate(
@@ -423,7 +431,8 @@ class Evaluator:
         """Every set's figures at ``params`` (None: the UNet's own weights), and its images if asked.
 
         ``bundle`` evaluates another model of the same family with the same scorers (default: the
-        evaluator's own).
+        evaluator's own). Under ``torchrun`` every rank calls it, shares the generation and gets the
+        figures (scoring has no collectives, so a caller may use them on any rank).
         """
         figures: list[Figure] = []
         images_out: dict[str, np.ndarray] = {}
@@ -567,8 +576,9 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
     from resalign.rundir import RunDir
 
     check_eval_config(cfg)
+    distributed.init(cfg.device)
     set_threads(cfg.threads)
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = load_model(cfg.model, device=distributed.local_device(cfg.device), dtype=cfg.dtype)
     preset = cfg.preset or preset_name(model.bundle)
     sets = build_sets(
         preset,
@@ -582,9 +592,13 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
     gen = resolve_generation(preset, cfg.images_per_prompt, cfg.steps, cfg.guidance, cfg.batch_size)
     evaluator = Evaluator(model.bundle, sets, gen, scorer_options=cfg.scorer_options)
     seeds = [cfg.seed + k * SEED_STRIDE for k in range(cfg.seeds)]
-    run = RunDir(out, command="eval")
-    run.write_config({"command": "eval", **to_dict(cfg), "preset": preset, "seeds_used": seeds})
 
+    def open_run_dir() -> RunDir:
+        run = RunDir(out, command="eval")
+        run.write_config({"command": "eval", **to_dict(cfg), "preset": preset, "seeds_used": seeds})
+        return run
+
+    run = distributed.on_main(open_run_dir)
     report = TidyReport("eval")
     report.settings.update(
         model=model.label, model_path=model.path, loader=model.loader, preset=preset, seeds=seeds,
@@ -593,11 +607,13 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
     started = time.perf_counter()
     per_seed: list[list[Figure]] = []
     grid: dict[str, np.ndarray] = {}
-    with Bars(progress) as bars:
+    with Bars(progress and run is not None) as bars:
         for k, seed in enumerate(seeds):
             figs, images = evaluator.evaluate(
                 seed=seed, bars=bars, label=f"seed {seed}: " if len(seeds) > 1 else "", keep_images=True
             )
+            if run is None:
+                continue
             per_seed.append(figs)
             for s in sets:
                 if k == 0:
@@ -605,6 +621,8 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
                 if cfg.save_images:
                     _save_set(run.path / "images" / s.name / (f"seed{seed}" if len(seeds) > 1 else ""),
                               images[s.name], s, gen, [f for f in figs if f.prompts == s.name])
+    if run is None:
+        return Path(out), report
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
     add_figures(report, per_seed, model=model.label, stage="before_ft")
 

@@ -10,6 +10,11 @@ Settings left ``None`` take the value of the preset: ``toy`` (the embedded toy w
 finishes in minutes on two CPU cores) or ``sd`` (the paper's settings for Stable Diffusion v1.x).
 ``preset = "auto"`` picks ``toy`` without ``--model`` (or for a toy model folder) and ``sd`` otherwise.
 The run directory records the resolved configuration in ``config.toml``.
+
+Under ``torchrun`` every rank runs :func:`execute`: rank r computes the simulations j ≡ r (mod world
+size) of every outer step (:class:`resalign.distributed.Ranks`), every rank takes the same step, and
+rank 0 alone writes the run directory, checkpoints, metrics and progress. Rank 0's configuration,
+cached data and checkpoint reach the other ranks over the process group.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 import torch
 
+from resalign import distributed
 from resalign.config import deep_merge, from_dict, load_toml, to_dict
 from resalign.core.health import simulation_summary, summary_markdown
 from resalign.core.meta import GAMMA_RULES, ConfigPool, MethodSettings, ResAlign
@@ -387,6 +393,8 @@ def _save_checkpoint(rd: RunDir, trainer: ResAlign, keep: int) -> Path:
 
 
 def _load_checkpoint(rd: RunDir, device: str) -> dict[str, Any] | None:
+    """The latest checkpoint's state (for :meth:`ResAlign.load_state_dict`), with the torch RNG state
+    under ``rng_torch``; None when the run has none."""
     from safetensors.torch import load_file
 
     latest = rd.checkpoints / "latest.json"
@@ -396,14 +404,14 @@ def _load_checkpoint(rd: RunDir, device: str) -> dict[str, Any] | None:
     meta = json.loads((folder / "state.json").read_text())
     theta = load_file(folder / "theta.safetensors", device=device)
     flat = load_file(folder / "optimizer.safetensors", device=device)
-    torch.set_rng_state(flat.pop("rng.torch").cpu())
+    rng_torch = flat.pop("rng.torch").cpu()
     state: dict[int, dict[str, Any]] = {}
     for key, value in meta["optimizer"]["entries"].items():
         idx, name = key.split(".", 1)
         if key in flat:
             value = flat[key].reshape(value)
         state.setdefault(int(idx), {})[name] = value
-    return {"step": meta["step"], "theta": theta,
+    return {"step": meta["step"], "theta": theta, "rng_torch": rng_torch,
             "optimizer": {"state": state, "param_groups": meta["optimizer"]["param_groups"]}}
 
 
@@ -559,6 +567,7 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
     trainer = ResAlign(
         ctx, parameterization, harmful_loss=components["loss"], regularizer=components["regularizer"],
         solver=components["solver"], pool=cfg.pool, data=data, settings=settings, registry=registry,
+        split=distributed.Ranks(),
     )
     return Prepared(bundle, ctx, data, settings, parameterization, components, trainer)
 
@@ -575,52 +584,52 @@ def execute(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool =
     from resalign.registry import get_registry
 
     cfg = resolve(cfg)
+    distributed.init(cfg.device)
+    cfg = distributed.broadcast_object(cfg)  # rank 0's (it alone may read --resume's config.toml)
     registry = get_registry()
     components = validate(cfg, registry)
     out = Path(out)
-    rd = RunDir(out, command="run", resume=resume)
-    if resume:
-        _check_resume(cfg, rd)
-    elif (rd.checkpoints / "latest.json").is_file():
-        raise ConfigError(f"--out {str(out)!r} holds a run; pass --resume to continue it or choose a new folder")
-    rd.write_config(to_dict(cfg))
+    rd = distributed.on_main(lambda: _open_run_dir(cfg, out, resume))
+    main = rd is not None
+    local = dataclasses.replace(cfg, device=distributed.local_device(cfg.device))
 
     t_start = time.perf_counter()
-    with _Progress(progress) as bar:
-        prep = prepare(cfg, rd.path / "data", registry=registry, components=components,
+    with _Progress(progress and main) as bar:
+        prep = prepare(local, rd.path / "data" if main else None, registry=registry, components=components,
                        progress=lambda name, done, total: bar.update(f"generate {name}", done, total))
         bundle, trainer = prep.bundle, prep.trainer
         if resume:
-            state = _load_checkpoint(rd, cfg.device)
+            state = distributed.broadcast_object(distributed.on_main(lambda: _load_checkpoint(rd, "cpu")))
             if state is not None:
+                torch.set_rng_state(state.pop("rng_torch"))
                 trainer.load_state_dict(state)
-            rows = [r for r in rd.read_metrics() if r.get("step", 0) <= trainer.step]
-            rd.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            if main:
+                rows = [r for r in rd.read_metrics() if r.get("step", 0) <= trainer.step]
+                rd.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             bar.log(f"resuming at outer step {trainer.step}/{cfg.outer_steps}")
 
         stopped = False
-        last: dict[str, Any] = {}
         bar.update("outer step", trainer.step, cfg.outer_steps)
         try:
             while trainer.step < cfg.outer_steps:
                 metrics = trainer.outer_step()
-                rd.append_metrics(metrics)
-                last = metrics
-                bar.update("outer step", trainer.step, cfg.outer_steps, _step_info(metrics))
-                if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
-                    _save_checkpoint(rd, trainer, cfg.keep_checkpoints)
-                answers = registry.pm.hook.on_outer_step(
-                    step=trainer.step, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-                if any(a is True for a in answers):
-                    stopped = True
+                if main:
+                    rd.append_metrics(metrics)
+                    bar.update("outer step", trainer.step, cfg.outer_steps, _step_info(metrics))
+                    if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                        _save_checkpoint(rd, trainer, cfg.keep_checkpoints)
+                stopped = distributed.broadcast_object(_plugin_stops(registry, trainer.step, metrics) if main else None)
+                if stopped:
                     bar.log(f"a plugin stopped the run after outer step {trainer.step}")
                     break
         except KeyboardInterrupt:
-            folder = _save_checkpoint(rd, trainer, cfg.keep_checkpoints)
+            folder = _save_checkpoint(rd, trainer, cfg.keep_checkpoints) if main else out / "checkpoints"
             raise RunInterrupted(
                 f"interrupted after outer step {trainer.step}/{cfg.outer_steps}; checkpoint saved to {folder}; "
                 f"continue with: resalign run --resume --out {out}"
             ) from None
+        if not main:
+            return out
         if trainer.step and (not cfg.checkpoint_every or trainer.step % cfg.checkpoint_every):
             _save_checkpoint(rd, trainer, cfg.keep_checkpoints)
         bundle.save(rd.model_dir, unet_state=trainer.unlearned_weights())
@@ -641,6 +650,24 @@ def execute(cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool =
     rd.write_text("report.md", _report_md(cfg, rows, stopped) + "\n".join(["", *summary_markdown(health)]))
     registry.pm.hook.on_run_end(run_dir=str(rd.path), report=report.to_dict())
     return rd.path
+
+
+def _open_run_dir(cfg: RunConfig, out: Path, resume: bool) -> RunDir:
+    """The run directory of ``execute`` (locked), checked for ``--resume`` and with ``config.toml`` written."""
+    rd = RunDir(out, command="run", resume=resume)
+    if resume:
+        _check_resume(cfg, rd)
+    elif (rd.checkpoints / "latest.json").is_file():
+        raise ConfigError(f"--out {str(out)!r} holds a run; pass --resume to continue it or choose a new folder")
+    rd.write_config(to_dict(cfg))
+    return rd
+
+
+def _plugin_stops(registry, step: int, metrics: dict[str, Any]) -> bool:
+    """Whether a plugin's ``on_outer_step`` asked to stop the run."""
+    answers = registry.pm.hook.on_outer_step(
+        step=step, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return any(a is True for a in answers)
 
 
 def _say_health(health: dict[str, Any]) -> None:
