@@ -142,6 +142,8 @@ class Sweep:
         return Outcome(record["value"], arrays, float(record.get("seconds", 0.0)))
 
     def _record(self, cell: Cell, outcome: Outcome) -> None:
+        """``KEY.safetensors`` (the arrays) first, then ``KEY.json``, which marks the record complete;
+        the JSON also says which rank computed the cell."""
         key = self.key(cell)
         if outcome.arrays:
             from safetensors.numpy import save
@@ -150,7 +152,7 @@ class Sweep:
             atomic_write_bytes(self.cells / f"{key}.safetensors", save(arrays))
         atomic_write_json(self.cells / f"{key}.json", {
             "name": cell.name, "settings": canonical(dict(cell.settings)), "seconds": outcome.seconds,
-            "arrays": sorted(outcome.arrays), "value": outcome.value,
+            "rank": distributed.rank(), "arrays": sorted(outcome.arrays), "value": outcome.value,
         })
 
     def run(self, cells: Sequence[Cell], compute: Callable[[Cell], Outcome | Any],
