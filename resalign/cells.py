@@ -39,8 +39,8 @@ SWEEP_FILE = "sweep.json"
 
 
 def canonical(obj: Any) -> Any:
-    """``obj`` as JSON would give it back (tuples become lists, keys strings, paths strings)."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=_default))
+    """``obj`` as JSON would give it back (tuples become lists, keys strings, paths strings), in its order."""
+    return json.loads(json.dumps(obj, default=_default))
 
 
 def _default(obj: Any) -> Any:
@@ -89,7 +89,8 @@ class Sweep:
         self.reused = 0
         self.computed = 0
         self.run_dir: RunDir | None = None
-        self._fingerprint = hashlib.sha256(json.dumps([command, self.settings], sort_keys=True).encode()).hexdigest()
+        self._fingerprint = hashlib.sha256(json.dumps([command, self.settings], sort_keys=True,
+                                                      default=_default).encode()).hexdigest()
         if distributed.is_main():
             self.run_dir = RunDir(self.path, command=command, resume=resume)
             self._check_settings()

@@ -19,6 +19,9 @@ registered by a plugin takes part by name.
 ``ablate components`` reproduces Tab. 6 — no hypergradient (β = 0), no meta-learning over
 configurations (J = 1 and one fixed configuration), no meta-learning over data (one fixed fine-tuning
 batch), the full method — and, with ``--J 1,3,5``, Tab. 7 (effect and training time against J).
+
+Both are sweeps (:mod:`resalign.cells`): every fidelity seed and every effect run is a cell, recorded
+when finished, skipped with ``--resume``, and split over the processes of a ``torchrun`` job.
 """
 
 from __future__ import annotations
