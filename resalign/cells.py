@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from resalign import distributed
-from resalign.errors import ConfigError
+from resalign.errors import ConfigError, RunInterrupted
 from resalign.rundir import RunDir, atomic_write_bytes, atomic_write_json
 
 CELLS_DIR = "cells"
@@ -168,8 +168,14 @@ class Sweep:
             outcome = self.recorded(cells[i])
             if outcome is None:
                 t0 = time.perf_counter()
-                with distributed.solo():
-                    result = compute(cells[i])
+                try:
+                    with distributed.solo():
+                        result = compute(cells[i])
+                except (KeyboardInterrupt, RunInterrupted):
+                    raise RunInterrupted(
+                        f"{self.command} interrupted in cell {cells[i].name!r}; the finished cells are recorded in "
+                        f"{str(self.cells)!r}; continue with the same command and --resume --out {str(self.path)}"
+                    ) from None
                 outcome = result if isinstance(result, Outcome) else Outcome(result)
                 outcome.value = canonical(outcome.value)
                 if not outcome.seconds:

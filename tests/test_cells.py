@@ -109,3 +109,17 @@ def test_two_gloo_ranks_split_the_cells_and_gather_them_in_order(tmp_path):
         assert result[r]["rows"] == [o.arrays["row"].tolist() for o in single]
     assert result[0]["holds_lock"] and not result[1]["holds_lock"]
     assert len(list((tmp_path / "sweep" / "cells").glob("square-*.json"))) == 5
+
+
+def test_an_interrupted_cell_says_how_to_resume(tmp_path):
+    from resalign.errors import RunInterrupted
+
+    def interrupted(cell: Cell) -> Outcome:
+        if cell.settings["i"] == 1:
+            raise KeyboardInterrupt
+        return _square(cell)
+
+    sweep = Sweep(tmp_path / "sweep", command="compare", settings=SETTINGS)
+    with pytest.raises(RunInterrupted, match=r"compare interrupted in cell 'square-1'.*--resume --out .*sweep"):
+        sweep.run(_cells(3), interrupted)
+    assert [p.name.split("-")[1] for p in (tmp_path / "sweep" / "cells").glob("square-*.json")] == ["0"]
