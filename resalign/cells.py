@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from resalign import distributed
-from resalign.errors import ConfigError, RunInterrupted
+from resalign.errors import ConfigError, ResAlignError, RunInterrupted
 from resalign.rundir import RunDir, atomic_write_bytes, atomic_write_json
 
 CELLS_DIR = "cells"
@@ -91,11 +91,18 @@ class Sweep:
         self.run_dir: RunDir | None = None
         self._fingerprint = hashlib.sha256(json.dumps([command, self.settings], sort_keys=True,
                                                       default=_default).encode()).hexdigest()
+        refused: ResAlignError | None = None
         if distributed.is_main():
-            self.run_dir = RunDir(self.path, command=command, resume=resume)
-            self._check_settings()
-            atomic_write_json(self.cells / SWEEP_FILE, {"command": command, "settings": self.settings})
-        distributed.barrier()
+            try:
+                self.run_dir = RunDir(self.path, command=command, resume=resume)
+                self._check_settings()
+                atomic_write_json(self.cells / SWEEP_FILE, {"command": command, "settings": self.settings})
+            except ResAlignError as exc:
+                refused = exc
+        # every rank stops with rank 0's error (a busy or non-empty --out, changed settings), none waits
+        refused = distributed.broadcast_object(refused)
+        if refused is not None:
+            raise refused
 
     @property
     def cells(self) -> Path:

@@ -147,9 +147,14 @@ def test_attack_resume_skips_finished_seeds(tiny_toy_dir, tmp_path, monkeypatch,
 def test_ablate_components_resume_skips_finished_variants(tiny_toy_dir, tmp_path, monkeypatch):
     import shutil
 
-    from resalign.pipeline import run as run_module
-    from resalign.pipeline.ablate import AblateComponentsConfig, EffectConfig, run_ablate_components
     from test_ablate_pipeline import TINY_RUN
+
+    from resalign.pipeline import run as run_module
+    from resalign.pipeline.ablate import (
+        AblateComponentsConfig,
+        EffectConfig,
+        run_ablate_components,
+    )
 
     executed: list[str] = []
     real_execute = run_module.execute

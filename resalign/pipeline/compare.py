@@ -81,6 +81,17 @@ from resalign import distributed
 from resalign.cells import Cell, Outcome, Sweep
 from resalign.config import to_dict
 from resalign.errors import ConfigError
+from resalign.eval.compare_report import (
+    BASELINE_LOSSES,
+    add_paired_differences,
+    compare_tables,
+    is_ours,
+    strength_and_finding_checks,
+    twins,
+    write_results_md,
+)
+from resalign.eval.compare_report import intro as _intro
+from resalign.eval.compare_report import plots as _plots
 from resalign.eval.report import TidyReport
 from resalign.pipeline.attack import ATTACK_PRESETS, load_pairs
 from resalign.pipeline.evaluate import (
@@ -96,19 +107,13 @@ from resalign.pipeline.evaluate import (
     resolve_generation,
     set_threads,
 )
-from resalign.eval.compare_report import (
-    BASELINE_LOSSES,
-    add_paired_differences,
-    compare_tables,
-    is_ours,
-    strength_and_finding_checks,
-    twins,
-    write_results_md,
-)
-from resalign.eval.compare_report import intro as _intro
-from resalign.eval.compare_report import plots as _plots
 from resalign.pipeline.finetune import Finetuner, FinetuneSpec, Stage
-from resalign.pipeline.records import figures_of, figures_value, samples_arrays, samples_of
+from resalign.pipeline.records import (
+    figures_of,
+    figures_value,
+    samples_arrays,
+    samples_of,
+)
 
 DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
 #: How baselines are matched to ResAlign: by unlearning strength (checkpoint choice) or by steps.
