@@ -25,13 +25,14 @@ TINY_DATA = json.dumps({
     "finetune": [{"source": "toy:preservation", "n": 8, "seed": 2}],
     "concept": "ring", "anchor": "circle", "gen_steps": 4,
 })
-#: Its cells: unlearn ga; base before × 2 seeds; ga before × 2 seeds; ga after × 2 datasets × 2 seeds.
-COMPARE_CELLS = 9
+#: Its cells: unlearn ga and esd (one phase: the data are given, so on 2 ranks each rank unlearns one);
+#: base before × 2 seeds; ga and esd before × 2 seeds each, after × 2 datasets × 2 seeds each.
+COMPARE_CELLS = 16
 WALL_CLOCK = ("seconds", "timings", "finished")
 
 
 def _compare_args(out: Path) -> list[str]:
-    return ["compare", "--methods", "base,ga", "--match", "steps", "--unlearn-option", "outer_steps=2",
+    return ["compare", "--methods", "base,ga,esd", "--match", "steps", "--unlearn-option", "outer_steps=2",
             "--unlearn-option", "J=1", "--unlearn-option", f"data={TINY_DATA}", "--ft-steps", "2", "--seeds", "2",
             "--toy-prompts", "4", "--sample-steps", "2", "--threads", "1", "--out", str(out), "--quiet"]
 
@@ -100,8 +101,11 @@ def test_compare_on_two_gloo_ranks_gives_the_single_process_rows(uninterrupted, 
     assert res.returncode == 0, res.stderr[-3000:]
     assert _report(out)["results"] == uninterrupted["results"]
     assert _report(out)["settings"] == uninterrupted["settings"]
-    ranks = [r["rank"] for r in _records(out).values()]
-    assert sorted(set(ranks)) == [0, 1] and len(ranks) == COMPARE_CELLS
+    records = _records(out).values()
+    assert len(records) == COMPARE_CELLS and {r["rank"] for r in records} == {0, 1}
+    # rank 1 unlearned esd, and its saved model is what both ranks then evaluated and fine-tuned
+    assert {r["name"]: r["rank"] for r in records if r["name"].startswith("unlearn-")} == {
+        "unlearn-ga-u0": 0, "unlearn-esd-u0": 1}
     assert res.stdout.count("report:") == 1  # rank 0 alone prints and writes the report
 
 
