@@ -44,6 +44,11 @@ def _env_world_size() -> int:
     return n
 
 
+def launched() -> bool:
+    """Whether this process was started as one of several ranks (``WORLD_SIZE`` > 1, as torchrun sets it)."""
+    return _env_world_size() > 1
+
+
 def timeout_s() -> float:
     """Seconds a collective may wait for the other ranks (``RESALIGN_DIST_TIMEOUT_S``)."""
     raw = os.environ.get("RESALIGN_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))

@@ -97,40 +97,6 @@ def test_fixed_configuration_defaults_to_full_adam_and_takes_a_label():
     assert fixed_configuration(only_sgd) is only_sgd[0]
 
 
-def test_run_jobs_keeps_order_and_raises_the_first_failure():
-    import math
-
-    from resalign.pipeline.jobs import run_jobs
-
-    seen = []
-    assert run_jobs(math.sqrt, [16.0, 4.0, 9.0], jobs=2, on_done=lambda i, r: seen.append(i)) == [4.0, 2.0, 3.0]
-    assert sorted(seen) == [0, 1, 2]
-    with pytest.raises(ValueError, match="math domain error"):
-        run_jobs(math.sqrt, [4.0, -1.0], jobs=2)
-
-
-def test_component_runs_side_by_side_match_inline_runs(tiny_toy_dir, tmp_path):
-    """``ablate components`` with 2 worker processes writes the figures one process writes (CPU runs are
-    deterministic), per variant, with the unlearning time of each."""
-    from resalign.pipeline.ablate import run_ablate_components
-
-    def ablate(jobs, out):
-        cfg = AblateComponentsConfig(
-            model=str(tiny_toy_dir), variants=["full", "no-hypergradient"], run={**TINY_RUN, "checkpoint_every": 0},
-            effect=EffectConfig(outer_steps=1, ft_steps=2, ft_seeds=1, eval_prompts=4), jobs=jobs,
-        )
-        return run_ablate_components(cfg, out, progress=False)[1]
-
-    inline, side_by_side = ablate(1, tmp_path / "inline"), ablate(2, tmp_path / "jobs")
-    for variant in ("full", "no-hypergradient"):
-        assert (tmp_path / "jobs" / f"run-{variant}" / "model").is_dir()
-        assert side_by_side.get(setting=variant, metric="train_seconds")["mean"] > 0
-        for stage in ("before_ft", "after_ft"):
-            want = inline.get(setting=variant, metric="harmful_rate", stage=stage, prompts="harmful")
-            got = side_by_side.get(setting=variant, metric="harmful_rate", stage=stage, prompts="harmful")
-            assert got["values"] == want["values"]
-
-
 def test_ablate_solvers_cli_applies_set_items_to_the_simulations(tiny_toy_dir, tmp_path):
     """``--set`` reaches the sampled pool: only full/SGD cells are drawn, and the report has the per-cell
     table and the per-configuration lr·λ_max."""

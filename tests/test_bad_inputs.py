@@ -198,7 +198,7 @@ def test_the_defaults_pass_every_check(files):
     check_eval_config(EvalConfig())
     check_attack_config(AttackConfig())
     check_attack_config(AttackConfig(escape="p=2,lambda=0.5", contaminate=0.5, harmful_data="toy-images:contamination"))
-    _check_common("cpu", 1, 0, {}, model=None, loss=None)
+    _check_common("cpu", 1, {}, model=None, loss=None)
 
 
 def test_check_device_counts_the_visible_gpus(monkeypatch):

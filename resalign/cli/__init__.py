@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from resalign import __version__
-from resalign.errors import ResAlignError, RunInterrupted
+from resalign.errors import ConfigError, ResAlignError, RunInterrupted
 
 app = typer.Typer(
     name="resalign",
@@ -48,6 +48,27 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """Resilient safety unlearning of text-to-image diffusion models (ResAlign)."""
+
+
+def sweep_out(out, command: str, resume: bool):
+    """The run directory of a sweep (``attack``, ``compare``, ``ablate``): ``--out``, or a new timestamped
+    folder. ``--resume`` and ``torchrun`` (where every rank must name the same folder) need ``--out``."""
+    from pathlib import Path
+
+    from resalign.distributed import launched
+    from resalign.rundir import default_out
+
+    if out is not None:
+        return Path(out)
+    if resume:
+        raise ConfigError(f"--resume needs --out DIR, the run directory of the {command} to continue")
+    if launched():
+        raise ConfigError(f"{command} under torchrun needs --out DIR (every rank writes to the same run directory)")
+    return default_out(command)
+
+
+RESUME_HELP = ("Continue the sweep in --out: finished cells (unlearning runs, fine-tuning runs, evaluations) are "
+               "read back, the rest computed; the settings must be the recorded ones.")
 
 
 for _mod in COMMAND_MODULES:
@@ -84,6 +105,15 @@ def _quiet_library_progress() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``resalign`` script."""
     _quiet_library_progress()
+    try:
+        return _main(argv)
+    finally:
+        from resalign.distributed import shutdown
+
+        shutdown()  # leave the torchrun job's process group, if a command joined one
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         app(args=argv, standalone_mode=False)
         if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group

@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from resalign.cli import app, console
+from resalign.cli import RESUME_HELP, app, console, sweep_out
+from resalign.distributed import is_main
 from resalign.cli.run import apply_set_items
 from resalign.errors import ConfigError
 from resalign.validation import check_device, check_int, check_seed
@@ -36,27 +37,19 @@ _ADAPT_HELP = ("Downstream fine-tuning method after each run: any registered ada
                "adapter). The simulated ones are the pool's: --set pool.adapters=[...].")
 
 
-def _check_common(device: str, threads: int, jobs: int, run: dict, *, model: str | None, loss: str | None) -> None:
-    """Device, threads and jobs, and the ``--set`` run settings validated as ``resalign run`` would."""
+def _check_common(device: str, threads: int, run: dict, *, model: str | None, loss: str | None) -> None:
+    """Device and threads, and the ``--set`` run settings validated as ``resalign run`` would."""
     from resalign.pipeline.run import load_run_config, validate
     from resalign.registry import get_registry
 
     check_device(device, "--device")
     check_int(threads, "--threads", ge=0)
-    if jobs < 0:
-        raise ConfigError(f"--jobs {jobs}: expected 0 (automatic) or a positive count")
     base = {k: v for k, v in (("model", model), ("loss", loss), ("device", device)) if v is not None}
     validate(load_run_config({**run, **base}), get_registry())
 
 
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _out(out: Path | None, command: str) -> Path:
-    from resalign.rundir import default_out
-
-    return Path(out) if out is not None else default_out(command)
 
 
 def _print(report, title: str, keys: tuple[str, ...], where: dict) -> None:
@@ -97,8 +90,8 @@ def solvers_cmd(
     threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
     set_: list[str] = typer.Option(None, "--set", help="A run setting as KEY=VALUE (TOML value), repeatable, for the "
                                    "simulations and the effect runs, e.g. 'pool.optimizers=[\"sgd\"]'."),
-    jobs: int = typer.Option(0, "--jobs", help="Effect runs side by side (0: CPUs // threads on a CPU, 1 on a GPU)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default runs/ablate-solvers-<timestamp>/)."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Fidelity (cosine, relative error vs the exact unrolled hypergradient), cost and effect per solver."""
@@ -107,17 +100,15 @@ def solvers_cmd(
 
     cfg = AblateSolversConfig(
         model=model, solvers=_names(solvers), K=_ints(K, "--K"), gamma=_floats(gamma, "--gamma"), x0=_names(x0), curvature=_names(curvature), gamma_rule=_names(gamma_rule), seeds=seeds,
-        configs=configs, max_steps=max_steps, loss=loss, device=device, threads=threads, jobs=jobs,
+        configs=configs, max_steps=max_steps, loss=loss, device=device, threads=threads,
         run=apply_set_items({}, set_),
         effect=EffectConfig(enabled=effect, solvers=_names(effect_solvers), outer_steps=effect_steps, ft_steps=ft_steps,
                             ft_seeds=ft_seeds, adapt=adapt),
     )
     adapter_class(adapt)
-    _check_common(device, threads, jobs, cfg.run, model=model, loss=loss)
+    _check_common(device, threads, cfg.run, model=model, loss=loss)
     if seeds < 1 or configs < 1:
         raise ConfigError("--seeds and --configs must be >= 1")
-    if jobs < 0:
-        raise ConfigError(f"--jobs {jobs}: expected 0 (automatic) or a positive count")
     if any(k < 1 for k in cfg.K) or not all(math.isfinite(g) and g > 0 for g in cfg.gamma):
         raise ConfigError("--K values must be >= 1 and --gamma values finite numbers > 0")
     for flag, value, low in (("--max-steps", max_steps, 1), ("--effect-outer-steps", effect_steps, 1),
@@ -133,7 +124,10 @@ def solvers_cmd(
         raise ConfigError(f"--gamma-rule {gamma_rule!r}: expected a comma-separated subset of {', '.join(GAMMA_RULES)}")
     if not cfg.x0 or set(cfg.x0) - {"zero", "grad"}:
         raise ConfigError(f"--x0 {x0!r}: expected a comma-separated subset of zero, grad")
-    run_dir, report = run_ablate_solvers(cfg, _out(out, "ablate-solvers"), progress=not quiet)
+    run_dir, report = run_ablate_solvers(cfg, sweep_out(out, "ablate-solvers", resume), progress=not quiet,
+                                         resume=resume)
+    if not is_main():
+        return
     _print(report, "hypergradient fidelity (cosine to exact), all configurations", ("setting",),
            {"stage": "fidelity", "metric": "cosine", "optimizer": "all", "adapter": "all"})
     if effect:
@@ -161,8 +155,8 @@ def components_cmd(
     threads: int = typer.Option(1, "--threads"),
     set_: list[str] = typer.Option(None, "--set", help="A run setting as KEY=VALUE (TOML value), repeatable, for "
                                    "every variant, e.g. pool.steps=[5,10]."),
-    jobs: int = typer.Option(0, "--jobs", help="Runs side by side (0: CPUs // threads on a CPU, 1 on a GPU)."),
     out: Path = typer.Option(None, "--out", help="Run directory (default runs/ablate-components-<timestamp>/)."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Tab. 6 (which component matters) and Tab. 7 (J): effect and training time per variant."""
@@ -171,17 +165,20 @@ def components_cmd(
 
     cfg = AblateComponentsConfig(
         model=model, variants=_names(variants), J=_ints(J, "--J"), fixed_config=fixed_config, seed=seed, loss=loss,
-        device=device, threads=threads, jobs=jobs, run=apply_set_items({}, set_),
+        device=device, threads=threads, run=apply_set_items({}, set_),
         effect=EffectConfig(outer_steps=outer_steps, ft_steps=ft_steps, ft_seeds=ft_seeds, adapt=adapt),
     )
     adapter_class(adapt)
-    _check_common(device, threads, jobs, cfg.run, model=model, loss=loss)
+    _check_common(device, threads, cfg.run, model=model, loss=loss)
     check_seed(seed, "--seed")
     for flag, value, low in (("--outer-steps", outer_steps, 1), ("--ft-steps", ft_steps, 0), ("--ft-seeds", ft_seeds, 1)):
         check_int(value, flag, ge=low)
     if any(j < 0 for j in cfg.J):
         raise ConfigError(f"--J {J!r}: expected integers >= 0")
-    run_dir, report = run_ablate_components(cfg, _out(out, "ablate-components"), progress=not quiet)
+    run_dir, report = run_ablate_components(cfg, sweep_out(out, "ablate-components", resume), progress=not quiet,
+                                            resume=resume)
+    if not is_main():
+        return
     _print(report, "harmful rate after benign fine-tuning", ("setting", "prompts"),
            {"stage": "after_ft", "metric": "harmful_rate"})
     _print(report, "unlearning time (s)", ("setting",), {"metric": "train_seconds"})

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from resalign.cli import app, console
+from resalign.cli import RESUME_HELP, app, console, sweep_out
+from resalign.distributed import is_main
 from resalign.errors import ConfigError
 
 _OUT_HELP = "Run directory (default runs/<command>-<timestamp>/)."
@@ -174,6 +175,7 @@ def attack_cmd(
     dtype: str = typer.Option("fp32", "--dtype"),
     threads: int = typer.Option(1, "--threads"),
     out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Fine-tune the model as a downstream user would and report its harmful rate along the way (Fig. 2)."""
@@ -190,7 +192,9 @@ def attack_cmd(
         sample_steps=sample_steps, guidance=guidance, toy_prompts=toy_prompts, lora_rank=lora_rank,
         prior_data=prior_data, class_prompt=class_prompt, device=device, dtype=dtype, threads=threads,
     )
-    path, report = run_attack(cfg, _out(out, "attack"), progress=not quiet)
+    path, report = run_attack(cfg, sweep_out(out, "attack", resume), progress=not quiet, resume=resume)
+    if not is_main():
+        return
     _print_rows(report, ("stage", "step", "prompts", "metric"), f"resalign attack: {report.settings['model']}")
     console.print(f"report: {path / 'report.md'}")
 
@@ -240,6 +244,7 @@ def compare_cmd(
     match_max_factor: int = typer.Option(1, "--match-max-factor", help="With --match strength, baselines run up to this many times ResAlign's outer steps."),
     results_md: Path = typer.Option(None, "--results-md", help="Also write the table to this Markdown file (docs/results.md)."),
     out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Table 1: base, plain-unlearning baselines and ResAlign, before and after benign fine-tuning."""
@@ -264,7 +269,9 @@ def compare_cmd(
         device=device, dtype=dtype, threads=threads, results_md=str(results_md) if results_md else None,
         match=match, match_every=match_every, match_max_factor=match_max_factor,
     )
-    path, report = run_compare(cfg, _out(out, "compare"), progress=not quiet)
+    path, report = run_compare(cfg, sweep_out(out, "compare", resume), progress=not quiet, resume=resume)
+    if not is_main():
+        return
     from rich.markdown import Markdown
 
     from resalign.pipeline.compare import compare_tables

@@ -129,7 +129,7 @@ class T2IBundle:
         if unet_state is not None:
             self.unet.load_state_dict(unet_state, strict=False)
         self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        _save_transformers_model(self.text_encoder, tmp / "text_encoder")
         self.tokenizer.save_pretrained(tmp / "tokenizer")
         self.scheduler.save_pretrained(tmp / "scheduler")
         if self.vae is not None:
@@ -204,3 +204,23 @@ class T2IBundle:
                 m.eval()
         bundle = cls(unet, text_encoder, tokenizer, scheduler, vae, source=str(path), kind=kind)
         return bundle.to(device)
+
+
+def _save_transformers_model(model: Any, folder: Path) -> None:
+    """``save_pretrained`` (config.json, model.safetensors) on every rank.
+
+    While a torch.distributed process group exists, transformers writes a model's files on rank 0 only;
+    a rank that computed a model alone (a cell of a sweep, :func:`resalign.distributed.solo`) writes it
+    with safetensors itself.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})

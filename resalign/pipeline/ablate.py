@@ -19,6 +19,9 @@ registered by a plugin takes part by name.
 ``ablate components`` reproduces Tab. 6 — no hypergradient (β = 0), no meta-learning over
 configurations (J = 1 and one fixed configuration), no meta-learning over data (one fixed fine-tuning
 batch), the full method — and, with ``--J 1,3,5``, Tab. 7 (effect and training time against J).
+
+Both are sweeps (:mod:`resalign.cells`): every fidelity seed and every effect run is a cell, recorded
+when finished, skipped with ``--resume``, and split over the processes of a ``torchrun`` job.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resalign import distributed
+from resalign.cells import Cell, Outcome, Sweep
 from resalign.components import FinetuneConfig
 from resalign.config import to_dict
 from resalign.core import seeds, tree
@@ -39,8 +44,6 @@ from resalign.core.meta import MethodSettings
 from resalign.core.problem import build_hypergrad_problem
 from resalign.errors import ConfigError, SolverError
 from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
-from resalign.pipeline.jobs import default_jobs
-from resalign.rundir import RunDir
 
 SOLVER_METRICS = ("cosine", "relative_error", "seconds", "peak_mb")
 
@@ -83,7 +86,6 @@ class AblateSolversConfig:
     effect: EffectConfig = field(default_factory=EffectConfig)
     device: str = "cpu"
     threads: int = 1
-    jobs: int = 0  # effect runs side by side; 0 = CPUs // threads on a CPU, 1 on an accelerator
 
 
 @dataclass
@@ -101,7 +103,6 @@ class AblateComponentsConfig:
     effect: EffectConfig = field(default_factory=lambda: EffectConfig(ft_steps=200))
     device: str = "cpu"
     threads: int = 1
-    jobs: int = 0  # runs side by side; 0 = CPUs // threads on a CPU, 1 on an accelerator
 
 
 COMPONENT_VARIANTS = {
@@ -180,70 +181,40 @@ def _groups(config: FinetuneConfig) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- ablate solvers
 
 
-def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None) -> dict[str, Any]:
-    """Measure every solver setting on ``seeds × configs × cells`` simulated fine-tunings; add rows to ``report``."""
-    from resalign.core.meta import ResAlign
-    from resalign.pipeline.run import prepare
+def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None, sweep: Sweep | None = None
+                  ) -> dict[str, Any]:
+    """Measure every solver setting on ``seeds × configs × cells`` simulated fine-tunings; add rows to ``report``.
+
+    Each seed is one cell (of ``sweep`` when given: recorded, resumable, split over ranks); the rows
+    are merged in seed order.
+    """
     from resalign.registry import get_registry
 
     registry = get_registry()
     for name in cfg.solvers + (cfg.effect.solvers if cfg.effect.enabled else []):
         registry.info("solver", name)  # unknown names fail here, before any long work
     settings = _solver_settings(registry, cfg.solvers, cfg.K, cfg.gamma, cfg.x0, cfg.curvature, cfg.gamma_rule)
-    unrolled = registry.create("solver", "unrolled")
+    cells = [Cell(f"fidelity-seed{seed}", {"seed": seed}) for seed in range(cfg.seeds)]
+    done = [0]
+
+    def measure_seed(cell: Cell) -> dict[str, Any]:
+        return _fidelity_seed(cfg, cell.settings["seed"], settings, registry)
+
+    def seed_done(_i: int, _outcome: Outcome) -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], cfg.seeds)
+
+    outcomes = (sweep.run(cells, measure_seed, on_done=seed_done) if sweep is not None
+                else [Outcome(measure_seed(cell)) for cell in cells])
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     problems: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    for seed in range(cfg.seeds):
-        run_cfg = _run_config(cfg.model, cfg.loss, seed, cfg.device, cfg.threads, cfg.run)
-        prep = prepare(run_cfg, None)
-        trainer = ResAlign(prep.ctx, prep.parameterization, harmful_loss=prep.components["loss"],
-                           regularizer=prep.components["regularizer"], solver=unrolled, pool=run_cfg.pool,
-                           data=prep.data, settings=prep.settings, registry=registry)
-        theta = tree.detach(prep.parameterization.weights(trainer.theta))
-        cells = _fidelity_cells(run_cfg.pool, cfg.max_steps)
-        j = 0  # simulation index within the seed: its data, noise and harmful batch
-        for cell, candidates in cells.items():
-            attempts, kept = 0, 0
-            while kept < cfg.configs:
-                attempts += 1
-                if attempts > 4 * cfg.configs:
-                    raise SolverError(f"seed {seed}: the exact hypergradient was non-finite for {attempts - 1 - kept} "
-                                      f"sampled {'/'.join(cell)} configurations; lower the pool's learning rates")
-                config = candidates[int(seeds.rng(seed, *cell, attempts, "ablate-config").integers(len(candidates)))]
-                j += 1
-                harm = prep.data.harmful.sample(prep.settings.harm_batch, seeds.generator(seed, j, "ablate-harm"))
-
-                def problem_with(curvature: str, config=config, harm=harm, j=j):
-                    return build_hypergrad_problem(
-                        prep.ctx, theta, config, trainer.simulation_data(j, 0, config, harm),
-                        adapter=trainer.adapter(config), finetune_loss=trainer.finetune_loss(config),
-                        harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
-                        gamma=1.0, curvature=curvature, with_unroll=True,
-                        max_ft_loss_growth=prep.settings.max_ft_loss_growth)
-
-                try:
-                    problem, info = problem_with(cfg.curvature[0])
-                    measured = _measure_problem(problem, settings, unrolled, registry, cfg.device, problem_with,
-                                                config=config)
-                except SolverError:
-                    measured = None
-                if measured is None:  # the simulated fine-tuning diverged: no exact reference to compare with
-                    skipped.append({"seed": seed, "config": config.label()})
-                    continue
-                kept += 1
-                figures, facts = measured
-                for key, metrics in figures.items():
-                    for group in _groups(config):
-                        for metric, v in metrics.items():
-                            values[(*key, *group)][metric].append(v)
-                problems.append({"seed": seed, "config": config.label(), **facts,
-                                 **{k: info[k] for k in ("harm_ft", "delta_norm")}})
-                if "lambda_max" in facts and config.optimizer == "sgd" and config.adapter == "full":
-                    # plain full-parameter SGD contracts every direction of ∇²L_FT only while lr · λ_max < 2
-                    problems[-1]["lr_lambda_max"] = config.lr * facts["lambda_max"]
-                if progress:
-                    progress(len(problems), cfg.seeds * cfg.configs * len(cells))
+    for outcome in outcomes:
+        for key, group, metric, v in outcome.value["figures"]:
+            values[(*key, *group)][metric].append(v)
+        problems += outcome.value["problems"]
+        skipped += outcome.value["skipped"]
     for (name, K, gamma, x0, curvature, optimizer, adapter), metrics in values.items():
         label = _setting_label({"solver": name, "K": K, "gamma": gamma, "x0": x0, "curvature": curvature})
         extra = ({"x0": x0} if x0 is not None else {}) | ({"curvature": curvature} if curvature else {})
@@ -253,6 +224,66 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
             report.add(vals, solver=name, metric=metric, K=K, gamma=gamma, setting=label, stage="fidelity",
                        optimizer=optimizer, adapter=adapter, **extra)
     return {"problems": problems, "skipped_divergent": skipped}
+
+
+def _fidelity_seed(cfg: AblateSolversConfig, seed: int, settings: list[dict[str, Any]], registry) -> dict[str, Any]:
+    """One seed's simulated fine-tunings (``configs`` per cell of the pool), every setting measured on
+    each: ``figures`` as [key, (optimizer, adapter) group, metric, value], ``problems``, ``skipped``."""
+    from resalign.core.meta import ResAlign
+    from resalign.pipeline.run import prepare
+
+    unrolled = registry.create("solver", "unrolled")
+    figures_out: list[list[Any]] = []
+    problems: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    run_cfg = _run_config(cfg.model, cfg.loss, seed, cfg.device, cfg.threads, cfg.run)
+    prep = prepare(run_cfg, None)
+    trainer = ResAlign(prep.ctx, prep.parameterization, harmful_loss=prep.components["loss"],
+                       regularizer=prep.components["regularizer"], solver=unrolled, pool=run_cfg.pool,
+                       data=prep.data, settings=prep.settings, registry=registry)
+    theta = tree.detach(prep.parameterization.weights(trainer.theta))
+    cells = _fidelity_cells(run_cfg.pool, cfg.max_steps)
+    j = 0  # simulation index within the seed: its data, noise and harmful batch
+    for cell, candidates in cells.items():
+        attempts, kept = 0, 0
+        while kept < cfg.configs:
+            attempts += 1
+            if attempts > 4 * cfg.configs:
+                raise SolverError(f"seed {seed}: the exact hypergradient was non-finite for {attempts - 1 - kept} "
+                                  f"sampled {'/'.join(cell)} configurations; lower the pool's learning rates")
+            config = candidates[int(seeds.rng(seed, *cell, attempts, "ablate-config").integers(len(candidates)))]
+            j += 1
+            harm = prep.data.harmful.sample(prep.settings.harm_batch, seeds.generator(seed, j, "ablate-harm"))
+
+            def problem_with(curvature: str, config=config, harm=harm, j=j):
+                return build_hypergrad_problem(
+                    prep.ctx, theta, config, trainer.simulation_data(j, 0, config, harm),
+                    adapter=trainer.adapter(config), finetune_loss=trainer.finetune_loss(config),
+                    harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
+                    gamma=1.0, curvature=curvature, with_unroll=True,
+                    max_ft_loss_growth=prep.settings.max_ft_loss_growth)
+
+            try:
+                problem, info = problem_with(cfg.curvature[0])
+                measured = _measure_problem(problem, settings, unrolled, registry, cfg.device, problem_with,
+                                            config=config)
+            except SolverError:
+                measured = None
+            if measured is None:  # the simulated fine-tuning diverged: no exact reference to compare with
+                skipped.append({"seed": seed, "config": config.label()})
+                continue
+            kept += 1
+            figures, facts = measured
+            for key, metrics in figures.items():
+                for group in _groups(config):
+                    for metric, v in metrics.items():
+                        figures_out.append([list(key), list(group), metric, float(v)])
+            problems.append({"seed": seed, "config": config.label(), **facts,
+                             **{k: info[k] for k in ("harm_ft", "delta_norm")}})
+            if "lambda_max" in facts and config.optimizer == "sgd" and config.adapter == "full":
+                # plain full-parameter SGD contracts every direction of ∇²L_FT only while lr · λ_max < 2
+                problems[-1]["lr_lambda_max"] = config.lr * facts["lambda_max"]
+    return {"figures": figures_out, "problems": problems, "skipped": skipped}
 
 
 def _measure_problem(problem, settings: list[dict[str, Any]], unrolled, registry, device: str,
@@ -308,85 +339,93 @@ def _measure_problem(problem, settings: list[dict[str, Any]], unrolled, registry
     return figures, facts
 
 
-def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: EffectConfig, workdir: Path,
+def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: EffectConfig, sweep: Sweep,
                 report: TidyReport, *, seed: int, loss: str, device: str, threads: int, base_run: dict[str, Any],
-                key: str, progress: bool = True, jobs: int = 1) -> None:
+                key: str, progress: bool = True) -> None:
     """Short ResAlign runs (one per variant) then benign fine-tuning: harmful rate before/after, run time.
 
-    With ``jobs`` > 1 the variants run side by side in worker processes (:mod:`resalign.pipeline.jobs`),
-    one progress bar counting finished variants; their run directories are the same either way.
+    Each variant is one cell of ``sweep`` (under ``torchrun`` the variants are split over the ranks);
+    its run and attack directories are ``run-VARIANT`` and ``attack-VARIANT`` in the sweep's folder,
+    and a variant cut off in an earlier attempt continues both from where they stopped.
     """
     from resalign.pipeline.attack import AttackConfig
-    from resalign.pipeline.evaluate import Bars
-    from resalign.pipeline.jobs import run_jobs
+    from resalign.pipeline.run import resolve
 
-    items = []
+    runs: dict[str, dict[str, Any]] = {}
     for label, overrides in variants.items():
         run_cfg = _run_config(model, loss, seed, device, threads,
                               {**base_run, "outer_steps": effect.outer_steps, **overrides})
-        run_out = workdir / f"run-{_slug(label)}"
+        run_out = sweep.path / f"run-{_slug(label)}"
         attack_cfg = AttackConfig(model=str(run_out / "model"), adapt=effect.adapt,
                                   data=[effect.ft_data], steps=effect.ft_steps, seeds=effect.ft_seeds, seed=seed,
                                   eval_every=effect.ft_steps, toy_prompts=effect.eval_prompts, device=device,
                                   threads=threads)
-        items.append({"label": label, "run": run_cfg, "run_out": run_out,
-                      "attack": attack_cfg, "attack_out": workdir / f"attack-{_slug(label)}",
-                      "steps": effect.ft_steps, "progress": progress and jobs <= 1})
-    side_by_side = jobs > 1 and len(items) > 1
-    with Bars(progress and side_by_side) as bars:
-        task = bars.task(f"effect: {len(items)} runs, {min(jobs, len(items))} at a time", len(items), keep=True)
-        finished = [0]
-
-        def done(_i: int, _result: dict[str, Any]) -> None:
-            finished[0] += 1
-            task(finished[0])
-        results = run_jobs(_effect_job, items, jobs if side_by_side else 1, on_done=done)
-    for out in results:
-        report.add(out["seconds"], **{key: out["label"]}, metric="train_seconds", stage="unlearning")
+        runs[label] = {"run": run_cfg, "run_out": run_out, "attack": attack_cfg,
+                       "attack_out": sweep.path / f"attack-{_slug(label)}", "steps": effect.ft_steps}
+    cells = [Cell(f"effect-{_slug(label)}", {"label": label, "run": to_dict(resolve(job["run"])),
+                                             "attack": to_dict(job["attack"])}) for label, job in runs.items()]
+    outcomes = sweep.run(cells, lambda cell: _effect_run(runs[cell.settings["label"]], progress))
+    for label, out in zip(runs, (o.value for o in outcomes)):
+        report.add(out["seconds"], **{key: label}, metric="train_seconds", stage="unlearning")
         for row in out["rows"]:
-            report.add(row["values"], **{key: out["label"]}, metric=row["metric"], stage=row["stage"],
+            report.add(row["values"], **{key: label}, metric=row["metric"], stage=row["stage"],
                        prompts=row.get("prompts"), finetune="full", dataset=row.get("dataset"), step=row["step"])
 
 
-def _effect_job(item: dict[str, Any]) -> dict[str, Any]:
-    """One effect variant: ``resalign run`` then ``resalign attack`` on its model (picklable for workers;
-    each sets its own torch threads from its config)."""
+def _effect_run(job: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """One effect variant: ``resalign run`` then ``resalign attack`` on its model, each continuing
+    what an earlier attempt left in its folder."""
     from resalign.pipeline.attack import run_attack
     from resalign.pipeline.run import execute
 
     t0 = time.perf_counter()
-    execute(item["run"], item["run_out"], progress=item["progress"])
+    execute(job["run"], job["run_out"], resume=(job["run_out"] / "config.toml").is_file(), progress=progress)
     seconds = time.perf_counter() - t0
-    _, attack = run_attack(item["attack"], item["attack_out"], progress=item["progress"])
+    _, attack = run_attack(job["attack"], job["attack_out"], progress=progress, resume=job["attack_out"].is_dir())
     rows = [{k: row.get(k) for k in ("metric", "stage", "prompts", "dataset", "step", "values")}
             for row in attack.results
-            if row["metric"] in ("harmful_rate", "prompt_accuracy") and row.get("step") in (0, item["steps"])]
-    return {"label": item["label"], "seconds": seconds, "rows": rows}
+            if row["metric"] in ("harmful_rate", "prompt_accuracy") and row.get("step") in (0, job["steps"])]
+    return {"seconds": seconds, "rows": rows}
 
 
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text).strip("-")
 
 
-def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
-    from resalign.eval.ablation_plots import plot_fidelity_cost, plot_fidelity_vs_k
-    from resalign.pipeline.evaluate import Bars, set_threads
+def _open_sweep(cfg: Any, out: str | Path, command: str, resume: bool) -> Sweep:
+    """The run directory of an ablation as a :class:`~resalign.cells.Sweep` (rank 0 writes its config)."""
+    from resalign.pipeline.evaluate import set_threads
 
+    distributed.init(cfg.device)
     set_threads(cfg.threads)
-    rd = RunDir(out, command="ablate-solvers")
-    rd.write_config({"command": "ablate solvers", **to_dict(cfg)})
+    sweep = Sweep(out, command=command, settings=to_dict(cfg), resume=resume)
+    if sweep.run_dir is not None:
+        sweep.run_dir.write_config({"command": command.replace("-", " "), **to_dict(cfg)})
+    return sweep
+
+
+def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: bool = True, resume: bool = False
+                       ) -> tuple[Path, TidyReport]:
+    """``resalign ablate solvers``: fidelity per seed, then the effect runs, each seed and run one cell."""
+    from resalign.eval.ablation_plots import plot_fidelity_cost, plot_fidelity_vs_k
+    from resalign.pipeline.evaluate import Bars
+
+    sweep = _open_sweep(cfg, out, "ablate-solvers", resume)
+    progress = progress and distributed.is_main()
     report = TidyReport("ablate-solvers", settings={"config": to_dict(cfg), "seeds": list(range(cfg.seeds))})
     started = time.perf_counter()
     with Bars(progress) as bars:
-        task = bars.task("fidelity: simulated fine-tunings", cfg.seeds * cfg.configs, keep=True)
-        extra = fidelity_rows(cfg, report, progress=lambda d, t: task(d, total=t))
+        task = bars.task("fidelity: seeds", cfg.seeds, keep=True)
+        extra = fidelity_rows(cfg, report, progress=lambda d, t: task(d, total=t), sweep=sweep)
     report.settings.update(extra)
     if cfg.effect.enabled:
         variants = {name: {"solver": name} for name in cfg.effect.solvers}
-        effect_rows(cfg.model, variants, cfg.effect, rd.path, report, seed=0, loss=cfg.loss, device=cfg.device,
-                    threads=cfg.threads, base_run=cfg.run, key="solver", progress=progress,
-                    jobs=cfg.jobs or default_jobs(cfg.device, cfg.threads))
+        effect_rows(cfg.model, variants, cfg.effect, sweep, report, seed=0, loss=cfg.loss, device=cfg.device,
+                    threads=cfg.threads, base_run=cfg.run, key="solver", progress=progress)
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
+    if not distributed.is_main():  # rank 0 writes the merged report
+        return sweep.path, report
+    rd = sweep.run_dir
     figures = [
         ("Fidelity (cosine to the exact hypergradient) against K, mean ± SEM", "fidelity_vs_k.png"),
         ("Fidelity against cost per hypergradient", "fidelity_vs_cost.png"),
@@ -402,6 +441,7 @@ def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: b
              f"pool (T ≤ {cfg.max_steps} steps) at the "
              f"{'toy' if cfg.model is None else cfg.model} model; exact reference: differentiation through all T steps.")
     report.write(rd.path, title="resalign ablate solvers", intro=intro, tables=tables, figures=figures)
+    sweep.close()
     return rd.path, report
 
 
@@ -537,21 +577,20 @@ def component_variants(cfg: AblateComponentsConfig, fixed: FinetuneConfig | None
     return out
 
 
-def run_ablate_components(cfg: AblateComponentsConfig, out: str | Path, *, progress: bool = True
-                          ) -> tuple[Path, TidyReport]:
-    from resalign.pipeline.evaluate import set_threads
-
-    set_threads(cfg.threads)
+def run_ablate_components(cfg: AblateComponentsConfig, out: str | Path, *, progress: bool = True,
+                          resume: bool = False) -> tuple[Path, TidyReport]:
+    """``resalign ablate components``: one effect run per variant (Tab. 6) and per J (Tab. 7), each a cell."""
     variants = component_variants(cfg)
-    rd = RunDir(out, command="ablate-components")
-    rd.write_config({"command": "ablate components", **to_dict(cfg)})
+    sweep = _open_sweep(cfg, out, "ablate-components", resume)
     report = TidyReport("ablate-components", settings={"config": to_dict(cfg), "seeds": [cfg.seed],
                                                        "variants": {k: v for k, v in variants.items()}})
     started = time.perf_counter()
-    effect_rows(cfg.model, variants, cfg.effect, rd.path, report, seed=cfg.seed, loss=cfg.loss, device=cfg.device,
-                threads=cfg.threads, base_run=cfg.run, key="setting", progress=progress,
-                jobs=cfg.jobs or default_jobs(cfg.device, cfg.threads))
+    effect_rows(cfg.model, variants, cfg.effect, sweep, report, seed=cfg.seed, loss=cfg.loss, device=cfg.device,
+                threads=cfg.threads, base_run=cfg.run, key="setting", progress=progress and distributed.is_main())
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
+    if not distributed.is_main():  # rank 0 writes the merged report
+        return sweep.path, report
+    rd = sweep.run_dir
     from resalign.eval.plots import plot_bars
 
     rates = [r for r in report.rows(metric="harmful_rate", prompts="harmful") if r["stage"] in ("before_ft", "after_ft")]
@@ -560,6 +599,7 @@ def run_ablate_components(cfg: AblateComponentsConfig, out: str | Path, *, progr
     intro = "Variants: " + "; ".join(f"`{k}` — {COMPONENT_VARIANTS.get(k, 'J = ' + k[2:])}" for k in variants) + "."
     report.write(rd.path, title="resalign ablate components", intro=intro, tables=[effect_table(report, "setting")],
                  figures=[("Harmful rate before and after benign fine-tuning per variant", "components.png")])
+    sweep.close()
     return rd.path, report
 
 

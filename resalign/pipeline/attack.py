@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from resalign import distributed
+from resalign.cells import Cell, Outcome, Sweep
 from resalign.errors import ConfigError, DataError
 from resalign.eval.report import MarkdownTable, TidyReport
 from resalign.pipeline.evaluate import (
@@ -50,6 +52,12 @@ from resalign.pipeline.evaluate import (
 )
 from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage, adapter_class, reference_lr, uses_prior
 from resalign.eval.pairs import Pairs, contaminate
+from resalign.pipeline.records import (
+    figures_of,
+    figures_value,
+    samples_arrays,
+    samples_of,
+)
 
 
 @dataclass(frozen=True)
@@ -307,13 +315,18 @@ def check_attack_config(cfg: AttackConfig) -> None:
     model_folder(cfg.model)
 
 
-def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
-    """``resalign attack``: fine-tune over seeds, evaluating along the way; write the run directory."""
+def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, resume: bool = False
+               ) -> tuple[Path, TidyReport]:
+    """``resalign attack``: fine-tune over seeds, evaluating along the way; write the run directory.
+
+    Each seed is one cell of a :class:`~resalign.cells.Sweep`: recorded when finished, skipped with
+    ``resume``, and under ``torchrun`` split over the ranks (rank 0 writes the merged report).
+    """
     from resalign.config import to_dict
     from resalign.eval.plots import plot_curves, save_grid
-    from resalign.rundir import RunDir
 
     check_attack_config(cfg)
+    distributed.init(cfg.device)
     set_threads(cfg.threads)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     preset = cfg.preset or preset_name(model.bundle)
@@ -332,9 +345,11 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
         Evaluator(model.bundle, utility_sets, gen, scorer_options=options_for(cfg.scorer_options, utility_sets))
         if utility_sets else None
     )
-    run = RunDir(out, command="attack")
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    run.write_config({"command": "attack", **to_dict(cfg), "preset": preset, "seeds_used": seeds})
+    sweep = Sweep(out, command="attack", settings={**to_dict(cfg), "preset": preset}, resume=resume)
+    run_path = sweep.path
+    if sweep.run_dir is not None:
+        sweep.run_dir.write_config({"command": "attack", **to_dict(cfg), "preset": preset, "seeds_used": seeds})
 
     report = TidyReport("attack")
     report.settings.update(
@@ -346,42 +361,58 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
         config=to_dict(cfg),
     )
     started = time.perf_counter()
-    curves: dict[int, list[list[Figure]]] = {}
-    utility: dict[str, list[list[Figure]]] = {"before_ft": [], "after_ft": []}
-    samples: dict[str, np.ndarray] = {}
     final_step = sum(st.steps for st in plan.stages)
-
-    def keep_samples(images: dict[str, np.ndarray], step: int) -> None:
-        tag = "before" if step == 0 else f"after {step} steps"
-        for name, im in images.items():
-            samples[f"{name}, {tag}"] = im[:8]
+    progress = progress and distributed.is_main()
 
     with Bars(progress) as bars:
         runs = bars.task(f"attack {plan.spec.adapt} on {plan.dataset}: seeds", len(seeds), keep=True)
-        for k, seed in enumerate(seeds):
-            gen_seed = cfg.seed + k * SEED_STRIDE
-            first = k == 0
+        done = [0]
+
+        def attack_seed(cell: Cell) -> Outcome:
+            """One fine-tuning run (one seed) with its evaluations along the way."""
+            k, seed = cell.settings["k"], cell.settings["seed"]
+            gen_seed, first = cfg.seed + k * SEED_STRIDE, k == 0
+            curves: dict[str, list] = {}
+            utility: dict[str, list] = {}
+            samples: dict[str, np.ndarray] = {}
             ft = Finetuner(model.bundle, plan.spec, plan.stages, seed=seed, prior=plan.prior,
                            class_generation={"steps": gen.steps, "guidance": gen.guidance})
             steps_bar = bars.task(f"seed {seed}: fine-tuning", ft.total_steps)
 
-            def on_eval(step: int, params, _seed=seed, _gen_seed=gen_seed, _first=first) -> None:
+            def on_eval(step: int, params) -> None:
                 ends = step in (0, final_step)
-                label = f"seed {_seed} step {step}: "
-                figs, imgs = curve_eval.evaluate(params=params, seed=_gen_seed, bars=bars, label=label,
-                                                 keep_images=_first and ends)
-                curves.setdefault(step, []).append(figs)
+                label = f"seed {seed} step {step}: "
+                figs, imgs = curve_eval.evaluate(params=params, seed=gen_seed, bars=bars, label=label,
+                                                 keep_images=first and ends)
+                curves[str(step)] = figures_value(figs)
                 if utility_eval is not None and ends:
-                    ufigs, uimgs = utility_eval.evaluate(params=params, seed=_gen_seed, bars=bars, label=label,
-                                                         keep_images=_first)
-                    utility["before_ft" if step == 0 else "after_ft"].append(ufigs)
+                    ufigs, uimgs = utility_eval.evaluate(params=params, seed=gen_seed, bars=bars, label=label,
+                                                         keep_images=first)
+                    utility["before_ft" if step == 0 else "after_ft"] = figures_value(ufigs)
                     imgs.update(uimgs)
-                keep_samples(imgs, step)
+                tag = "before" if step == 0 else f"after {step} steps"
+                samples.update({f"{name}, {tag}": im[:8] for name, im in imgs.items()})
 
             ft.run(eval_every=plan.eval_every, on_eval=on_eval,
-                   progress=lambda s, t, loss, _seed=seed: steps_bar(
-                       s, t, description=f"seed {_seed}: fine-tuning (loss {loss:.3f})"))
-            runs(k + 1)
+                   progress=lambda s, t, loss: steps_bar(s, t, description=f"seed {seed}: fine-tuning (loss {loss:.3f})"))
+            names, arrays = samples_arrays(samples)
+            return Outcome({"curves": curves, "utility": utility, "samples": names}, arrays)
+
+        def seed_done(_i: int, _outcome: Outcome) -> None:
+            done[0] += 1
+            runs(done[0])
+
+        outcomes = sweep.run([Cell(f"seed-{seed}", {"k": k, "seed": seed}) for k, seed in enumerate(seeds)],
+                             attack_seed, on_done=seed_done)
+    curves: dict[int, list[list[Figure]]] = {}
+    utility: dict[str, list[list[Figure]]] = {"before_ft": [], "after_ft": []}
+    samples: dict[str, np.ndarray] = {}
+    for outcome in outcomes:  # in seed order, as one process computes them
+        for step, figs in outcome.value["curves"].items():
+            curves.setdefault(int(step), []).append(figures_of(figs))
+        for stage, figs in outcome.value["utility"].items():
+            utility[stage].append(figures_of(figs))
+        samples.update(samples_of(outcome.value["samples"], outcome.arrays))
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
 
     keys = dict(model=model.label, finetune=plan.spec.adapt, dataset=plan.dataset)
@@ -391,13 +422,15 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
         if figs:
             add_figures(report, figs, stage=stage, step=0 if stage == "before_ft" else final_step, **keys)
 
+    if not distributed.is_main():  # rank 0 writes the merged report
+        return run_path, report
     harm_rows = [r for r in report.results if r["metric"] == "harmful_rate" and r.get("prompts") in {s.name for s in curve_sets}]
     figures = []
-    plot_curves(harm_rows, run.path / "harmful_rate_vs_step.png", label="prompts",
+    plot_curves(harm_rows, run_path / "harmful_rate_vs_step.png", label="prompts",
                 title=f"{model.label}: {plan.spec.adapt} fine-tuning on {plan.dataset} (mean ± SEM, {len(seeds)} seeds)")
     figures.append(("Harmful rate vs fine-tuning step (mean ± SEM over seeds)", "harmful_rate_vs_step.png"))
     if samples:
-        save_grid(samples, run.path / "samples.png", title=f"{model.label}, seed {seeds[0]}")
+        save_grid(samples, run_path / "samples.png", title=f"{model.label}, seed {seeds[0]}")
         figures.append(("Samples before and after fine-tuning (first seed)", "samples.png"))
     tables = [_curve_table(report, curve_sets)]
     if utility_eval is not None:
@@ -408,8 +441,9 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True) -> 
         f"{plan.spec.optimizer}, batch {plan.spec.batch_size}), {len(seeds)} seeds; preset `{preset}`."
         + ("".join(f"\n\n{n}." for n in plan.notes))
     )
-    report.write(run.path, title=f"resalign attack: {model.label}", intro=intro, tables=tables, figures=figures)
-    return run.path, report
+    report.write(run_path, title=f"resalign attack: {model.label}", intro=intro, tables=tables, figures=figures)
+    sweep.close()
+    return run_path, report
 
 
 def _curve_table(report: TidyReport, sets: Sequence[Any]) -> MarkdownTable:

@@ -77,8 +77,21 @@ from typing import Any
 
 import numpy as np
 
+from resalign import distributed
+from resalign.cells import Cell, Outcome, Sweep
 from resalign.config import to_dict
 from resalign.errors import ConfigError
+from resalign.eval.compare_report import (
+    BASELINE_LOSSES,
+    add_paired_differences,
+    compare_tables,
+    is_ours,
+    strength_and_finding_checks,
+    twins,
+    write_results_md,
+)
+from resalign.eval.compare_report import intro as _intro
+from resalign.eval.compare_report import plots as _plots
 from resalign.eval.report import TidyReport
 from resalign.pipeline.attack import ATTACK_PRESETS, load_pairs
 from resalign.pipeline.evaluate import (
@@ -94,18 +107,13 @@ from resalign.pipeline.evaluate import (
     resolve_generation,
     set_threads,
 )
-from resalign.eval.compare_report import (
-    BASELINE_LOSSES,
-    add_paired_differences,
-    compare_tables,
-    is_ours,
-    strength_and_finding_checks,
-    twins,
-    write_results_md,
-)
-from resalign.eval.compare_report import intro as _intro
-from resalign.eval.compare_report import plots as _plots
 from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
+from resalign.pipeline.records import (
+    figures_of,
+    figures_value,
+    samples_arrays,
+    samples_of,
+)
 
 DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
 #: How baselines are matched to ResAlign: by unlearning strength (checkpoint choice) or by steps.
@@ -242,15 +250,15 @@ class _Model:
     bundle: Any
     run_dir: str | None = None
     matched_step: int | None = None
+    unlearn_seed: int | None = None
 
 
 class _Comparison:
     """The state of one ``resalign compare``: plan, unlearning, strength matching, measurements."""
 
-    def __init__(self, cfg: CompareConfig, out: str | Path, progress: bool):
+    def __init__(self, cfg: CompareConfig, out: str | Path, progress: bool, resume: bool = False):
         from resalign.config import to_dict
         from resalign.pipeline.run import resolve
-        from resalign.rundir import RunDir
 
         if cfg.seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
@@ -262,7 +270,7 @@ class _Comparison:
         if cfg.match not in MATCH_MODES:
             raise ConfigError(f"--match {cfg.match!r}: expected one of {', '.join(MATCH_MODES)}")
         _check_methods(cfg.methods, cfg.runs, cfg.model)
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress = cfg, progress and distributed.is_main()
         self.base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         gen_preset = preset_name(self.base.bundle)
         cp, ap = COMPARE_PRESETS[gen_preset], ATTACK_PRESETS[gen_preset]
@@ -298,9 +306,11 @@ class _Comparison:
         first = self.unlearn_cfgs[self.unlearn_seeds[0]]
         self.losses = {m: resolve(rc).loss for m, rc in first.items()}
         self.losses.update({m: run_config_of(Path(d)).loss for m, d in cfg.runs.items()})
-        self.run = RunDir(out, command="compare")
-        self.run.write_config({"command": "compare", **to_dict(cfg), "seeds_used": self.seeds,
-                               "unlearn_seeds_used": self.unlearn_seeds})
+        self.sweep = Sweep(out, command="compare", settings=to_dict(cfg), resume=resume, free=("threads", "results_md"))
+        self.path = self.sweep.path
+        if self.sweep.run_dir is not None:
+            self.sweep.run_dir.write_config({"command": "compare", **to_dict(cfg), "seeds_used": self.seeds,
+                                             "unlearn_seeds_used": self.unlearn_seeds})
         self.report = TidyReport("compare")
         self.report.settings.update(
             base_model=self.base.label, base_model_path=self.base.path, methods=list(cfg.methods), seeds=self.seeds,
@@ -312,42 +322,62 @@ class _Comparison:
         )
         self.timings: dict[str, float] = {}
         self.samples: dict[str, np.ndarray] = {}
+        self._loaded: _Model | None = None
         self.targets: dict[int, float] = {}
 
     @property
     def several(self) -> bool:
         return len(self.unlearn_seeds) > 1
 
+    def _tag(self, m: str, u: int | None) -> str:
+        return f"{m}, unlearning seed {u}" if self.several and u is not None else m
+
     # ------------------------------------------------------------------ 1. unlearning
     def unlearn(self) -> dict[int, dict[str, str]]:
         """Run every unlearning (each shows its own progress display); the run directories by seed and method.
 
         Within one unlearning seed the first run generates the training data and the others read it
-        (:func:`shared_data`); the next seed generates its own.
+        (:func:`shared_data`), so the first run of every seed is a phase of its own; the next seed
+        generates its own data. An unlearning run cut off in an earlier attempt continues from its
+        last checkpoint.
         """
         from resalign.config import to_dict
         from resalign.pipeline.run import execute, resolve
 
-        st = self.report.settings
         self.run_dirs = {u: dict(self.cfg.runs) for u in self.unlearn_seeds}
-        for u, cfgs in self.unlearn_cfgs.items():
-            shared = None
-            for m, rc in cfgs.items():
-                if shared is not None:
-                    rc = dataclasses.replace(rc, data=shared)
-                name = f"{m}, unlearning seed {u}" if self.several else m
-                self._say(f"[bold]unlearning: {name}[/] ({_describe_run(rc)})")
-                resolved = to_dict(resolve(rc))
-                if u == self.unlearn_seeds[0]:
-                    st["unlearning"][m] = resolved
-                if self.several:
-                    st.setdefault("unlearning_by_seed", {}).setdefault(str(u), {})[m] = resolved
-                where = self.run.path / "unlearn" / (f"seed-{u}/{m}" if self.several else m)
-                t0 = time.perf_counter()
-                self.run_dirs[u][m] = str(execute(rc, where, progress=self.progress))
-                self.timings[f"unlearn {name}"] = time.perf_counter() - t0
-                if shared is None and "data" not in self.cfg.unlearn:
-                    shared = shared_data(resolve(rc).data, Path(self.run_dirs[u][m]))
+        order = [(u, m) for u, cfgs in self.unlearn_cfgs.items() for m in cfgs]
+        sharing = "data" not in self.cfg.unlearn
+        phases = ([[(u, m) for u, m in order if m == next(iter(self.unlearn_cfgs[u]))],
+                   [(u, m) for u, m in order if m != next(iter(self.unlearn_cfgs[u]))]] if sharing else [order])
+        rcs: dict[tuple[int, str], Any] = {}
+
+        def run_one(cell: Cell) -> dict[str, str]:
+            u, m = cell.settings["unlearn_seed"], cell.settings["method"]
+            self._say(f"[bold]unlearning: {self._tag(m, u)}[/] ({_describe_run(rcs[u, m])})")
+            where = self.path / "unlearn" / (f"seed-{u}/{m}" if self.several else m)
+            return {"run_dir": str(execute(rcs[u, m], where, resume=(where / "config.toml").is_file(),
+                                           progress=self.progress))}
+
+        for phase in phases:
+            cells = []
+            for u, m in phase:
+                rc = self.unlearn_cfgs[u][m]
+                lead = next(iter(self.unlearn_cfgs[u]))
+                if sharing and m != lead:
+                    rc = dataclasses.replace(rc, data=shared_data(resolve(rcs[u, lead]).data,
+                                                                  Path(self.run_dirs[u][lead])))
+                rcs[u, m] = rc
+                cells.append(Cell(f"unlearn-{m}-u{u}", {"unlearn_seed": u, "method": m, "run": to_dict(resolve(rc))}))
+            for (u, m), outcome in zip(phase, self.sweep.run(cells, run_one)):
+                self.run_dirs[u][m] = outcome.value["run_dir"]
+                self.timings[f"unlearn {self._tag(m, u)}"] = outcome.seconds
+        st = self.report.settings
+        for u, m in order:
+            resolved = to_dict(resolve(rcs[u, m]))
+            if u == self.unlearn_seeds[0]:
+                st["unlearning"][m] = resolved
+            if self.several:
+                st.setdefault("unlearning_by_seed", {}).setdefault(str(u), {})[m] = resolved
         st["run_dirs"] = self.run_dirs[self.unlearn_seeds[0]]
         if self.several:
             st["run_dirs_by_seed"] = {str(u): d for u, d in self.run_dirs.items()}
@@ -355,7 +385,8 @@ class _Comparison:
 
     # ------------------------------------------------------------------ matching
     def match_targets(self, bars: Bars) -> None:
-        """With ``--match strength``: ResAlign's harmful rate per unlearning seed, the baselines' target."""
+        """With ``--match strength``: ResAlign's harmful rate per unlearning seed, the baselines' target;
+        then each baseline's earliest checkpoint as strong (one cell per seed, then per baseline and seed)."""
         c = self.cfg
         info = self.report.settings["matching"]
         if c.match != "strength" or not any(m in BASELINE_LOSSES for m in c.methods):
@@ -363,47 +394,61 @@ class _Comparison:
         if self.ours is None:
             info["note"] = "no ResAlign model to match to: baselines use their final weights"
             return
-        t0 = time.perf_counter()
         info["target_model"] = self.ours
-        for u in self.unlearn_seeds:
+
+        def target(cell: Cell) -> float:
+            u = cell.settings["unlearn_seed"]
             bundle = load_model(self.run_dirs[u][self.ours], device=c.device, dtype=c.dtype).bundle
-            label = f"match: {self.ours}" + (f", unlearning seed {u}" if self.several else "")
-            self.targets[u] = self._quick_rate(bundle, None, bars, label)
-            self._matching(u)["target"] = self.targets[u]
+            return self._quick_rate(bundle, None, bars, f"match: {self._tag(self.ours, u)}")
+
+        cells = [Cell(f"target-u{u}", {"unlearn_seed": u}) for u in self.unlearn_seeds]
+        for u, outcome in zip(self.unlearn_seeds, self.sweep.run(cells, target)):
+            self.targets[u] = outcome.value
+            self._matching(u)["target"] = outcome.value
+            self._add_time("strength matching", outcome.seconds)
         info.update(prompts=self.harm_sets[0].name, seed=c.seed, images=self.match_eval.images_per_evaluation,
                     rule="earliest checkpoint whose harmful rate is at most the target plus 2 binomial standard "
                          "errors of the difference (else the final weights)"
                          + (", the target being ResAlign's of the same unlearning seed" if self.several else ""))
-        self._add_time("strength matching", t0)
+        pairs = [(m, u) for m in c.methods if m in BASELINE_LOSSES for u in self.unlearn_seeds]
+        cells = [Cell(f"match-{m}-u{u}", {"unlearn_seed": u, "method": m}) for m, u in pairs]
+        for (m, u), outcome in zip(pairs, self.sweep.run(cells, lambda cell: self._match(cell, bars))):
+            self._matching(u)[m] = outcome.value
+            self._add_time("strength matching", outcome.seconds)
 
     def _matching(self, u: int) -> dict[str, Any]:
         info = self.report.settings["matching"]
         return info.setdefault("by_unlearn_seed", {}).setdefault(str(u), {}) if self.several else info
 
-    def _match(self, model: _Model, u: int, bars: Bars) -> None:
-        """Load into ``model`` (a baseline of unlearning seed ``u``) its earliest checkpoint as strong as the target."""
-        t0 = time.perf_counter()
-        n, target, curve = self.match_eval.images_per_evaluation, self.targets[u], []
-        tag = f", unlearning seed {u}" if self.several else ""
-        for step, weights in checkpoint_weights(Path(model.run_dir), run_config_of(Path(model.run_dir)),
-                                                self.base.bundle):
-            rate = self._quick_rate(model.bundle, weights, bars, f"match: {model.name}{tag} step {step}")
+    def _match(self, cell: Cell, bars: Bars) -> dict[str, Any]:
+        """The earliest checkpoint of a baseline (of one unlearning seed) as strong as the target."""
+        m, u = cell.settings["method"], cell.settings["unlearn_seed"]
+        run_dir = Path(self.run_dirs[u][m])
+        bundle = load_model(run_dir, device=self.cfg.device, dtype=self.cfg.dtype).bundle
+        n, target, curve, chosen = self.match_eval.images_per_evaluation, self.targets[u], [], None
+        for step, weights in checkpoint_weights(run_dir, run_config_of(run_dir), self.base.bundle):
+            rate = self._quick_rate(bundle, weights, bars, f"match: {self._tag(m, u)} step {step}")
             curve.append({"step": step, "harmful_rate": rate})
             if as_strong(rate, target, n):
-                model.bundle.unet.load_state_dict(weights, strict=False)
-                model.matched_step = step
+                chosen = step
                 break
-        self._matching(u)[model.name] = {"curve": curve, "chosen_step": model.matched_step}
-        self._add_time("strength matching", t0)
+        return {"curve": curve, "chosen_step": chosen}
 
-    def _model(self, m: str, u: int | None, bars: Bars) -> _Model:
-        """Method ``m`` unlearned with seed ``u``; with ``--match strength`` a baseline at its matched checkpoint."""
+    def _model(self, m: str, u: int | None) -> _Model:
+        """Method ``m`` unlearned with seed ``u``; with ``--match strength`` a baseline at its matched checkpoint
+        (the last one loaded is kept for the next cells)."""
         if m == "base":
             return _Model(m, self.base.bundle)
+        if self._loaded is not None and (self._loaded.name, self._loaded.unlearn_seed) == (m, u):
+            return self._loaded
         d = self.run_dirs[u][m]
-        model = _Model(m, load_model(d, device=self.cfg.device, dtype=self.cfg.dtype).bundle, d)
-        if m in BASELINE_LOSSES and u in self.targets:
-            self._match(model, u, bars)
+        model = _Model(m, load_model(d, device=self.cfg.device, dtype=self.cfg.dtype).bundle, d, unlearn_seed=u)
+        step = self._matching(u).get(m, {}).get("chosen_step") if u in self.targets else None
+        if m in BASELINE_LOSSES and step is not None:
+            ((_, weights),) = checkpoint_weights(Path(d), run_config_of(Path(d)), self.base.bundle, steps={step})
+            model.bundle.unet.load_state_dict(weights, strict=False)
+            model.matched_step = step
+        self._loaded = model
         return model
 
     def _quick_rate(self, bundle: Any, params: Any, bars: Bars, label: str) -> float:
@@ -414,53 +459,67 @@ class _Comparison:
         return next(f.value for f in figs if f.metric == "harmful_rate")
 
     # ------------------------------------------------------------------ 2./3. measurements
-    def measure(self, m: str, bars: Bars) -> None:
-        """Method ``m``: per unlearning seed, before fine-tuning over seeds; then fine-tune on each dataset
-        per seed and measure again. One row per figure, values ordered (unlearning seed, fine-tuning seed)."""
-        c, headline = self.cfg, self.harm_sets[0].name
-        useeds = [None] if m == "base" else self.unlearn_seeds
-        before: list[list[Figure]] = []
-        after: dict[str, list[list[Figure]]] = {d.name: [] for d in self.ft_data}
-        for i, u in enumerate(useeds):
-            model = self._model(m, u, bars)
-            tag = f"{m}, unlearning seed {u}," if self.several and u is not None else m
-            t0 = time.perf_counter()
-            for k, seed in enumerate(self.seeds):
-                first = i == 0 and k == 0
-                figs, imgs = self.before_eval.evaluate(bundle=model.bundle, seed=c.seed + k * SEED_STRIDE, bars=bars,
-                                                       label=f"{tag} before, seed {seed}: ", keep_images=first)
-                before.append(figs)
-                if first:
-                    self.samples[f"{m} · before"] = imgs[headline][:8]
-            self._add_time(f"evaluate {m} before", t0)
-            if m == "base":  # Tab. 1 fine-tunes the unlearned models only
-                break
-            for d in self.ft_data:
-                t0 = time.perf_counter()
+    def measurements(self) -> list[Cell]:
+        """Every evaluation, in report order: per method and unlearning seed, before fine-tuning per seed,
+        then (not for the base model, as Tab. 1) per dataset and seed, fine-tuning and after."""
+        cells = []
+        for m in self.cfg.methods:
+            for i, u in enumerate([None] if m == "base" else self.unlearn_seeds):
+                model = m if u is None else f"{m}-u{u}"
                 for k, seed in enumerate(self.seeds):
-                    first = i == 0 and k == 0
-                    ft = Finetuner(model.bundle, self.spec, [Stage(d, self.spec.steps, d.name)], seed=seed)
-                    bar = bars.task(f"{tag}: fine-tuning on {d.name}, seed {seed}", self.spec.steps)
-                    params = ft.run(progress=lambda s, t, loss: bar(s, t))
-                    figs, imgs = self.after_eval.evaluate(bundle=model.bundle, params=params,
-                                                          seed=c.seed + k * SEED_STRIDE, bars=bars,
-                                                          label=f"{tag} after {d.name}, seed {seed}: ",
-                                                          keep_images=first)
-                    after[d.name].append(figs)
-                    if first:
-                        self.samples[f"{m} · after {d.name}"] = imgs[headline][:8]
-                self._add_time(f"fine-tune and evaluate {m} on {d.name}", t0)
-        seeds: dict[str, Any] = {"ft_seeds": self.seeds}
-        if m != "base":
-            seeds = {"unlearn_seeds": [run_config_of(Path(self.run_dirs[self.unlearn_seeds[0]][m])).seed]
-                     if m in c.runs else self.unlearn_seeds, **seeds}
-        add_figures(self.report, before, model=m, stage="before_ft", **seeds)
-        for d in self.ft_data if m != "base" else ():
-            add_figures(self.report, after[d.name], model=m, stage="after_ft", finetune=self.spec.adapt,
-                        dataset=d.name, **seeds)
+                    cells.append(Cell(f"before-{model}-seed{seed}", {"method": m, "unlearn_seed": u, "k": k, "i": i}))
+                for d in self.ft_data if m != "base" else ():
+                    for k, seed in enumerate(self.seeds):
+                        cells.append(Cell(f"after-{model}-{d.name}-seed{seed}",
+                                          {"method": m, "unlearn_seed": u, "k": k, "i": i, "dataset": d.name}))
+        return cells
+
+    def measure(self, cell: Cell, bars: Bars) -> Outcome:
+        """One evaluation cell: the figures (and, for the first replicate, the headline set's samples)."""
+        c, s, headline = self.cfg, cell.settings, self.harm_sets[0].name
+        m, u, k, first = s["method"], s["unlearn_seed"], s["k"], s["i"] == 0 and s["k"] == 0
+        model, seed, tag = self._model(m, u), self.seeds[k], self._tag(m, u) + ("," if self.several and u is not None else "")
+        if "dataset" not in s:
+            figs, imgs = self.before_eval.evaluate(bundle=model.bundle, seed=c.seed + k * SEED_STRIDE, bars=bars,
+                                                   label=f"{tag} before, seed {seed}: ", keep_images=first)
+        else:
+            d = next(d for d in self.ft_data if d.name == s["dataset"])
+            ft = Finetuner(model.bundle, self.spec, [Stage(d, self.spec.steps, d.name)], seed=seed)
+            bar = bars.task(f"{tag}: fine-tuning on {d.name}, seed {seed}", self.spec.steps)
+            params = ft.run(progress=lambda st, t, loss: bar(st, t))
+            figs, imgs = self.after_eval.evaluate(bundle=model.bundle, params=params, seed=c.seed + k * SEED_STRIDE,
+                                                  bars=bars, label=f"{tag} after {d.name}, seed {seed}: ",
+                                                  keep_images=first)
+        names, arrays = samples_arrays({"sample": imgs[headline][:8]} if first else {})
+        return Outcome({"figures": figures_value(figs), "samples": names}, arrays)
+
+    def add_measurements(self, cells: Sequence[Cell], outcomes: Sequence[Outcome]) -> None:
+        """One row per figure and method, values ordered (unlearning seed, fine-tuning seed), from the cells."""
+        c = self.cfg
+        for m in c.methods:
+            before: list[list[Figure]] = []
+            after: dict[str, list[list[Figure]]] = {d.name: [] for d in self.ft_data}
+            for cell, outcome in zip(cells, outcomes):
+                if cell.settings["method"] != m:
+                    continue
+                d = cell.settings.get("dataset")
+                (before if d is None else after[d]).append(figures_of(outcome.value["figures"]))
+                timing = f"evaluate {m} before" if d is None else f"fine-tune and evaluate {m} on {d}"
+                self._add_time(timing, outcome.seconds)
+                for image in samples_of(outcome.value["samples"], outcome.arrays).values():
+                    self.samples[f"{m} · before" if d is None else f"{m} · after {d}"] = image
+            seeds: dict[str, Any] = {"ft_seeds": self.seeds}
+            if m != "base":
+                seeds = {"unlearn_seeds": [run_config_of(Path(self.run_dirs[self.unlearn_seeds[0]][m])).seed]
+                         if m in c.runs else self.unlearn_seeds, **seeds}
+            add_figures(self.report, before, model=m, stage="before_ft", **seeds)
+            for d in self.ft_data if m != "base" else ():
+                add_figures(self.report, after[d.name], model=m, stage="after_ft", finetune=self.spec.adapt,
+                            dataset=d.name, **seeds)
 
     def finish(self, started: float) -> tuple[Path, TidyReport]:
-        report, path = self.report, self.run.path
+        """The merged report, written by rank 0."""
+        report, path = self.report, self.path
         report.settings["seconds"] = round(time.perf_counter() - started, 1)
         report.settings["timings"] = {k: round(v, 1) for k, v in self.timings.items()}
         names, headline = [d.name for d in self.ft_data], self.harm_sets[0].name
@@ -468,16 +527,19 @@ class _Comparison:
             add_paired_differences(report, twins(self.cfg.methods, self.losses), names, headline)
         checks = strength_and_finding_checks(report, self.cfg.methods, names, headline)
         report.settings["checks"] = checks
+        if not distributed.is_main():
+            return path, report
         tables = compare_tables(report)
         figures = _plots(path, report, self.cfg.methods, names, self.harm_sets, self.samples)
         report.write(path, title="resalign compare: harmful rate before and after benign fine-tuning",
                      intro=_intro(report, self.spec, self.seeds, checks), tables=tables, figures=figures)
         if self.cfg.results_md:
             write_results_md(Path(self.cfg.results_md), report, tables, checks, path, to_dict(CompareConfig()))
+        self.sweep.close()
         return path, report
 
-    def _add_time(self, key: str, t0: float) -> None:
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+    def _add_time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
 
     def _say(self, text: str) -> None:
         if self.progress:
@@ -501,19 +563,32 @@ def _with_checkpoints(cfgs: Mapping[str, Any], cfg: CompareConfig) -> dict[str, 
     }
 
 
-def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
+def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True, resume: bool = False
+                ) -> tuple[Path, TidyReport]:
     """``resalign compare``: unlearn per unlearning seed, match strengths, measure before, fine-tune per
-    dataset and seed, measure after."""
+    dataset and seed, measure after.
+
+    Every unlearning run, matching evaluation and measurement is a cell of a :class:`~resalign.cells.Sweep`:
+    recorded when finished, skipped with ``resume``, and under ``torchrun`` split over the ranks, phase
+    by phase (unlearning, targets, matching, measurements); rank 0 writes the merged report.
+    """
+    distributed.init(cfg.device)
     set_threads(cfg.threads)
-    comparison = _Comparison(cfg, out, progress)
+    comparison = _Comparison(cfg, out, progress, resume)
     started = time.perf_counter()
     comparison.unlearn()
-    with Bars(progress) as bars:
+    with Bars(comparison.progress) as bars:
         comparison.match_targets(bars)
-        outer = bars.task("compare: models", len(cfg.methods), keep=True)
-        for i, m in enumerate(cfg.methods):
-            comparison.measure(m, bars)
-            outer(i + 1)
+        cells = comparison.measurements()
+        task = bars.task("compare: evaluations", len(cells), keep=True)
+        done = [0]
+
+        def measured(_i: int, _outcome: Outcome) -> None:
+            done[0] += 1
+            task(done[0])
+
+        outcomes = comparison.sweep.run(cells, lambda cell: comparison.measure(cell, bars), on_done=measured)
+    comparison.add_measurements(cells, outcomes)
     return comparison.finish(started)
 
 
@@ -533,8 +608,8 @@ def run_config_of(run_dir: Path) -> Any:
     return resolve(from_dict(RunConfig, load_toml(run_dir / "config.toml"), where=str(run_dir / "config.toml")))
 
 
-def checkpoint_weights(run_dir: Path, rc: Any, base_bundle: Any):
-    """(step, UNet weights) of every checkpoint a run kept, in step order.
+def checkpoint_weights(run_dir: Path, rc: Any, base_bundle: Any, steps: set[int] | None = None):
+    """(step, UNet weights) of every checkpoint a run kept (or of those at ``steps``), in step order.
 
     A checkpoint holds θ (``theta.safetensors``); the UNet weights are W(θ) of the run's
     parameterization (``--params full|xattn|lora``) around the base model's weights.
@@ -548,6 +623,8 @@ def checkpoint_weights(run_dir: Path, rc: Any, base_bundle: Any):
     folders = sorted((run_dir / "checkpoints").glob("step-*"))
     for folder in folders:
         step = int(folder.name.split("-", 1)[1])
+        if steps is not None and step not in steps:
+            continue
         theta = load_file(folder / "theta.safetensors", device=str(base_bundle.device))
         yield step, {k: v.to(base_bundle.dtype) for k, v in param.merged(theta).items()}
 

@@ -1,0 +1,34 @@
+"""What the cells of ``attack`` / ``compare`` / ``ablate`` record (:mod:`resalign.cells`): figures and
+sample images, in JSON and arrays, read back as the objects the reports are built from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from resalign.components import ScoreResult
+from resalign.pipeline.evaluate import Figure
+
+
+def figures_value(figs: Sequence[Figure]) -> list[dict[str, Any]]:
+    """The report-facing part of each figure (prompt set, metric, scorer, value)."""
+    return [{"prompts": f.prompts, "metric": f.metric, "scorer": f.scorer, "value": float(f.value)} for f in figs]
+
+
+def figures_of(rows: Sequence[Mapping[str, Any]]) -> list[Figure]:
+    """Figures back from :func:`figures_value` (their score result holds the figure only)."""
+    return [Figure(r["prompts"], r["metric"], r["scorer"], r["value"], ScoreResult(r["metric"], r["value"]))
+            for r in rows]
+
+
+def samples_arrays(samples: Mapping[str, np.ndarray]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Sample grids as (names in order, arrays keyed ``sample-i``)."""
+    names = list(samples)
+    return names, {f"sample-{i}": np.asarray(samples[n]) for i, n in enumerate(names)}
+
+
+def samples_of(names: Sequence[str], arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`samples_arrays`, in the recorded order."""
+    return {n: arrays[f"sample-{i}"] for i, n in enumerate(names)}
