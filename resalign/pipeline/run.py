@@ -82,6 +82,8 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
+    #: recompute the UNet blocks' activations in the backward passes (resalign.core.functional)
+    gradient_checkpointing: bool = False
     #: torch CPU threads (0: torch's default, one per core; None: the preset's)
     threads: int | None = None
     checkpoint_every: int | None = None
@@ -538,7 +540,7 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
     bundle = _load_bundle(cfg, registry)
     unet = bundle.unet.float().requires_grad_(False).eval()
     compute_dtype = DTYPES[cfg.dtype] if cfg.dtype != "fp32" else None
-    model = FunctionalUNet(unet, compute_dtype=compute_dtype)
+    model = FunctionalUNet(unet, compute_dtype=compute_dtype, checkpointing=cfg.gradient_checkpointing)
     ctx = DiffusionContext(model=model, theta0=model.base_params(), schedule=bundle.noise_schedule(),
                            uncond=bundle.encode_prompts([""]).float())
     with tempfile.TemporaryDirectory(prefix="resalign-data-") as tmp:
