@@ -321,7 +321,10 @@ class ResAlign:
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "theta": tree.detach(self.theta), "optimizer": self.optimizer.state_dict()}
+        """θ, the outer optimizer's state and the solver's (e.g. Richardson's warm-start eigenvectors)."""
+        solver = self.solver.state_dict() if hasattr(self.solver, "state_dict") else {}
+        return {"step": self.step, "theta": tree.detach(self.theta), "optimizer": self.optimizer.state_dict(),
+                "solver": solver}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -330,6 +333,8 @@ class ResAlign:
                     raise ConfigError(f"checkpoint has parameter {k!r} that this run does not unlearn")
                 self.theta[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
+        if hasattr(self.solver, "load_state_dict"):
+            self.solver.load_state_dict(state.get("solver", {}))
         self.step = int(state["step"])
 
     def unlearned_weights(self) -> Params:

@@ -372,6 +372,9 @@ def _save_checkpoint(rd: RunDir, trainer: ResAlign, keep: int) -> Path:
                 scalars[f"{idx}.{key}"] = value
     tensors["rng.torch"] = torch.get_rng_state()
     atomic_write_bytes(tmp / "optimizer.safetensors", st_save(tensors))
+    solver = {f"{group}/{k}": v.detach().cpu().contiguous() for group, vs in state["solver"].items() for k, v in vs.items()}
+    if solver:
+        atomic_write_bytes(tmp / "solver.safetensors", st_save(solver))
     atomic_write_json(tmp / "state.json", {
         "step": step,
         "param_names": list(theta),
@@ -405,7 +408,12 @@ def _load_checkpoint(rd: RunDir, device: str) -> dict[str, Any] | None:
         if key in flat:
             value = flat[key].reshape(value)
         state.setdefault(int(idx), {})[name] = value
-    return {"step": meta["step"], "theta": theta,
+    solver: dict[str, dict[str, torch.Tensor]] = {}
+    if (folder / "solver.safetensors").is_file():
+        for key, value in load_file(folder / "solver.safetensors", device=device).items():
+            group, name = key.split("/", 1)
+            solver.setdefault(group, {})[name] = value
+    return {"step": meta["step"], "theta": theta, "solver": solver,
             "optimizer": {"state": state, "param_groups": meta["optimizer"]["param_groups"]}}
 
 
