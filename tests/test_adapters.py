@@ -23,7 +23,9 @@ def create(name, **options):
     ("adam", lambda p, lr: torch.optim.Adam(p, lr=lr)),
     ("adamw", lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=1e-2)),
 ])
-def test_functional_optimizers_match_torch_optim(name, ref):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_functional_optimizers_match_torch_optim(name, ref, inplace):
+    """``step`` (out of place, differentiable) and ``step_`` (in place) both follow torch.optim."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 6, generator=g, dtype=torch.float64)
     w0 = torch.randn(6, generator=g, dtype=torch.float64)
@@ -41,7 +43,12 @@ def test_functional_optimizers_match_torch_optim(name, ref):
         opt.step()
         leaf = params["w"].clone().requires_grad_(True)
         grad = torch.autograd.grad(loss(leaf), leaf)[0]
-        params, state = opt_f.step(params, {"w": grad}, state)
+        if inplace:
+            before = params["w"]
+            state = opt_f.step_(params, {"w": grad}, state)
+            assert params["w"] is before
+        else:
+            params, state = opt_f.step(params, {"w": grad}, state)
     assert torch.allclose(params["w"], w_ref.detach(), atol=1e-12)
 
 

@@ -1,8 +1,9 @@
 """Functional optimizers for ADAPT: ``step(params, grads, state) -> (params, state)``.
 
-They follow ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` exactly (tested against them), but never
-mutate tensors in place, so with ``differentiable=True`` the whole trajectory θ → θ_FT stays one
-autograd graph (what the unrolled solver differentiates).
+They follow ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` exactly (tested against them). ``step`` never
+mutates tensors in place, so with ``differentiable=True`` the whole trajectory θ → θ_FT stays one
+autograd graph (what the unrolled solver differentiates). ``step_`` is the same update in place,
+for simulations that keep no graph: no second copy of φ and of the moments exists at any time.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ class SGD:
             out[k] = p - self.lr * g
         return out, {"t": state["t"] + 1, "buf": buf}
 
+    @torch.no_grad()
+    def step_(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`step` in place: ``params`` (and the momentum buffers) are updated, the state returned."""
+        buf = state["buf"]
+        for k, p in params.items():
+            g = grads[k]
+            if self.weight_decay:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.momentum:
+                g = buf[k].mul_(self.momentum).add_(g) if k in buf else buf.setdefault(k, g.clone())
+            p.add_(g, alpha=-self.lr)
+        return {"t": state["t"] + 1, "buf": buf}
+
 
 @dataclass
 class Adam:
@@ -76,6 +90,22 @@ class Adam:
             m_new[k], v_new[k] = m, v
             out[k] = p - self.lr * (m / c1) / (_safe_sqrt(v / c2) + self.eps)
         return out, {"t": t, "m": m_new, "v": v_new}
+
+    @torch.no_grad()
+    def step_(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`step` in place: ``params`` and the moments are updated, the state returned."""
+        b1, b2 = self.betas
+        t = state["t"] + 1
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        for k, p in params.items():
+            g = grads[k]
+            if self.weight_decay and not self.decoupled:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.weight_decay and self.decoupled:
+                p.mul_(1 - self.lr * self.weight_decay)
+            m, v = state["m"][k].mul_(b1).add_(g, alpha=1 - b1), state["v"][k].mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, v.div(c2).sqrt_().add_(self.eps), value=-self.lr / c1)
+        return {"t": t, "m": state["m"], "v": state["v"]}
 
 
 def make_optimizer(name: str, lr: float) -> SGD | Adam:

@@ -68,14 +68,14 @@ class MergedAdapter(Component):
                 grads = torch.autograd.grad(value, list(phi.values()), create_graph=True, allow_unused=True)
                 grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(phi.items(), grads)}
                 phi, state = opt.step(phi, grads, state)
-            else:
+            else:  # no graph needs the old φ: update it (and the optimizer's moments) in place
                 leaves = {k: v.requires_grad_(True) for k, v in phi.items()}
                 value = loss(self.merge(base, leaves))
                 grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
                 grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(leaves.items(), grads)}
-                with torch.no_grad():
-                    phi, state = opt.step({k: v.detach() for k, v in leaves.items()}, grads, state)
-                phi = {k: v.detach() for k, v in phi.items()}
+                phi = {k: v.detach() for k, v in leaves.items()}
+                state = opt.step_(phi, grads, state)
+                del grads
             losses.append(float(value.detach()))
         merged = self.merge(base, phi)
         if not differentiable:

@@ -60,7 +60,7 @@ class GaussNewton:
     """v ↦ Jᵀ (∇²_f ℓ) J v at fixed θ (see the module docstring), for ``loss_fn(ctx, params)``."""
 
     def __init__(self, ctx: DiffusionContext, loss_fn: ContextLoss, params: Params):
-        self.params = tree.leaves(params)
+        self.params = tree.aliases(params)
         outputs: list[torch.Tensor] = []
         recording = dataclasses.replace(ctx, model=_RecordingModel(ctx.model, outputs))
         self.calls = 0

@@ -164,6 +164,11 @@ class TrainingData:
     finetune: PairSet
 
 
+def _to_host(h: Params) -> Params:
+    """A finished hypergradient waits for the outlier rule in host memory, not on the accelerator."""
+    return {k: v.to("cpu") for k, v in h.items()}
+
+
 class ResAlign:
     """The state and one outer step of Alg. 2.
 
@@ -187,8 +192,9 @@ class ResAlign:
         self.harmful_loss, self.regularizer, self.solver, self.pool = harmful_loss, regularizer, solver, pool
         self.registry = registry
         self.theta: Params = {k: v.requires_grad_(True) for k, v in parameterization.init().items()}
+        # foreach=False: one tensor at a time, so the update needs no temporary copy of all of W
         self.optimizer = torch.optim.AdamW(list(self.theta.values()), lr=settings.outer_lr,
-                                           weight_decay=settings.weight_decay)
+                                           weight_decay=settings.weight_decay, foreach=False)
         self.step = 0
         self._components: dict[tuple, Any] = {}
         if settings.beta > 0 and settings.J > 0:
@@ -231,7 +237,7 @@ class ResAlign:
         if s.max_grad_norm is not None and grad_norm > s.max_grad_norm:
             clip = s.max_grad_norm / (grad_norm + 1e-12)
         for k, g in grads.items():
-            self.theta[k].grad = g * clip
+            self.theta[k].grad = g.mul_(clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -305,7 +311,7 @@ class ResAlign:
                 continue
             info["time_s"] = time.perf_counter() - t_sim
             sims.append(info)
-            kept.append((info, h))
+            kept.append((info, _to_host(h)))
         flags = outlier_mask(loss_harm, [i["harm_ft"] for i, _ in kept], s.outlier_factor)
         for (info, _), outlier in zip(kept, flags):
             if outlier:
@@ -314,10 +320,14 @@ class ResAlign:
         kept = [(i, h) for (i, h), outlier in zip(kept, flags) if not outlier]
         if not kept:
             return None
-        total = kept[0][1]
+        device = next(iter(w_detached.values())).device
+        total = {k: v.to(device, copy=True) for k, v in kept[0][1].items()}
         for _, h in kept[1:]:
-            total = tree.add(total, h)
-        return tree.scale(total, 1.0 / len(kept))
+            for k, v in total.items():
+                v.add_(h[k].to(device))
+        for v in total.values():
+            v.mul_(1.0 / len(kept))
+        return total
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
