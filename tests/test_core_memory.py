@@ -29,7 +29,7 @@ def _direction(params, seed=2):
 
 
 def _product(ctx, kind, params, v, batch):
-    loss = lambda c, p: denoising_loss(c, p, batch, torch.Generator().manual_seed(0))  # noqa: E731
+    loss = lambda c, p: denoising_loss(c, p, batch, torch.Generator().manual_seed(0))
     return make_curvature(kind, ctx, loss, params)(v)
 
 

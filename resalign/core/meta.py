@@ -103,6 +103,8 @@ class MethodSettings:
     curvature: str = "hessian"
     #: γ of each simulation: "fixed" (γ = gamma, the paper) or "reach" (γ = gamma · T · lr, see proximity())
     gamma_rule: str = "fixed"
+    #: pairs of D_FT whose L_FT defines the curvature of Eq. 6 (0: all ft_size of them)
+    curvature_samples: int = 0
     #: a simulation whose L_FT grew by more than this factor diverged (None: only finiteness checks)
     max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH
     #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
@@ -303,6 +305,7 @@ class ResAlign:
                     finetune_loss=self._ft_loss(config.finetune_loss), harmful_loss=self.harmful_loss,
                     solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.proximity(config),
                     curvature=s.curvature, cache=cache, max_ft_loss_growth=s.max_ft_loss_growth,
+                    curvature_samples=s.curvature_samples,
                 )
                 if not tree.all_finite(h):
                     raise SolverError("non-finite hypergradient")

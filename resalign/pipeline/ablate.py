@@ -218,7 +218,8 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
                         adapter=trainer._adapter(config), finetune_loss=trainer._ft_loss(config.finetune_loss),
                         harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
                         gamma=1.0, curvature=curvature, with_unroll=True,
-                        max_ft_loss_growth=prep.settings.max_ft_loss_growth)
+                        max_ft_loss_growth=prep.settings.max_ft_loss_growth,
+                        curvature_samples=prep.settings.curvature_samples)
 
                 try:
                     problem, info = problem_with(cfg.curvature[0])

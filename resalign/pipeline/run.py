@@ -63,6 +63,8 @@ class RunConfig:
     gamma: float = 1.0
     #: curvature of Eq. 6 given to the solvers: hessian | gauss-newton (None: the preset's)
     curvature: str | None = None
+    #: pairs of D_FT whose fine-tuning loss defines that curvature (0: all ft_size; None: the preset's)
+    curvature_samples: int | None = None
     #: γ per simulation: fixed (γ = gamma) | reach (γ = gamma · T · lr of the configuration)
     gamma_rule: str = "fixed"
     #: a simulation whose fine-tuning loss grew by more than this factor is dropped as diverged
@@ -108,6 +110,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # unconditional rate: η = 3 (negative guidance past it) unlearned to 0.13 in 30 steps, η = 1 to 0.75
         "loss_options": {"ga": {"cap": 0.3}, "esd": {"eta": 3.0}},
         "curvature": "gauss-newton",
+        "curvature_samples": 0,
         "beta": 0.8,
         "alpha": 1.0,
         "alpha_schedule": "constant",
@@ -151,6 +154,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss": "ga",
         "loss_options": {},
         "curvature": "gauss-newton",
+        # the curvature's graph at 64x64 latents holds about twice a training step's activations per
+        # pair: one pair keeps the products' memory and time at one training step's scale (docs/performance.md)
+        "curvature_samples": 1,
         "beta": 0.8,
         "alpha": 1.6,
         "alpha_schedule": "sigmoid",
@@ -316,7 +322,7 @@ def _check_numbers(cfg: RunConfig) -> None:
     check_number(cfg.outer_lr, "outer_lr", gt=0)
     check_number(cfg.weight_decay, "weight_decay", ge=0)
     check_number(cfg.max_grad_norm, "max_grad_norm", gt=0, optional=True)
-    for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints"):
+    for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints", "curvature_samples"):
         check_int(getattr(cfg, name), name, ge=0)
     check_int(cfg.threads, "threads", ge=0, le=4096)
     for name in ("harm_batch", "preserve_batch", "ft_size"):
@@ -561,7 +567,7 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
         gamma=cfg.gamma, outer_steps=cfg.outer_steps, outer_lr=cfg.outer_lr, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, harm_batch=cfg.harm_batch, preserve_batch=cfg.preserve_batch,
         ft_size=cfg.ft_size, seed=cfg.seed, fixed_ft_data=cfg.fixed_ft_data, curvature=cfg.curvature,
-        gamma_rule=cfg.gamma_rule,
+        gamma_rule=cfg.gamma_rule, curvature_samples=cfg.curvature_samples,
         max_ft_loss_growth=cfg.max_ft_loss_growth, outlier_factor=cfg.outlier_factor,
     )
     parameterization = Parameterization(cfg.params, ctx.theta0, cfg.params_options, seed=cfg.seed)
