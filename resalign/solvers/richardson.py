@@ -115,8 +115,8 @@ class RichardsonConfig:
 def power_iteration(hvp, like, iters: int, seed: int = 0, start=None) -> tuple[float, dict[str, Any]]:
     """Rayleigh-quotient estimate of H's dominant eigenvalue after ``iters`` HVPs, and the last unit
     vector; from ``start`` (e.g. the previous estimate's vector) or a random one."""
-    v = {k: start[k].to(t) for k, t in like.items()} if start is not None else randn_like(like, seed)
-    v = scale(v, 1.0 / max(norm(v), 1e-30))
+    v = {k: start[k].to(t, copy=True) for k, t in like.items()} if start is not None else randn_like(like, seed)
+    _scale_(v, 1.0 / max(norm(v), 1e-30))
     lam = 0.0
     for _ in range(iters):
         w = hvp(v)
@@ -124,8 +124,15 @@ def power_iteration(hvp, like, iters: int, seed: int = 0, start=None) -> tuple[f
         n = norm(w)
         if n == 0.0 or not finite(w):
             break
-        v = scale(w, 1.0 / n)
+        del v
+        v = _scale_(w, 1.0 / n)  # two vectors alive at any time: v and C·v
     return lam, v
+
+
+def _scale_(a, s: float):
+    for t in a.values():
+        t.mul_(s)
+    return a
 
 
 class Richardson(Component):
