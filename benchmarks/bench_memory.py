@@ -207,6 +207,13 @@ def child(args) -> None:
                       "peaks": {k: v - before_model for k, v in peaks.peaks.items()}}))
 
 
+def show(row: dict) -> None:
+    copies = {k: round(v / (4 * row["params"]), 2) for k, v in row["peaks"].items()}
+    print(f"w={row['width']:<4} latent={row['latent']:<3} P={row['params'] / 1e6:6.1f}M  J={row['J']} "
+          f"{row['optimizer']:<4} {row['adapter']:<4} peak {max(row['peaks'].values()) / 2**30:5.2f} GiB  "
+          f"copies of W per stage {copies}  ({row['seconds']:.0f} s)", flush=True)
+
+
 def fit(rows: list[dict], stage: str):
     """Least squares peak = a + c·4P + b·A over the rows; returns (a, c, b)."""
     import numpy as np
@@ -226,6 +233,7 @@ def main() -> None:
     ap.add_argument("--optimizers", default="adam,sgd")
     ap.add_argument("--adapters", default="full,lora")
     ap.add_argument("--json", default=None, help="write every measurement and the fit here")
+    ap.add_argument("--merge", default=None, help="also fit the measurements of these earlier --json files (comma-separated)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--latent", type=int, default=8, help=argparse.SUPPRESS)
@@ -241,7 +249,7 @@ def main() -> None:
     points += [tuple(int(v) for v in p.split("x")) for p in args.extra.split(",") if p]
     runs = [(w, lat, int(j), o, a) for (w, lat) in points for j in args.J.split(",")
             for o in args.optimizers.split(",") for a in args.adapters.split(",")]
-    rows = []
+    rows = [r for f in (args.merge or "").split(",") if f for r in json.loads(Path(f).read_text())["rows"]]
     for w, lat, j, o, a in runs:
         cmd = [sys.executable, __file__, "--child", "--width", str(w), "--latent", str(lat), "--J", str(j),
                "--optimizer", o, "--adapter", a]
@@ -251,11 +259,12 @@ def main() -> None:
             raise SystemExit(f"measurement {w}x{lat} J={j} {o} {a} failed")
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
-        copies = {k: round(v / (4 * row["params"]), 2) for k, v in row["peaks"].items()}
-        print(f"w={w:<4} latent={lat:<3} P={row['params'] / 1e6:6.1f}M  J={j} {o:<4} {a:<4} "
-              f"peak {max(row['peaks'].values()) / 2**30:5.2f} GiB  copies of W per stage {copies}  "
-              f"({row['seconds']:.0f} s)", flush=True)
+        show(row)
 
+    if args.merge:
+        print("merged:")
+        for row in rows[: len(rows) - len(runs)]:
+            show(row)
     sd = sd15_counts()
     print(f"SD-1.5 UNet: {sd['params'] / 1e6:.0f}M parameters, {sd['activation_bytes'] / 2**30:.2f} GiB of "
           "saved activations per training step at 64x64 latents, batch 1 (meta device)")
