@@ -65,9 +65,10 @@ def test_problem_pieces_are_consistent():
 def test_simulate_is_a_pure_function_of_its_seed():
     ctx, data, cfg, kw = _setup(adapter="lora", optimizer="adam", lr=1e-2)
     theta = tree.detach(ctx.theta0)
-    solver = get_registry().create("solver", "richardson", {"K": 3, "power_iters": 2})
-    h1, d1 = simulate(ctx, theta, cfg, data, solver=solver, **kw)
-    h2, d2 = simulate(ctx, theta, cfg, data, solver=solver, **kw)
+    # two solvers in the same state (Richardson's warm-start vector is an input too)
+    solvers = [get_registry().create("solver", "richardson", {"K": 3, "power_iters": 2}) for _ in range(2)]
+    h1, d1 = simulate(ctx, theta, cfg, data, solver=solvers[0], **kw)
+    h2, d2 = simulate(ctx, theta, cfg, data, solver=solvers[1], **kw)
     assert tree.norm(tree.add(h1, h2, -1.0)) == 0.0
     assert d1["x_norms"] == d2["x_norms"] and "lambda_max" in d1
 

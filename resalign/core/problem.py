@@ -5,7 +5,8 @@
 v ↦ C·v for the curvature C of Eq. 6 (the Hessian ∇²L_FT(θ_FT) or its Gauss–Newton part, see
 :mod:`resalign.core.curvature`; built on first use) and, when asked, ``unroll()`` that recomputes
 θ_FT(θ) with the adaptation graph kept. :func:`simulate` hands it to a solver. Both are pure
-functions of their arguments, so the J simulations of an outer step can be computed anywhere, in
+functions of their arguments (the solver's state included: Richardson keeps the last outer step's
+eigenvector to warm-start λ_max), so the J simulations of an outer step can be computed anywhere, in
 any order.
 
 Simulation health. A simulated fine-tuning that diverged says nothing about the fine-tuning a user
