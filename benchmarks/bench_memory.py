@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_memory.py [--widths 32,64,96] [--latents 8] [--J 1,3] [--optimizers adam,sgd]
-                                      [--adapters full,lora] [--json out.json]
+                                      [--adapters full,lora] [--checkpointing] [--json out.json] [--merge a.json,...]
 
 Each measurement runs in a fresh process (a process's resident set never shrinks back to what it
 was): an SD-1.5 UNet config (four levels, two layers each, cross-attention on 77 × 768 text
@@ -153,7 +153,7 @@ def child(args) -> None:
     n_params = sum(p.numel() for p in unet.parameters())
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         act = activation_bytes(unet, args.latent)
-    model = FunctionalUNet(unet)
+    model = FunctionalUNet(unet, checkpointing=args.checkpointing)
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                                           beta_start=0.00085, beta_end=0.012))
     g = torch.Generator().manual_seed(0)
@@ -202,6 +202,7 @@ def child(args) -> None:
     seconds = time.perf_counter() - t0
     peaks.stop()
     print(json.dumps({"width": args.width, "latent": args.latent, "J": args.J, "optimizer": args.optimizer,
+                      "checkpointing": args.checkpointing,
                       "adapter": args.adapter, "params": n_params, "activation_bytes": act, "seconds": seconds,
                       "base_rss": before_model, "process_rss_at_start": base,
                       "peaks": {k: v - before_model for k, v in peaks.peaks.items()}}))
@@ -234,6 +235,7 @@ def main() -> None:
     ap.add_argument("--adapters", default="full,lora")
     ap.add_argument("--json", default=None, help="write every measurement and the fit here")
     ap.add_argument("--merge", default=None, help="also fit the measurements of these earlier --json files (comma-separated)")
+    ap.add_argument("--checkpointing", action="store_true", help="recompute the UNet blocks in the backward passes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--latent", type=int, default=8, help=argparse.SUPPRESS)
@@ -245,14 +247,14 @@ def main() -> None:
         child(args)
         return
 
-    points = [(int(w), int(lat)) for w in args.widths.split(",") for lat in args.latents.split(",")]
+    points = [(int(w), int(lat)) for w in args.widths.split(",") if w for lat in args.latents.split(",")]
     points += [tuple(int(v) for v in p.split("x")) for p in args.extra.split(",") if p]
     runs = [(w, lat, int(j), o, a) for (w, lat) in points for j in args.J.split(",")
             for o in args.optimizers.split(",") for a in args.adapters.split(",")]
     rows = [r for f in (args.merge or "").split(",") if f for r in json.loads(Path(f).read_text())["rows"]]
     for w, lat, j, o, a in runs:
         cmd = [sys.executable, __file__, "--child", "--width", str(w), "--latent", str(lat), "--J", str(j),
-               "--optimizer", o, "--adapter", a]
+               "--optimizer", o, "--adapter", a] + (["--checkpointing"] if args.checkpointing else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=MALLOC_ENV)
         if out.returncode:
             sys.stderr.write(out.stderr[-3000:])
@@ -288,8 +290,21 @@ def main() -> None:
                 report["fits"][key] = {"stages": parts, "projected_gib": {k: v / 2**30 for k, v in proj.items()}}
                 print(f"{key}: fit per stage (copies of W, activation multiple): "
                       + ", ".join(f"{s} {p['copies_of_W']}/{p['activation_multiple']}" for s, p in parts.items()))
-                print(f"  projected SD-1.5 (512 px, batch 1, fp32): peak {proj[peak_stage] / 1e9:.1f} GB "
+                print(f"  projected SD-1.5 (512 px, batch 1, fp32, checkpointing {'on' if args.checkpointing else 'off'}): peak {proj[peak_stage] / 1e9:.1f} GB "
                       f"({proj[peak_stage] / 2**30:.1f} GiB) in stage {peak_stage}")
+    for o in sorted({r["optimizer"] for r in rows}):
+        for a in sorted({r["adapter"] for r in rows}):
+            one, many = report["fits"].get(f"J=1 {o} {a}"), [k for k in report["fits"] if k.endswith(f" {o} {a}")]
+            if one is None:
+                continue
+            for key in many:
+                if key.startswith("J=1 "):
+                    continue
+                gib = max(one["projected_gib"].values())
+                # on a GPU a finished hypergradient waits in host memory (core/meta.py): the device holds
+                # what J = 1 holds, the host J − 1 vectors more; on this CPU both are one memory
+                print(f"  {key} on one GPU (finished hypergradients in host memory): device peak = the J=1 fit's, "
+                      f"{gib * 2**30 / 1e9:.1f} GB ({gib:.1f} GiB)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
