@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_solvers.py [--model DIR] [--steps 6] [--solvers richardson,first-order,unrolled]
 
 Every solver runs the same outer steps (same seed: same sampled configurations, batches and noise) on
-the same model, with the toy preset's settings, and the solvers' steps are interleaved, so the time
+the same model, with the toy preset's settings (its curvature of Eq. 6 included), and the solvers' steps are interleaved, so the time
 ratio isolates the hypergradient estimate even on a machine whose load changes. Without ``--model`` the shipped
 toy model is used (or a freshly initialised one of the same size when it is not installed). Data are
 procedural toy-world pairs, so no generation is timed.
@@ -74,7 +74,8 @@ def main() -> None:
         options = {"K": args.K} if name == "richardson" else {}
         settings = MethodSettings(beta=preset["beta"], alpha=preset["alpha"], J=args.J, outer_lr=preset["outer_lr"],
                                   harm_batch=preset["harm_batch"], preserve_batch=preset["preserve_batch"],
-                                  ft_size=preset["ft_size"], outer_steps=args.steps + 1, seed=0)
+                                  ft_size=preset["ft_size"], curvature=preset["curvature"],
+                                  curvature_samples=preset["curvature_samples"], outer_steps=args.steps + 1, seed=0)
         trainers[name] = ResAlign(
             ctx, Parameterization(preset["params"], ctx.theta0),
             harmful_loss=reg.create("harmful-loss", "ga", preset["loss_options"]["ga"]),

@@ -25,6 +25,12 @@ def leaves(p: Params) -> Params:
     return {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
 
 
+def aliases(p: Params) -> Params:
+    """Detached tensors that require grad and share ``p``'s storage (no copy): the inputs of a
+    differentiable computation at values nobody changes in place (θ_FT of a curvature product)."""
+    return {k: v.detach().requires_grad_(True) for k, v in p.items()}
+
+
 def zeros_like(p: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in p.items()}
 

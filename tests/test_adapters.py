@@ -23,7 +23,9 @@ def create(name, **options):
     ("adam", lambda p, lr: torch.optim.Adam(p, lr=lr)),
     ("adamw", lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=1e-2)),
 ])
-def test_functional_optimizers_match_torch_optim(name, ref):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_functional_optimizers_match_torch_optim(name, ref, inplace):
+    """``step`` (out of place, differentiable) and ``step_`` (in place) both follow torch.optim."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 6, generator=g, dtype=torch.float64)
     w0 = torch.randn(6, generator=g, dtype=torch.float64)
@@ -41,24 +43,31 @@ def test_functional_optimizers_match_torch_optim(name, ref):
         opt.step()
         leaf = params["w"].clone().requires_grad_(True)
         grad = torch.autograd.grad(loss(leaf), leaf)[0]
-        params, state = opt_f.step(params, {"w": grad}, state)
+        if inplace:
+            before = params["w"]
+            state = opt_f.step_(params, {"w": grad}, state)
+            assert params["w"] is before
+        else:
+            params, state = opt_f.step(params, {"w": grad}, state)
     assert torch.allclose(params["w"], w_ref.detach(), atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_adam_without_a_graph_takes_the_same_steps_bit_for_bit(name):
-    """Under no_grad (the non-differentiable ADAPT) Adam runs on torch._foreach kernels: same values."""
+def test_adam_in_place_takes_the_same_steps_bit_for_bit(name):
+    """``step_`` (the non-differentiable ADAPT: in place, on torch._foreach kernels) gives exactly the
+    values of the differentiable ``step``, moments included."""
     g = torch.Generator().manual_seed(0)
     opt = make_optimizer(name, 1e-2)
     p = {"a": torch.randn(5, 3, generator=g), "b": torch.zeros(4)}
-    with_graph, without = (dict(p), opt.init(p)), (dict(p), opt.init(p))
+    with_graph = (dict(p), opt.init(p))
+    in_place = {k: v.clone() for k, v in p.items()}
+    state = opt.init(in_place)
     for i in range(5):
         grads = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(4, generator=g) * (i % 2)}
         with_graph = opt.step(*with_graph[:1], grads, with_graph[1])
-        with torch.no_grad():
-            without = opt.step(*without[:1], grads, without[1])
+        state = opt.step_(in_place, grads, state)
     for k in p:
-        assert torch.equal(with_graph[0][k], without[0][k]) and torch.equal(with_graph[1]["v"][k], without[1]["v"][k])
+        assert torch.equal(with_graph[0][k], in_place[k]) and torch.equal(with_graph[1]["v"][k], state["v"][k])
     assert not torch.equal(with_graph[0]["a"], p["a"])
 
 

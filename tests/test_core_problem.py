@@ -7,7 +7,7 @@ import torch
 from fixtures.tiny import random_batch, tiny_context
 
 from resalign.components import FinetuneConfig
-from resalign.core import tree
+from resalign.core import seeds, tree
 from resalign.core.problem import SimulationData, build_hypergrad_problem, simulate
 from resalign.registry import get_registry
 
@@ -65,8 +65,30 @@ def test_problem_pieces_are_consistent():
 def test_simulate_is_a_pure_function_of_its_seed():
     ctx, data, cfg, kw = _setup(adapter="lora", optimizer="adam", lr=1e-2)
     theta = tree.detach(ctx.theta0)
-    solver = get_registry().create("solver", "richardson", {"K": 3, "power_iters": 2})
-    h1, d1 = simulate(ctx, theta, cfg, data, solver=solver, **kw)
-    h2, d2 = simulate(ctx, theta, cfg, data, solver=solver, **kw)
+    # two solvers in the same state (Richardson's warm-start vector is an input too)
+    solvers = [get_registry().create("solver", "richardson", {"K": 3, "power_iters": 2}) for _ in range(2)]
+    h1, d1 = simulate(ctx, theta, cfg, data, solver=solvers[0], **kw)
+    h2, d2 = simulate(ctx, theta, cfg, data, solver=solvers[1], **kw)
     assert tree.norm(tree.add(h1, h2, -1.0)) == 0.0
     assert d1["x_norms"] == d2["x_norms"] and "lambda_max" in d1
+
+
+def test_curvature_samples_take_the_curvature_of_l_ft_on_the_first_pairs_only():
+    """curvature_samples = 2 of 4: the products are those of the Hessian of L_FT on pairs 0 and 1 (fixed noise),
+    recomputed here with an HVP of its own; θ_FT and g do not change."""
+    from resalign.core.hvp import make_hvp
+    from resalign.core.problem import _take
+
+    ctx, data, cfg, kw = _setup(steps=2)
+    theta = tree.detach(ctx.theta0)
+    full, _ = build_hypergrad_problem(ctx, theta, cfg, data, **kw)
+    part, _ = build_hypergrad_problem(ctx, theta, cfg, data, curvature_samples=2, **kw)
+    assert tree.norm(tree.add(part.theta_ft, full.theta_ft, -1.0)) == 0.0
+    assert tree.norm(tree.add(part.grad_harm, full.grad_harm, -1.0)) == 0.0
+    pairs = _take(data.ft, torch.arange(2))
+    loss = kw["finetune_loss"]
+    reference = make_hvp(lambda p: loss(ctx, p, pairs, seeds.generator(kw["seed"], "hvp-noise")), part.theta_ft)
+    v = part.grad_harm
+    hv = part.hvp_ft(v)
+    assert tree.norm(tree.add(hv, reference(v), -1.0)) < 1e-10 * tree.norm(hv)
+    assert tree.norm(tree.add(hv, full.hvp_ft(v), -1.0)) > 1e-3 * tree.norm(hv)  # the other pairs mattered

@@ -109,6 +109,34 @@ def test_lambda_max_is_cached_across_the_problems_of_an_outer_step():
     assert n1 == 7 + 3 and len(calls) - n1 == 3  # power iterations once; K HVPs from x_0 = g
 
 
+def test_lambda_max_is_warm_started_from_the_previous_outer_steps_eigenvector():
+    """Outer step i+1's curvature is close to step i's: one product from the kept eigenvector (bf16)
+    estimates its λ_max better than three from a random start, and the vector survives a resume."""
+    eigs = torch.cat([torch.linspace(0.0, 5.0, D - 1), torch.tensor([10.0])])
+    h1 = spd(eigs, seed=4)
+    h2 = h1 + 0.05 * spd(torch.linspace(-1.0, 1.0, D), seed=5)  # the next outer step's curvature
+    exact = float(torch.linalg.eigvalsh(h2)[-1])
+    count = []
+
+    def problem_at(h):
+        def hvp(v):
+            count.append(1)
+            return {"w": h @ v["w"]}
+        return HypergradProblem({}, {}, {"w": vec(1)}, hvp, cache={})
+
+    solver = get_registry().create("solver", "richardson", {"K": 1, "power_iters": 30})
+    solver.lambda_max(problem_at(h1))
+    assert solver.state_dict()["hessian"]["w"].dtype == torch.bfloat16
+    count.clear()
+    warm, used = solver.lambda_max(problem_at(h2))
+    assert used == 1 and len(count) == 1
+    cold, _ = get_registry().create("solver", "richardson", {"K": 1, "power_iters": 3}).lambda_max(problem_at(h2))
+    assert abs(warm - exact) < 0.02 * exact < abs(cold - exact)
+    resumed = get_registry().create("solver", "richardson", {"K": 1, "power_iters": 30})
+    resumed.load_state_dict(solver.state_dict())
+    assert resumed.lambda_max(problem_at(h2)) == solver.lambda_max(problem_at(h2))  # both from the same vector
+
+
 def test_first_order_returns_g():
     g = vec(3)
     res = solve("first-order", problem(spd(torch.ones(D)), g))

@@ -1,8 +1,9 @@
 """Functional optimizers for ADAPT: ``step(params, grads, state) -> (params, state)``.
 
-They follow ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` exactly (tested against them), but never
-mutate tensors in place, so with ``differentiable=True`` the whole trajectory θ → θ_FT stays one
-autograd graph (what the unrolled solver differentiates).
+They follow ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` exactly (tested against them). ``step`` never
+mutates tensors in place, so with ``differentiable=True`` the whole trajectory θ → θ_FT stays one
+autograd graph (what the unrolled solver differentiates). ``step_`` is the same update in place,
+for simulations that keep no graph: no second copy of φ and of the moments exists at any time.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ class SGD:
             out[k] = p - self.lr * g
         return out, {"t": state["t"] + 1, "buf": buf}
 
+    @torch.no_grad()
+    def step_(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`step` in place: ``params`` (and the momentum buffers) are updated, the state returned."""
+        buf = state["buf"]
+        for k, p in params.items():
+            g = grads[k]
+            if self.weight_decay:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.momentum:
+                g = buf[k].mul_(self.momentum).add_(g) if k in buf else buf.setdefault(k, g.clone())
+            p.add_(g, alpha=-self.lr)
+        return {"t": state["t"] + 1, "buf": buf}
+
 
 @dataclass
 class Adam:
@@ -62,8 +76,6 @@ class Adam:
                 "v": {k: torch.zeros_like(p) for k, p in params.items()}}
 
     def step(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
-        if not torch.is_grad_enabled():
-            return self._step_foreach(params, grads, state)
         b1, b2 = self.betas
         t = state["t"] + 1
         c1, c2 = 1 - b1**t, 1 - b2**t
@@ -80,11 +92,12 @@ class Adam:
             out[k] = p - self.lr * (m / c1) / (_safe_sqrt(v / c2) + self.eps)
         return out, {"t": t, "m": m_new, "v": v_new}
 
-    def _step_foreach(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
-        """The same update, operation for operation (so the same values), with ``torch._foreach_*`` kernels.
-
-        Without a graph nothing else holds the moment estimates, so they are updated in place, and each
-        step allocates two tensors per parameter (the new value and one temporary) instead of ten.
+    @torch.no_grad()
+    def step_(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`step` in place, operation for operation (so the same values), on ``torch._foreach_*``
+        kernels: ``params`` and the moments are updated, the state returned. For simulations that keep
+        no graph: no second copy of φ or of the moments exists at any time, and one temporary per
+        parameter is allocated.
         """
         b1, b2 = self.betas
         t = state["t"] + 1
@@ -95,7 +108,7 @@ class Adam:
         if self.weight_decay and not self.decoupled:
             g = torch._foreach_add(g, torch._foreach_mul(p, self.weight_decay))
         if self.weight_decay and self.decoupled:
-            p = torch._foreach_mul(p, 1 - self.lr * self.weight_decay)
+            torch._foreach_mul_(p, 1 - self.lr * self.weight_decay)
         tmp = torch._foreach_mul(g, 1 - b1)
         torch._foreach_mul_(m, b1)
         torch._foreach_add_(m, tmp)
@@ -108,12 +121,11 @@ class Adam:
         torch._foreach_div_(tmp, c2)
         torch._foreach_sqrt_(tmp)
         torch._foreach_add_(tmp, self.eps)  # the denominator √(v/c2) + ε
-        out = torch._foreach_div(m, c1)
-        torch._foreach_mul_(out, self.lr)
-        torch._foreach_div_(out, tmp)
-        torch._foreach_neg_(out)
-        torch._foreach_add_(out, p)  # p − lr·(m/c1)/(√(v/c2) + ε)
-        return dict(zip(keys, out)), {"t": t, "m": dict(zip(keys, m)), "v": dict(zip(keys, v))}
+        upd = torch._foreach_div(m, c1)
+        torch._foreach_mul_(upd, self.lr)
+        torch._foreach_div_(upd, tmp)
+        torch._foreach_sub_(p, upd)  # p − lr·(m/c1)/(√(v/c2) + ε), exactly p + (−update)
+        return {"t": t, "m": state["m"], "v": state["v"]}
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float | None = None) -> SGD | Adam:

@@ -73,14 +73,14 @@ class MergedAdapter(Component):
                 value = loss(self.merge(base, phi))
                 grads = torch.autograd.grad(value, list(phi.values()), create_graph=True, allow_unused=True)
                 phi, state = opt.step(phi, self._clipped(ops.grads_or_zeros(grads, phi), cfg), state)
-            else:
+            else:  # no graph needs the old φ: update it (and the optimizer's moments) in place
                 leaves = {k: v.requires_grad_(True) for k, v in phi.items()}
                 value = loss(self.merge(base, leaves))
                 grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
                 grads = self._clipped(ops.grads_or_zeros(grads, leaves), cfg)
-                with torch.no_grad():
-                    phi, state = opt.step(ops.detach(leaves), grads, state)
-                phi = {k: v.detach() for k, v in phi.items()}
+                phi = ops.detach(leaves)
+                state = opt.step_(phi, grads, state)
+                del grads
             losses.append(float(value.detach()))
         merged = self.merge(base, phi)
         if not differentiable:

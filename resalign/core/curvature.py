@@ -12,8 +12,8 @@ loss reads and ℓ the (convex) loss of those outputs:
 i.e. the Hessian without the term Σ_i (∂ℓ/∂f_i) ∇²f_i that the residuals carry. For the denoising
 loss ℓ = Σ w_i ‖f_i − ε_i‖² / n, ∇²_f ℓ = 2 diag(w_i)/n ⪰ 0, so G ⪰ 0 and I + γG is positive definite
 for every γ > 0. G equals the Hessian where the model is linear in θ (linear least squares) or where
-the residuals vanish. Each product costs two backward passes through the saved graph (J·v by the
-double-vjp trick, then Jᵀ·u), about as much as a Hessian-vector product.
+the residuals vanish. Each product costs a forward pass with tangents (J·v) and a backward pass
+through the saved graph (Jᵀ·u), about as much as a Hessian-vector product.
 
 The products work with any fine-tuning loss: the model outputs that carry a gradient are recorded
 while the loss is evaluated, whatever the loss does with them.
@@ -41,15 +41,14 @@ ContextLoss = Callable[[DiffusionContext, Params], torch.Tensor]
 
 
 class _RecordingModel:
-    """ctx.model, recording every output that depends on the differentiated parameters."""
+    """ctx.model, recording every output (``which``: the indices of those that depend on θ)."""
 
     def __init__(self, model: Any, outputs: list[torch.Tensor]):
         self._model, self._outputs = model, outputs
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._model(*args, **kwargs)
-        if out.requires_grad:
-            self._outputs.append(out)
+        self._outputs.append(out)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -57,39 +56,43 @@ class _RecordingModel:
 
 
 class GaussNewton:
-    """v ↦ Jᵀ (∇²_f ℓ) J v at fixed θ (see the module docstring), for ``loss_fn(ctx, params)``."""
+    """v ↦ Jᵀ (∇²_f ℓ) J v at fixed θ (see the module docstring), for ``loss_fn(ctx, params)``.
+
+    J·v is a forward-mode product (the loss runs once more on dual parameters and keeps no graph), Jᵀ·u a backward pass through the one saved forward graph.
+    Memory: that graph and the vectors; no second graph and no W-sized Jᵀ·p tensor, as the
+    double-vjp form of J·v would need.
+    """
 
     def __init__(self, ctx: DiffusionContext, loss_fn: ContextLoss, params: Params):
-        self.params = tree.leaves(params)
-        outputs: list[torch.Tensor] = []
-        recording = dataclasses.replace(ctx, model=_RecordingModel(ctx.model, outputs))
+        self.params = tree.aliases(params)
+        self.ctx, self.loss_fn = ctx, loss_fn
+        recorded: list[torch.Tensor] = []
+        recording = dataclasses.replace(ctx, model=_RecordingModel(ctx.model, recorded))
         self.calls = 0
         with second_order():
             self.loss = loss_fn(recording, self.params)
-            self.outputs = outputs
-            if not outputs:
-                self._probes, self._jt = [], []
-                return
+            self._which = [i for i, o in enumerate(recorded) if o.requires_grad]
+            self.outputs = [recorded[i] for i in self._which]
             # ∇_f ℓ with its graph: differentiating it once more w.r.t. f gives (∇²_f ℓ)·u
-            self._grad_f = torch.autograd.grad(self.loss, outputs, create_graph=True, allow_unused=True)
-            # Jᵀ·p as a function of dummy probes p: differentiating it w.r.t. p gives J·v
-            self._probes = [torch.zeros_like(o, requires_grad=True) for o in outputs]
-            jt = torch.autograd.grad(outputs, list(self.params.values()), grad_outputs=self._probes,
-                                     create_graph=True, allow_unused=True)
-        self._live = [i for i, j in enumerate(jt) if j is not None and j.requires_grad]
-        self._jt = jt
+            self._grad_f = (torch.autograd.grad(self.loss, self.outputs, create_graph=True, allow_unused=True)
+                            if self.outputs else [])
 
     def jvp(self, v: Params) -> list[torch.Tensor]:
-        """J·v, one tensor per recorded output."""
-        names = list(self.params)
-        outs = [self._jt[i] for i in self._live]
-        vs = [v[names[i]].to(self._jt[i].dtype) for i in self._live]
-        jv = torch.autograd.grad(outs, self._probes, grad_outputs=vs, retain_graph=True, allow_unused=True)
-        return [j if j is not None else torch.zeros_like(p) for j, p in zip(jv, self._probes)]
+        """J·v, one tensor per recorded output: forward mode, with dual parameters (no_grad: no
+        backward graph is recorded, and blocks are not checkpointed; autocast applies as in the
+        first pass)."""
+        import torch.autograd.forward_ad as fwad
+
+        recorded: list[torch.Tensor] = []
+        with torch.no_grad(), second_order(), fwad.dual_level():
+            dual = {k: fwad.make_dual(p.detach(), v[k].to(p.dtype)) for k, p in self.params.items()}
+            self.loss_fn(dataclasses.replace(self.ctx, model=_RecordingModel(self.ctx.model, recorded)), dual)
+            jv = [fwad.unpack_dual(recorded[i]).tangent for i in self._which]
+        return [t if t is not None else torch.zeros_like(o) for t, o in zip(jv, self.outputs)]
 
     def __call__(self, v: Params) -> Params:
         self.calls += 1
-        if not self._probes or not self._live:
+        if not self.outputs:
             return tree.zeros_like(self.params)
         jv = self.jvp(v)
         pairs = [(g, o, u) for g, o, u in zip(self._grad_f, self.outputs, jv) if g is not None and g.requires_grad]

@@ -3,6 +3,14 @@
 θ, θ_FT and the Hessian-vector products of Alg. 1 all evaluate this one function, so "the model at
 other parameters" never means copying or mutating a module. Parameters not in the dict fall back to
 the module's own (frozen, original) tensors.
+
+Activation memory. ``checkpointing=True`` recomputes each UNet block (diffusers' block-level gradient
+checkpointing) in the backward pass instead of keeping its activations, with
+:func:`functional_checkpoint`: non-reentrant (``use_reentrant=False``, so a gradient built with
+``create_graph=True`` can be differentiated again, as every HVP of Alg. 1 does), and with the
+block's parameters passed to the checkpoint as inputs. diffusers' own checkpoint function recomputes
+``module.__call__`` at backward time, when ``functional_call`` has already put the module's own
+tensors back: the recomputation would silently use θ_0 instead of θ_FT.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.func import functional_call
+from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from resalign.components import Params
 
@@ -24,22 +34,45 @@ def second_order() -> Iterator[None]:
     computation that differentiates a gradient (HVPs, unrolled adaptation) runs inside this context,
     forward pass included, since the kernel is chosen when the graph is recorded.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     with sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+def functional_checkpoint(module: torch.nn.Module, *args):
+    """``module(*args)`` under non-reentrant activation checkpointing, differentiable in its parameters.
+
+    The parameters the module holds now (inside ``functional_call``: the substituted θ) are inputs of
+    the checkpointed function, and the recomputation substitutes them again; it also runs with the
+    attention kernels chosen now (:func:`second_order`'s math kernel, whose backward has a derivative),
+    whatever is selected when the backward pass runs. Autocast is restored by ``checkpoint`` itself.
+    """
+    params = dict(module.named_parameters())
+    names, n = list(params), len(params)
+    backends = _cur_sdpa_kernel_backends()
+
+    def run(*flat):
+        with sdpa_kernel(backends):
+            return functional_call(module, dict(zip(names, flat[:n])), flat[n:], strict=False)
+
+    return checkpoint(run, *params.values(), *args, use_reentrant=False)
 
 
 class FunctionalUNet:
     """``model(params, x_t, t, cond) -> ε`` for a diffusers ``UNet2DConditionModel`` (``components.ModelFn``).
 
     ``compute_dtype`` (bf16 / fp16) runs the forward pass under autocast while the parameters given
-    stay fp32 (master weights); the prediction is then returned in fp32.
+    stay fp32 (master weights); the prediction is then returned in fp32. ``checkpointing`` recomputes
+    the UNet blocks' activations in the backward pass (:func:`functional_checkpoint`).
     """
 
-    def __init__(self, unet: torch.nn.Module, compute_dtype: torch.dtype | None = None):
+    def __init__(self, unet: torch.nn.Module, compute_dtype: torch.dtype | None = None, checkpointing: bool = False):
         self.unet = unet
         self.compute_dtype = compute_dtype if compute_dtype not in (None, torch.float32) else None
+        self.checkpointing = checkpointing
+        if checkpointing:
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=functional_checkpoint)
 
     def base_params(self) -> Params:
         """The module's own parameters (the frozen original θ_0), without copies."""

@@ -19,7 +19,7 @@ class HVP:
     """v ↦ ∇²_θ L(θ)·v at a fixed θ, for a loss ``loss_fn(params) -> scalar`` (fixed batch and noise)."""
 
     def __init__(self, loss_fn: Callable[[Params], torch.Tensor], params: Params):
-        self.params = tree.leaves(params)
+        self.params = tree.aliases(params)
         with second_order():
             self.loss = loss_fn(self.params)
             grads = torch.autograd.grad(self.loss, list(self.params.values()), create_graph=True, allow_unused=True)

@@ -115,6 +115,8 @@ class MethodSettings:
     curvature: str = "hessian"
     #: γ of each simulation: "fixed" (γ = gamma, the paper) or "reach" (γ = gamma · T · lr, see proximity())
     gamma_rule: str = "fixed"
+    #: pairs of D_FT whose L_FT defines the curvature of Eq. 6 (0: all ft_size of them)
+    curvature_samples: int = 0
     #: a simulation whose L_FT grew by more than this factor diverged (None: only finiteness checks)
     max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH
     #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
@@ -176,6 +178,11 @@ class TrainingData:
     finetune: PairSet
 
 
+def _to_host(h: Params) -> Params:
+    """A finished hypergradient waits for the outlier rule in host memory, not on the accelerator."""
+    return {k: v.to("cpu") for k, v in h.items()}
+
+
 class ResAlign:
     """The state and one outer step of Alg. 2.
 
@@ -201,8 +208,9 @@ class ResAlign:
         self.harmful_loss, self.regularizer, self.solver, self.pool = harmful_loss, regularizer, solver, pool
         self.registry, self.split = registry, split
         self.theta: Params = {k: v.requires_grad_(True) for k, v in parameterization.init().items()}
+        # foreach=False: one tensor at a time, so the update needs no temporary copy of all of W
         self.optimizer = torch.optim.AdamW(list(self.theta.values()), lr=settings.outer_lr,
-                                           weight_decay=settings.weight_decay)
+                                           weight_decay=settings.weight_decay, foreach=False)
         self.step = 0
         self._components: dict[tuple, Any] = {}
         if settings.beta > 0 and settings.J > 0:
@@ -249,7 +257,7 @@ class ResAlign:
         if s.max_grad_norm is not None and grad_norm > s.max_grad_norm:
             clip = s.max_grad_norm / (grad_norm + 1e-12)
         for k, g in grads.items():
-            self.theta[k].grad = g * clip
+            self.theta[k].grad = g.mul_(clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -320,10 +328,11 @@ class ResAlign:
                     finetune_loss=self.finetune_loss(config), harmful_loss=self.harmful_loss,
                     solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.proximity(config),
                     curvature=s.curvature, cache=cache.view(j), max_ft_loss_growth=s.max_ft_loss_growth,
+                    curvature_samples=s.curvature_samples,
                 )
                 if not tree.all_finite(h):
                     raise SolverError("non-finite hypergradient")
-                h_of[j] = h
+                h_of[j] = _to_host(h)
             except SolverError as exc:
                 info = {"config": config.label(), "dropped": str(exc)}
             cache.done(j)
@@ -341,16 +350,23 @@ class ResAlign:
         kept = [j for (j, _), outlier in zip(solved, flags) if not outlier]
         if not kept:
             return None
+        device = next(iter(w_detached.values())).device
         total = tree.zeros_like(w_detached)
         for j in kept:
-            if j in h_of:
-                total = tree.add(total, h_of[j])
+            if j in h_of:  # this process's share; host-held h_j summed in place on the device
+                for k, v in total.items():
+                    v.add_(h_of[j][k].to(device))
         split.sum_(list(total.values()))
-        return tree.scale(total, 1.0 / len(kept))
+        for v in total.values():
+            v.mul_(1.0 / len(kept))
+        return total
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "theta": tree.detach(self.theta), "optimizer": self.optimizer.state_dict()}
+        """θ, the outer optimizer's state and the solver's (e.g. Richardson's warm-start eigenvectors)."""
+        solver = self.solver.state_dict() if hasattr(self.solver, "state_dict") else {}
+        return {"step": self.step, "theta": tree.detach(self.theta), "optimizer": self.optimizer.state_dict(),
+                "solver": solver}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -359,6 +375,8 @@ class ResAlign:
                     raise ConfigError(f"checkpoint has parameter {k!r} that this run does not unlearn")
                 self.theta[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
+        if hasattr(self.solver, "load_state_dict"):
+            self.solver.load_state_dict(state.get("solver", {}))
         self.step = int(state["step"])
 
     def unlearned_weights(self) -> Params:

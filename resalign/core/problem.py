@@ -5,7 +5,8 @@
 v ↦ C·v for the curvature C of Eq. 6 (the Hessian ∇²L_FT(θ_FT) or its Gauss–Newton part, see
 :mod:`resalign.core.curvature`; built on first use) and, when asked, ``unroll()`` that recomputes
 θ_FT(θ) with the adaptation graph kept. :func:`simulate` hands it to a solver. Both are pure
-functions of their arguments, so the J simulations of an outer step can be computed anywhere, in
+functions of their arguments (the solver's state included: Richardson keeps the last outer step's
+eigenvector to warm-start λ_max), so the J simulations of an outer step can be computed anywhere, in
 any order.
 
 Simulation health. A simulated fine-tuning that diverged says nothing about the fine-tuning a user
@@ -71,12 +72,14 @@ class FinetuneObjective:
     fixed noise: the fine-tuning loss whose Hessian enters Eq. 6.
     """
 
-    def __init__(self, ctx: DiffusionContext, loss: FinetuneLoss, data: DenoiseBatch, batch_size: int, seed: int):
+    def __init__(self, ctx: DiffusionContext, loss: FinetuneLoss, data: DenoiseBatch, batch_size: int, seed: int,
+                 curvature_samples: int = 0):
         self.ctx, self.loss, self.data, self.batch_size, self.seed = ctx, loss, data, batch_size, seed
+        self.curvature_samples = curvature_samples
         self.step = 0
 
     def fresh(self) -> FinetuneObjective:
-        return FinetuneObjective(self.ctx, self.loss, self.data, self.batch_size, self.seed)
+        return FinetuneObjective(self.ctx, self.loss, self.data, self.batch_size, self.seed, self.curvature_samples)
 
     def __call__(self, params: Params) -> torch.Tensor:
         n = self.data.x0.shape[0]
@@ -87,6 +90,15 @@ class FinetuneObjective:
 
     def full(self, params: Params, ctx: DiffusionContext | None = None) -> torch.Tensor:
         return self.loss(ctx or self.ctx, params, self.data, seeds.generator(self.seed, "hvp-noise"))
+
+    def curvature_loss(self, params: Params, ctx: DiffusionContext | None = None) -> torch.Tensor:
+        """The L_FT whose curvature enters Eq. 6: :meth:`full`, or L_FT on the first
+        ``curvature_samples`` pairs of D_FT (same fixed-noise rule) when that is set and smaller."""
+        n = self.data.x0.shape[0]
+        if not 0 < self.curvature_samples < n:
+            return self.full(params, ctx)
+        part = _take(self.data, torch.arange(self.curvature_samples))
+        return self.loss(ctx or self.ctx, params, part, seeds.generator(self.seed, "hvp-noise"))
 
 
 def check_health(losses: list[float], theta_ft: Params, ft_before: float, ft_after: float, harm_ft: float,
@@ -120,15 +132,19 @@ def build_hypergrad_problem(
     with_unroll: bool = True,
     cache: dict[str, Any] | None = None,
     max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH,
+    curvature_samples: int = 0,
 ) -> tuple[HypergradProblem, dict[str, Any]]:
     """The hypergradient problem of one sampled configuration C at θ (W-space parameters).
 
     Returns the problem and what was measured on the way (adaptation losses, L_FT on the simulation's
     data before and after, L_harm(θ_FT)). Raises :class:`SimulationDiverged` for a diverged simulation
     (:func:`check_health`; ``max_ft_loss_growth = None`` keeps only the finiteness checks).
+    ``curvature_samples`` > 0 evaluates the curvature on that many pairs of D_FT
+    (:meth:`FinetuneObjective.curvature_loss`): the graph every product reuses, and each product's
+    cost, shrink in proportion.
     """
     theta = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-    objective = FinetuneObjective(ctx, finetune_loss, data.ft, config.batch_size, seed)
+    objective = FinetuneObjective(ctx, finetune_loss, data.ft, config.batch_size, seed, curvature_samples)
     adapted = adapter.adapt(theta, objective, config, differentiable=False,
                             generator=seeds.generator(seed, "adapt-init"))
     theta_ft = tree.detach(adapted.theta_ft)
@@ -148,7 +164,7 @@ def build_hypergrad_problem(
 
     def hvp_ft(v: Params) -> Params:
         if not hvp_holder:
-            hvp_holder.append(make_curvature(curvature, ctx, lambda c, p: objective.full(p, c), theta_ft))
+            hvp_holder.append(make_curvature(curvature, ctx, lambda c, p: objective.curvature_loss(p, c), theta_ft))
         return hvp_holder[0](v)
 
     def unroll() -> Params:
@@ -194,12 +210,13 @@ def simulate(
     curvature: str = "hessian",
     cache: dict[str, Any] | None = None,
     max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH,
+    curvature_samples: int = 0,
 ) -> tuple[Params, dict[str, Any]]:
     """(θ, C, D_FT, seed) ↦ the hypergradient ∇_θ L_harm(θ_FT) estimated by ``solver``, and diagnostics."""
     problem, info = build_hypergrad_problem(
         ctx, theta, config, data, adapter=adapter, finetune_loss=finetune_loss, harmful_loss=harmful_loss,
         seed=seed, gamma=gamma, curvature=curvature, with_unroll=needs(solver, "trajectory"),
-        cache=cache, max_ft_loss_growth=max_ft_loss_growth,
+        cache=cache, max_ft_loss_growth=max_ft_loss_growth, curvature_samples=curvature_samples,
     )
     result = solver.solve(problem)
     info.update(result.diagnostics)

@@ -2,6 +2,7 @@
 
 from resalign.ops import (  # noqa: F401
     add,
+    aliases,
     all_finite,
     axpy,
     clip_by_norm,

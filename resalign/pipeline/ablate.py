@@ -261,7 +261,8 @@ def _fidelity_seed(cfg: AblateSolversConfig, seed: int, settings: list[dict[str,
                     adapter=trainer.adapter(config), finetune_loss=trainer.finetune_loss(config),
                     harmful_loss=prep.components["loss"], seed=seeds.derive(seed, j, "ablate-simulation"),
                     gamma=1.0, curvature=curvature, with_unroll=True,
-                    max_ft_loss_growth=prep.settings.max_ft_loss_growth)
+                    max_ft_loss_growth=prep.settings.max_ft_loss_growth,
+                    curvature_samples=prep.settings.curvature_samples)
 
             try:
                 problem, info = problem_with(cfg.curvature[0])

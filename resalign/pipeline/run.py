@@ -69,6 +69,8 @@ class RunConfig:
     gamma: float = 1.0
     #: curvature of Eq. 6 given to the solvers: hessian | gauss-newton (None: the preset's)
     curvature: str | None = None
+    #: pairs of D_FT whose fine-tuning loss defines that curvature (0: all ft_size; None: the preset's)
+    curvature_samples: int | None = None
     #: γ per simulation: fixed (γ = gamma) | reach (γ = gamma · T · lr of the configuration)
     gamma_rule: str = "fixed"
     #: a simulation whose fine-tuning loss grew by more than this factor is dropped as diverged
@@ -88,6 +90,8 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
+    #: recompute the UNet blocks' activations in the backward passes (resalign.core.functional)
+    gradient_checkpointing: bool = False
     #: torch CPU threads (0: torch's default, one per core; None: the preset's)
     threads: int | None = None
     checkpoint_every: int | None = None
@@ -112,6 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # unconditional rate: η = 3 (negative guidance past it) unlearned to 0.13 in 30 steps, η = 1 to 0.75
         "loss_options": {"ga": {"cap": 0.3}, "esd": {"eta": 3.0}},
         "curvature": "gauss-newton",
+        # the curvature of one D_FT pair: products 8x cheaper, fidelity unchanged (docs/performance.md)
+        "curvature_samples": 1,
         "beta": 0.8,
         "alpha": 1.0,
         "alpha_schedule": "constant",
@@ -155,6 +161,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss": "ga",
         "loss_options": {},
         "curvature": "gauss-newton",
+        # the curvature's graph at 64x64 latents holds about twice a training step's activations per
+        # pair: one pair keeps the products' memory and time at one training step's scale (docs/performance.md)
+        "curvature_samples": 1,
         "beta": 0.8,
         "alpha": 1.6,
         "alpha_schedule": "sigmoid",
@@ -320,7 +329,7 @@ def _check_numbers(cfg: RunConfig) -> None:
     check_number(cfg.outer_lr, "outer_lr", gt=0)
     check_number(cfg.weight_decay, "weight_decay", ge=0)
     check_number(cfg.max_grad_norm, "max_grad_norm", gt=0, optional=True)
-    for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints"):
+    for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints", "curvature_samples"):
         check_int(getattr(cfg, name), name, ge=0)
     check_int(cfg.threads, "threads", ge=0, le=4096)
     for name in ("harm_batch", "preserve_batch", "ft_size"):
@@ -376,6 +385,9 @@ def _save_checkpoint(rd: RunDir, trainer: ResAlign, keep: int) -> Path:
                 scalars[f"{idx}.{key}"] = value
     tensors["rng.torch"] = torch.get_rng_state()
     atomic_write_bytes(tmp / "optimizer.safetensors", st_save(tensors))
+    solver = {f"{group}/{k}": v.detach().cpu().contiguous() for group, vs in state["solver"].items() for k, v in vs.items()}
+    if solver:
+        atomic_write_bytes(tmp / "solver.safetensors", st_save(solver))
     atomic_write_json(tmp / "state.json", {
         "step": step,
         "param_names": list(theta),
@@ -411,7 +423,12 @@ def _load_checkpoint(rd: RunDir, device: str) -> dict[str, Any] | None:
         if key in flat:
             value = flat[key].reshape(value)
         state.setdefault(int(idx), {})[name] = value
-    return {"step": meta["step"], "theta": theta, "rng_torch": rng_torch,
+    solver: dict[str, dict[str, torch.Tensor]] = {}
+    if (folder / "solver.safetensors").is_file():
+        for key, value in load_file(folder / "solver.safetensors", device=device).items():
+            group, name = key.split("/", 1)
+            solver.setdefault(group, {})[name] = value
+    return {"step": meta["step"], "theta": theta, "solver": solver, "rng_torch": rng_torch,
             "optimizer": {"state": state, "param_groups": meta["optimizer"]["param_groups"]}}
 
 
@@ -547,7 +564,7 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
     bundle = _load_bundle(cfg, registry)
     unet = bundle.unet.float().requires_grad_(False).eval()
     compute_dtype = DTYPES[cfg.dtype] if cfg.dtype != "fp32" else None
-    model = FunctionalUNet(unet, compute_dtype=compute_dtype)
+    model = FunctionalUNet(unet, compute_dtype=compute_dtype, checkpointing=cfg.gradient_checkpointing)
     ctx = DiffusionContext(model=model, theta0=model.base_params(), schedule=bundle.noise_schedule(),
                            uncond=bundle.encode_prompts([""]).float())
     with tempfile.TemporaryDirectory(prefix="resalign-data-") as tmp:
@@ -560,7 +577,7 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
         gamma=cfg.gamma, outer_steps=cfg.outer_steps, outer_lr=cfg.outer_lr, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, harm_batch=cfg.harm_batch, preserve_batch=cfg.preserve_batch,
         ft_size=cfg.ft_size, seed=cfg.seed, fixed_ft_data=cfg.fixed_ft_data, curvature=cfg.curvature,
-        gamma_rule=cfg.gamma_rule,
+        gamma_rule=cfg.gamma_rule, curvature_samples=cfg.curvature_samples,
         max_ft_loss_growth=cfg.max_ft_loss_growth, outlier_factor=cfg.outlier_factor,
     )
     parameterization = Parameterization(cfg.params, ctx.theta0, cfg.params_options, seed=cfg.seed)

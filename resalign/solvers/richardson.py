@@ -36,6 +36,16 @@ paper's iterate x_{K+1}. ``x0 = "grad"`` is the default: with the relaxed ω tha
 needs, x_0 = 0 returns a hypergradient shrunk towards zero (on the toy model ‖x_5‖ ≈ 0.03‖g‖), which
 the outer objective of Eq. 3 then all but ignores. ``x0 = "zero"`` is Alg. 1 as printed.
 
+λ_max across outer steps. θ moves little from one outer step to the next, and so does the dominant
+eigenvector of the curvature: the solver keeps the last estimate (in ``warm_dtype``; it only seeds
+the next power iteration) and starts the next outer step's power iteration from it, with
+``warm_power_iters`` products instead of ``power_iters`` (one instead of three by default). The
+vector is part of the solver's state (``state_dict``), so a resumed run continues exactly.
+
+Memory. The iteration keeps three vectors of the size of W besides the curvature's graph: g, x_k and
+r_k. b = g/γ is never formed, A x_k is computed into the buffer of the product C·x_k and turned into
+r_k in place, and x_k is updated in place (no graph needs its old value).
+
 Safeguards (as in the authors' ``hypergrad.py``): stop when ‖r_k‖ ≤ tol·‖b‖; when the residual grows
 (the contraction ratio ‖r_{k+1}‖/‖r_k‖ exceeds 1: some mode is outside the stable range) halve ω and
 restart, at most ``max_halvings`` times; then fall back to the first-order estimate g (or raise, or
@@ -48,9 +58,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from resalign.components import Component, HypergradProblem, HypergradResult
 from resalign.errors import SolverError
 from resalign.ops import all_finite, axpy, inner, norm, randn_like, scale, zeros_like
+
+WARM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -62,6 +76,10 @@ class RichardsonConfig:
     omega: float | None = None
     omega_factor: float = 1.0
     power_iters: int = 3
+    #: power iterations from the previous outer step's eigenvector (0: always start afresh)
+    warm_power_iters: int = 1
+    #: dtype of the eigenvector kept between outer steps (a starting vector: no fp32 needed)
+    warm_dtype: str = "bf16"
     #: stop once ‖r_k‖ ≤ tol · ‖b‖
     tol: float = 1e-10
     max_halvings: int = 5
@@ -87,12 +105,18 @@ class RichardsonConfig:
             raise ValueError(f"fallback must be first-order, error or none, got {self.fallback!r}")
         if self.x0 not in ("zero", "grad"):
             raise ValueError(f"x0 must be zero or grad, got {self.x0!r}")
+        if self.power_iters < 1 or self.warm_power_iters < 0:
+            raise ValueError(f"power_iters must be >= 1 and warm_power_iters >= 0, got {self.power_iters}, "
+                             f"{self.warm_power_iters}")
+        if self.warm_dtype not in WARM_DTYPES:
+            raise ValueError(f"warm_dtype must be one of {', '.join(WARM_DTYPES)}, got {self.warm_dtype!r}")
 
 
-def power_iteration(hvp, like, iters: int, seed: int = 0) -> tuple[float, dict[str, Any]]:
-    """Rayleigh-quotient estimate of H's dominant eigenvalue after ``iters`` HVPs."""
-    v = randn_like(like, seed)
-    v = scale(v, 1.0 / max(norm(v), 1e-30))
+def power_iteration(hvp, like, iters: int, seed: int = 0, start=None) -> tuple[float, dict[str, Any]]:
+    """Rayleigh-quotient estimate of H's dominant eigenvalue after ``iters`` HVPs, and the last unit
+    vector; from ``start`` (e.g. the previous estimate's vector) or a random one."""
+    v = {k: start[k].to(t, copy=True) for k, t in like.items()} if start is not None else randn_like(like, seed)
+    _scale_(v, 1.0 / max(norm(v), 1e-30))
     lam = 0.0
     for _ in range(iters):
         w = hvp(v)
@@ -100,8 +124,15 @@ def power_iteration(hvp, like, iters: int, seed: int = 0) -> tuple[float, dict[s
         n = norm(w)
         if n == 0.0 or not all_finite(w):
             break
-        v = scale(w, 1.0 / n)
+        del v
+        v = _scale_(w, 1.0 / n)  # two vectors alive at any time: v and C·v
     return lam, v
+
+
+def _scale_(a, s: float):
+    for t in a.values():
+        t.mul_(s)
+    return a
 
 
 class Richardson(Component):
@@ -109,15 +140,35 @@ class Richardson(Component):
     needs_trajectory: ClassVar[bool] = False
     Config = RichardsonConfig
 
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        #: the last dominant eigenvector per curvature operator (module doc: λ_max across outer steps)
+        self.eigvecs: dict[str, dict[str, torch.Tensor]] = {}
+
     def lambda_max(self, problem: HypergradProblem) -> tuple[float, int]:
-        """λ_max of the problem's curvature, from ``problem.cache`` when another problem of this outer
-        step computed it with the same curvature operator."""
-        key = f"lambda_max/{problem.curvature}"
+        """λ_max of the problem's curvature and the products spent on it: from ``problem.cache`` when
+        another problem of this outer step computed it with the same curvature operator, else by power
+        iteration, warm-started from the previous outer step's eigenvector when there is one."""
+        c, key = self.config, f"lambda_max/{problem.curvature}"
         if key in problem.cache:
             return problem.cache[key], 0
-        lam, _ = power_iteration(problem.hvp_ft, problem.grad_harm, self.config.power_iters)
+        start = self.eigvecs.get(problem.curvature) if c.warm_power_iters > 0 else None
+        if start is not None and (start.keys() != problem.grad_harm.keys()
+                                  or any(start[k].shape != v.shape for k, v in problem.grad_harm.items())):
+            start = None
+        iters = c.power_iters if start is None else c.warm_power_iters
+        lam, v = power_iteration(problem.hvp_ft, problem.grad_harm, iters, start=start)
+        if c.warm_power_iters > 0:
+            self.eigvecs[problem.curvature] = {k: t.detach().to(WARM_DTYPES[c.warm_dtype]) for k, t in v.items()}
         problem.cache[key] = lam
-        return lam, self.config.power_iters
+        return lam, iters
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The eigenvectors that warm-start the next power iteration (a resumed run needs them)."""
+        return {curv: dict(v) for curv, v in self.eigvecs.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.eigvecs = {curv: dict(v) for curv, v in state.items()}
 
     def solve(self, problem: HypergradProblem) -> HypergradResult:
         c = self.config
@@ -125,8 +176,7 @@ class Richardson(Component):
         g = {k: v.detach() for k, v in problem.grad_harm.items()}
         if not all_finite(g):
             raise SolverError("richardson: the harmful gradient at θ_FT is not finite (the simulated fine-tuning diverged)")
-        b = scale(g, 1.0 / gamma)
-        b_norm = norm(b)
+        b_norm = norm(g) / gamma  # ‖b‖, b = g/γ
         diag: dict[str, Any] = {"solver": self.name, "gamma": gamma, "K": c.K, "g_norm": norm(g), "hvps": 0,
                                 "curvature": problem.curvature}
         if c.omega is None:
@@ -138,16 +188,21 @@ class Richardson(Component):
             omega = c.omega
         diag["omega_initial"] = omega
 
-        def apply_a(x):
+        def residual(x):
+            """r = b − A x = (g − x)/γ − C x, written into the buffer of C x."""
             diag["hvps"] += 1
-            return axpy(1.0 / gamma, x, problem.hvp_ft(x))
+            r = problem.hvp_ft(x)
+            for k, t in r.items():
+                t.neg_().add_(g[k], alpha=1.0 / gamma).add_(x[k], alpha=-1.0 / gamma)
+            return r
 
         halvings = 0
         warm = c.x0 == "grad"
         while True:
-            x, x_norms, residuals, ok = (dict(g) if warm else zeros_like(b)), [], [], True
+            x = {k: v.clone() for k, v in g.items()} if warm else zeros_like(g)
+            x_norms, residuals, ok = [], [], True
             for k in range(c.K):
-                r = axpy(-1.0, apply_a(x), b) if (k > 0 or warm) else b
+                r = residual(x) if (k > 0 or warm) else scale(g, 1.0 / gamma)
                 r_norm = norm(r)
                 residuals.append(r_norm)
                 if not c.safeguards:
@@ -157,7 +212,9 @@ class Richardson(Component):
                     break
                 elif r_norm <= c.tol * b_norm:
                     break
-                x = axpy(omega, r, x)
+                for name, t in x.items():
+                    t.add_(r[name], alpha=omega)
+                del r
                 x_norms.append(norm(x))
             if ok and c.max_norm is not None and x_norms and x_norms[-1] > c.max_norm:
                 ok = False
