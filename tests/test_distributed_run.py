@@ -75,8 +75,27 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, step: int, timeout: float 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    _wait_for_the_lock(out)
     assert not (out / UNET).is_file()
     return json.loads(latest.read_text())["step"]
+
+
+def _wait_for_the_lock(out: Path, timeout: float = 30) -> None:
+    """Wait until the killed ranks are gone: the launcher's wait does not cover its children, whose
+    exit (and the release of the run directory's lock) may come a moment later."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    with open(out / ".resalign.lock", "a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
