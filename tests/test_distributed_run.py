@@ -70,14 +70,31 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, step: int, timeout: float 
                 break
             time.sleep(0.02)
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc.pid)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_job(proc.pid)
         proc.wait()
     _wait_for_the_lock(out)
     assert not (out / UNET).is_file()
     return json.loads(latest.read_text())["step"]
+
+
+def _kill_job(pid: int) -> None:
+    """SIGKILL the launcher and every process below it (torchrun's workers may sit in a session of
+    their own, out of reach of a signal to the launcher's process group)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
 
 
 def _wait_for_the_lock(out: Path, timeout: float = 30) -> None:
