@@ -137,6 +137,31 @@ def test_lambda_max_is_warm_started_from_the_previous_outer_steps_eigenvector():
     assert resumed.lambda_max(problem_at(h2)) == solver.lambda_max(problem_at(h2))  # both from the same vector
 
 
+def test_a_warm_start_that_lost_the_dominant_mode_gets_the_remaining_power_iterations():
+    """When the next curvature's dominant mode is orthogonal to the kept eigenvector, one product from
+    it gives a Rayleigh quotient far below λ_max (and an ω too large for Eq. 6's iteration): the
+    estimate falls below half the last λ_max, and the remaining power iterations recover it."""
+    dt = vec(1).dtype
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(7), dtype=dt))
+    eigs = torch.linspace(0.1, 1.0, D, dtype=dt)
+    h1 = q @ torch.diag(torch.cat([torch.tensor([10.0], dtype=dt), eigs[1:]])) @ q.T  # dominant along q[:, 0]
+    h2 = q @ torch.diag(torch.cat([eigs[:1], torch.tensor([10.0], dtype=dt), eigs[2:]])) @ q.T  # along q[:, 1]
+
+    def problem_at(h):
+        return HypergradProblem({}, {}, {"w": vec(1)}, lambda v: {"w": h @ v["w"]}, cache={})
+
+    estimates = {}
+    for accept in (0.0, 0.5):
+        solver = get_registry().create("solver", "richardson", {"K": 1, "power_iters": 25, "warm_accept": accept})
+        solver.lambda_max(problem_at(h1))
+        estimates[accept] = solver.lambda_max(problem_at(h2))
+    assert estimates[0.0][1] == 1 and estimates[0.0][0] < 1.0  # the quotient at q[:, 0] under h2 is 0.1
+    assert estimates[0.5][1] == 25 and abs(estimates[0.5][0] - 10.0) < 0.5
+    resumed = get_registry().create("solver", "richardson", {"K": 1, "power_iters": 25})
+    resumed.load_state_dict(solver.state_dict())
+    assert resumed.lambdas == solver.lambdas
+
+
 def test_first_order_returns_g():
     g = vec(3)
     res = solve("first-order", problem(spd(torch.ones(D)), g))
