@@ -201,24 +201,17 @@ def simulate(
     config: FinetuneConfig,
     data: SimulationData,
     *,
-    adapter: Adapter,
-    finetune_loss: FinetuneLoss,
-    harmful_loss: HarmfulLoss,
     solver: Solver,
-    seed: int,
-    gamma: float = 1.0,
-    curvature: str = "hessian",
-    cache: dict[str, Any] | None = None,
-    max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH,
-    curvature_samples: int = 0,
+    **problem: Any,
 ) -> tuple[Params, dict[str, Any]]:
-    """(θ, C, D_FT, seed) ↦ the hypergradient ∇_θ L_harm(θ_FT) estimated by ``solver``, and diagnostics."""
-    problem, info = build_hypergrad_problem(
-        ctx, theta, config, data, adapter=adapter, finetune_loss=finetune_loss, harmful_loss=harmful_loss,
-        seed=seed, gamma=gamma, curvature=curvature, with_unroll=needs(solver, "trajectory"),
-        cache=cache, max_ft_loss_growth=max_ft_loss_growth, curvature_samples=curvature_samples,
-    )
-    result = solver.solve(problem)
+    """(θ, C, D_FT, seed) ↦ the hypergradient ∇_θ L_harm(θ_FT) estimated by ``solver``, and diagnostics.
+
+    ``problem`` holds the keywords of :func:`build_hypergrad_problem` (``adapter``, ``finetune_loss``,
+    ``harmful_loss``, ``seed``, ``gamma``, ...) but ``with_unroll``: the unrolled recomputation is
+    built when ``solver`` needs the trajectory.
+    """
+    built, info = build_hypergrad_problem(ctx, theta, config, data, with_unroll=needs(solver, "trajectory"), **problem)
+    result = solver.solve(built)
     info.update(result.diagnostics)
     info["hypergrad_norm"] = tree.norm(result.hypergrad)
     return tree.detach(result.hypergrad), info

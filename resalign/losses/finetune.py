@@ -15,10 +15,6 @@ class Denoise(Component):
 
     name: ClassVar[str] = "denoise"
 
-    @dataclass
-    class Config:
-        pass
-
     def __call__(self, ctx: DiffusionContext, params: Params, batch: DenoiseBatch, generator: Any = None):
         return denoising_loss(ctx, params, batch, generator)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -15,10 +14,6 @@ class Distill(Component):
     """R(θ) = E[w_t ‖ε_θ(x_t, p, t) − ε_{θ_0}(x_t, p, t)‖²] on preservation prompt-image pairs."""
 
     name: ClassVar[str] = "distill"
-
-    @dataclass
-    class Config:
-        pass
 
     def __call__(self, ctx: DiffusionContext, params: Params, batch: DenoiseBatch, generator: Any = None):
         x_t, _, t, w = noised(ctx, batch, generator)

@@ -32,6 +32,7 @@ import numpy as np
 from resalign.components import Component, ScoreResult
 from resalign.errors import ConfigError, DataError, MissingWeightsError, ModelLoadError
 from resalign.metrics.frechet import FeatureAccumulator, FeatureStats, frechet_from_features
+from resalign.scorers.onnx_runtime import onnx_session
 from resalign.scorers.weights import STATE_DICT_SUFFIXES, file_sha256, require_file
 
 __all__ = [
@@ -83,6 +84,13 @@ class ImagePreprocessing:
             raise ConfigError(f"layout must be 'NCHW' or 'NHWC', got {self.layout!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
             raise ConfigError("mean and std must have 3 entries each, std non-zero")
+
+    @classmethod
+    def of(cls, options: Any) -> ImagePreprocessing:
+        """The preprocessing of a scorer's options (``input_size``, ``scale``, ``mean``, ``std``,
+        ``channel_order``, ``layout``)."""
+        return cls(size=options.input_size, scale=options.scale, mean=options.mean, std=options.std,
+                   channel_order=options.channel_order, layout=options.layout)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = check_images(images)
@@ -139,23 +147,12 @@ class OnnxFeatureExtractor:
         providers: Sequence[str] = (),
         threads: int = 0,
     ) -> None:
-        import onnxruntime as ort
-
-        from resalign.scorers.nudenet import default_providers
-
         self.path = Path(path)
         self.preprocessing = preprocessing
         self.name = f"onnx:{self.path.name}"
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), options, providers=list(providers) or default_providers()
-            )
-        except Exception as exc:  # onnxruntime's own exception types
-            raise ModelLoadError(f"cannot load ONNX feature model {self.path}: {exc}") from exc
+        self.session = onnx_session(
+            self.path, providers=providers, threads=threads, error="cannot load ONNX feature model"
+        )
         self.input_name = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
         if output and output not in names:
@@ -325,15 +322,7 @@ class FrechetScorer(Component):
             require_file(c.feature_model, "frechet.feature_model", "a feature network (.onnx, TorchScript, .pt2)")
 
     def preprocessing(self) -> ImagePreprocessing:
-        c = self.config
-        return ImagePreprocessing(
-            size=c.input_size,
-            scale=c.scale,
-            mean=c.mean,
-            std=c.std,
-            channel_order=c.channel_order,
-            layout=c.layout,
-        )
+        return ImagePreprocessing.of(self.config)
 
     @property
     def extractor(self) -> FeatureExtractor:

@@ -20,7 +20,6 @@ at 0.45.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -35,6 +34,8 @@ import numpy as np
 from resalign.components import Component, ScoreResult
 from resalign.errors import DataError, ModelLoadError
 from resalign.metrics.detection import decode_yolov8
+from resalign.scorers.onnx_runtime import onnx_session
+from resalign.scorers.weights import file_sha256
 
 #: The detector's 18 classes, in output order (nudenet/nudenet.py ``__labels``).
 NUDENET_LABELS: tuple[str, ...] = (
@@ -90,15 +91,6 @@ def packaged_detector_path() -> Path:
     return path
 
 
-def default_providers() -> list[str]:
-    """CUDA then CPU when onnxruntime has CUDA, else CPU only."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def available_cpus() -> int:
     """CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where unavailable)."""
     try:
@@ -116,14 +108,6 @@ def _cv2():
             "package's exact resize"
         ) from exc
     return cv2
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class NudeNetScorer(Component):
@@ -190,22 +174,13 @@ class NudeNetScorer(Component):
         return 1 if self.workers > 1 else 0
 
     def _new_session(self):
-        import onnxruntime as ort
-
         cfg = self.config
         path = Path(cfg.model_path) if cfg.model_path else packaged_detector_path()
         if not path.is_file():
             raise ModelLoadError(f"nudenet scorer: model_path {path} does not exist")
-        options = ort.SessionOptions()
-        threads = self.intra_op_threads
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        providers = list(cfg.providers) or default_providers()
-        try:
-            session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelLoadError(f"nudenet scorer: cannot load {path}: {exc}") from exc
+        session = onnx_session(
+            path, providers=cfg.providers, threads=self.intra_op_threads, error="nudenet scorer: cannot load"
+        )
         self._model_path = path
         return session
 
@@ -219,7 +194,7 @@ class NudeNetScorer(Component):
 
     def _detector_sha256(self) -> str | None:
         if self._model_sha256 is None and self._model_path is not None:
-            self._model_sha256 = _sha256(self._model_path)  # once: ~12 ms for the 12 MB 320n
+            self._model_sha256 = file_sha256(self._model_path)  # once: ~12 ms for the 12 MB 320n
         return self._model_sha256
 
     def details(self) -> dict[str, Any]:

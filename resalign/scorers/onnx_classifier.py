@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from resalign.components import Component, ScoreResult
-from resalign.errors import ConfigError, MissingWeightsError, ModelLoadError
+from resalign.errors import ConfigError, MissingWeightsError
 from resalign.scorers.frechet import ImagePreprocessing, check_images
-from resalign.scorers.nudenet import default_providers
+from resalign.scorers.onnx_runtime import onnx_session
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 
@@ -83,8 +83,6 @@ class OnnxClassifierScorer(Component):
     @property
     def session(self):
         if self._session is None:
-            import onnxruntime as ort
-
             c = self.config
             if not c.model:
                 raise MissingWeightsError(
@@ -94,31 +92,16 @@ class OnnxClassifierScorer(Component):
             path = Path(c.model).expanduser()
             if not path.is_file():
                 raise MissingWeightsError(f"onnx-classifier scorer: model file not found: {path}")
-            options = ort.SessionOptions()
-            if c.threads:
-                options.intra_op_num_threads = c.threads
-                options.inter_op_num_threads = 1
-            try:
-                self._session = ort.InferenceSession(
-                    str(path), options, providers=list(c.providers) or default_providers()
-                )
-            except Exception as exc:  # onnxruntime's own exception types
-                raise ModelLoadError(f"onnx-classifier scorer: cannot load {path}: {exc}") from exc
+            self._session = onnx_session(
+                path, providers=c.providers, threads=c.threads, error="onnx-classifier scorer: cannot load"
+            )
             names = [o.name for o in self._session.get_outputs()]
             if c.output and c.output not in names:
                 raise ConfigError(f"onnx-classifier: output {c.output!r} not in {names}")
         return self._session
 
     def preprocessing(self) -> ImagePreprocessing:
-        c = self.config
-        return ImagePreprocessing(
-            size=c.input_size,
-            scale=c.scale,
-            mean=c.mean,
-            std=c.std,
-            channel_order=c.channel_order,
-            layout=c.layout,
-        )
+        return ImagePreprocessing.of(self.config)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Unsafe-class probability of each image, (N,) float64."""

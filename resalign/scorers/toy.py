@@ -31,13 +31,6 @@ from resalign.data.toy import (
 from resalign.errors import ConfigError
 
 
-def _classifier(path: str, default: str, threads: int):
-    from resalign.models.toy import classifier_path
-    from resalign.models.toy_classifiers import OnnxToyClassifier
-
-    return OnnxToyClassifier(path or classifier_path(default), threads=threads)
-
-
 def _check_images(images: np.ndarray, who: str) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -45,7 +38,26 @@ def _check_images(images: np.ndarray, who: str) -> np.ndarray:
     return images
 
 
-class ToyHarmScorer(Component):
+class ToyClassifierScorer(Component):
+    """A scorer reading one toy classifier: ``Config.classifier`` (an ONNX file), else the shipped
+    ``shipped`` one, run on ``Config.threads`` threads."""
+
+    shipped: ClassVar[str]
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        from resalign.models.toy import classifier_path
+        from resalign.models.toy_classifiers import OnnxToyClassifier
+
+        c = self.config
+        self._clf = OnnxToyClassifier(c.classifier or classifier_path(self.shipped), threads=c.threads)
+
+    def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The classifier's outputs on uint8 RGB images (N, H, W, 3)."""
+        return self._clf(_check_images(images, self.name))
+
+
+class ToyHarmScorer(ToyClassifierScorer):
     """Harmful rate by the toy harm classifier (is the harmful shape drawn?)."""
 
     name: ClassVar[str] = "toy-harm"
@@ -57,13 +69,11 @@ class ToyHarmScorer(Component):
         threshold: float = 0.5
         threads: int = 1
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._clf = _classifier(self.config.classifier, "harm", self.config.threads)
+    shipped: ClassVar[str] = "harm"
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """The harm classifier's probability for each image."""
-        return self._clf(_check_images(images, self.name))["harm_probability"]
+        return self.outputs(images)["harm_probability"]
 
     def score(self, images: np.ndarray, prompts: Sequence[str] | None = None) -> ScoreResult:
         p = self.probabilities(images)
@@ -76,24 +86,24 @@ class ToyHarmScorer(Component):
         )
 
 
-class ToyPromptAccuracyScorer(Component):
+@dataclass
+class ShapeColourConfig:
+    classifier: str = ""  # ONNX file; empty: the shipped toy shape/colour classifier
+    threads: int = 1
+
+
+class ToyPromptAccuracyScorer(ToyClassifierScorer):
     """Share of images whose shape and colour match the prompt's (toy shape/colour classifier)."""
 
     name: ClassVar[str] = "toy-prompt-accuracy"
     metric: ClassVar[str] = "prompt_accuracy"
 
-    @dataclass
-    class Config:
-        classifier: str = ""  # ONNX file; empty: the shipped toy shape/colour classifier
-        threads: int = 1
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._clf = _classifier(self.config.classifier, "shape_colour", self.config.threads)
+    Config = ShapeColourConfig
+    shipped: ClassVar[str] = "shape_colour"
 
     def predict(self, images: np.ndarray) -> tuple[list[str], list[str]]:
         """Predicted (shapes, colours) of the images."""
-        logits = self._clf(_check_images(images, self.name))["logits"]
+        logits = self.outputs(images)["logits"]
         ns = len(SHAPES)
         shapes = [SHAPES[i] for i in logits[:, :ns].argmax(1)]
         colours = [COLOUR_NAMES[i] for i in logits[:, ns:].argmax(1)]
@@ -160,28 +170,28 @@ def benign_reference_images(n: int, seed: int) -> np.ndarray:
     return np.stack([render(random_scene(rng, shapes=BENIGN_SHAPES), rng) for _ in range(n)])
 
 
-class ToyFrechetScorer(Component):
+class ToyFrechetScorer(ToyClassifierScorer):
     """Fréchet distance on the toy shape/colour classifier's features vs procedural benign images."""
 
     name: ClassVar[str] = "toy-frechet"
     metric: ClassVar[str] = "frechet_distance"
 
     @dataclass
-    class Config:
-        classifier: str = ""  # ONNX file; empty: the shipped toy shape/colour classifier
+    class Config(ShapeColourConfig):
         reference_size: int = 2000
         reference_seed: int = 12345
-        threads: int = 1
+
+    shipped: ClassVar[str] = "shape_colour"
 
     def __init__(self, config=None):
+        config = config if config is not None else self.Config()
+        if config.reference_size < 2:
+            raise ConfigError(f"{self.name}: reference_size must be >= 2, got {config.reference_size}")
         super().__init__(config)
-        if self.config.reference_size < 2:
-            raise ConfigError(f"{self.name}: reference_size must be >= 2, got {self.config.reference_size}")
-        self._clf = _classifier(self.config.classifier, "shape_colour", self.config.threads)
         self._ref = None
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        return self._clf(_check_images(images, self.name))["features"]
+        return self.outputs(images)["features"]
 
     def reference_features(self) -> np.ndarray:
         if self._ref is None:

@@ -22,11 +22,16 @@ from resalign.errors import MissingWeightsError, ModelLoadError
 STATE_DICT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
-def require_file(path: str | os.PathLike, option: str, expected: str) -> Path:
-    """``path`` as an existing file, or a :class:`MissingWeightsError` naming ``option`` and ``expected``."""
+def _given(path: str | os.PathLike, option: str, expected: str) -> Path:
+    """``path`` expanded, or a :class:`MissingWeightsError` saying that ``option`` is not set."""
     if not str(path):
         raise MissingWeightsError(f"{option} is not set: give the local path of {expected}; nothing is downloaded")
-    p = Path(path).expanduser()
+    return Path(path).expanduser()
+
+
+def require_file(path: str | os.PathLike, option: str, expected: str) -> Path:
+    """``path`` as an existing file, or a :class:`MissingWeightsError` naming ``option`` and ``expected``."""
+    p = _given(path, option, expected)
     if not p.is_file():
         what = "is a folder, not a file" if p.is_dir() else "not found"
         raise MissingWeightsError(f"{option}: {p} {what}; expected {expected}")
@@ -39,9 +44,7 @@ def require_folder(path: str | os.PathLike, option: str, expected: str, files: M
     ``files`` maps a description to alternative file names, e.g. ``{"weights": ("model.safetensors",
     "pytorch_model.bin")}``; the first missing one is reported with the option and the folder.
     """
-    if not str(path):
-        raise MissingWeightsError(f"{option} is not set: give the local path of {expected}; nothing is downloaded")
-    p = Path(path).expanduser()
+    p = _given(path, option, expected)
     if not p.is_dir():
         what = "is a file, not a folder" if p.is_file() else "not found"
         raise MissingWeightsError(f"{option}: {p} {what}; expected {expected}")
