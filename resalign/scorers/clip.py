@@ -79,36 +79,41 @@ class LocalClip:
     def embed_dim(self) -> int:
         return int(self.model.config.projection_dim)
 
+    def _batched(self, n: int, batch_size: int, project: Any):
+        """``project(slice)`` over the batches of ``n`` items without gradients, stacked (N, D) float32 on the CPU."""
+        import torch
+
+        out = []
+        for start in range(0, n, batch_size):
+            with torch.no_grad():
+                out.append(project(slice(start, start + batch_size)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
     def image_embeds(self, images: np.ndarray, batch_size: int = 32):
         """Projected, unnormalised image embeddings (N, D), float32 on the CPU (open_clip's
         ``encode_image``, transformers' ``get_image_features``)."""
-        import torch
         from PIL import Image
 
-        out = []
-        for start in range(0, len(images), batch_size):
-            pil = [Image.fromarray(im) for im in images[start : start + batch_size]]
+        def project(batch: slice):
+            pil = [Image.fromarray(im) for im in images[batch]]
             pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device)
-            with torch.no_grad():
-                pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-                out.append(self.model.visual_projection(pooled).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+            return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
+
+        return self._batched(len(images), batch_size, project)
 
     def text_embeds(self, prompts: Sequence[str], batch_size: int = 32):
         """Projected, unnormalised text embeddings (N, D), float32 on the CPU; prompts truncated to
         the text model's context length."""
-        import torch
-
         limit = int(self.model.config.text_config.max_position_embeddings)
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            tok = self.tokenizer(list(prompts[start : start + batch_size]), padding=True, truncation=True,
-                                 max_length=limit, return_tensors="pt")
-            with torch.no_grad():
-                pooled = self.model.text_model(input_ids=tok["input_ids"].to(self.device),
-                                               attention_mask=tok["attention_mask"].to(self.device)).pooler_output
-                out.append(self.model.text_projection(pooled).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+        def project(batch: slice):
+            tok = self.tokenizer(list(prompts[batch]), padding=True, truncation=True, max_length=limit,
+                                 return_tensors="pt")
+            pooled = self.model.text_model(input_ids=tok["input_ids"].to(self.device),
+                                           attention_mask=tok["attention_mask"].to(self.device)).pooler_output
+            return self.model.text_projection(pooled)
+
+        return self._batched(len(prompts), batch_size, project)
 
     def checksums(self) -> dict[str, str]:
         """SHA-256 of the folder's weight files (computed once)."""
