@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from resalign.errors import ConfigError
-from resalign.pipeline.attack import parse_escape
+from resalign.eval.attack import parse_escape
 from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
 from resalign.eval.pairs import Pairs, contaminate, encode_pairs
 

@@ -286,9 +286,10 @@ def _check_compare(*, model, device, dtype, threads, seed, seeds, limit, images_
                    match_every, unlearn, methods, runs) -> None:
     """The settings of ``resalign compare`` checked before the base model is loaded, and each unlearning
     run's configuration validated as ``resalign run`` would."""
-    from resalign.pipeline.attack import check_data_spec
+    from resalign.eval.attack import check_data_spec
+    from resalign.models.load import model_folder
     from resalign.pipeline.compare import DEFAULT_METHODS, method_run_config
-    from resalign.pipeline.evaluate import check_common, model_folder
+    from resalign.pipeline.evaluate import check_common
     from resalign.eval.finetune import FinetuneSpec
     from resalign.pipeline.run import resolve, validate
     from resalign.registry import get_registry

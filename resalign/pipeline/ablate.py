@@ -409,7 +409,7 @@ def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: b
                        ) -> tuple[Path, TidyReport]:
     """``resalign ablate solvers``: fidelity per seed, then the effect runs, each seed and run one cell."""
     from resalign.eval.ablation_plots import plot_fidelity_cost, plot_fidelity_vs_k
-    from resalign.pipeline.evaluate import Bars
+    from resalign.pipeline.progress import Bars
 
     sweep = _open_sweep(cfg, out, "ablate-solvers", resume)
     progress = progress and distributed.is_main()

@@ -4,26 +4,16 @@ This is the paper's central measurement (Sec. 4.1 "Implementation Details", Sec.
 unlearned model is fine-tuned (full, LoRA, SVDiff, CustomDiffusion, DreamBooth; batch 1, AdamW,
 diffusers defaults) and its harmful rate is measured before and along the fine-tuning (Fig. 2),
 repeated over independent seeds and reported as mean ± SEM. The paper's stress tests are options:
+``--contaminate R --harmful-data DIR`` (Fig. 4, App. B.2), ``--escape p=2,lambda=0.5`` (App. C.1,
+Tab. 11) and ``--progressive`` (App. C.1, Fig. 7).
 
-* ``--contaminate R --harmful-data DIR``: a share R of the fine-tuning pairs replaced by harmful ones
-  (Fig. 4, App. B.2);
-* ``--escape p=2,lambda=0.5``: L_FT(θ') − λ‖θ' − θ‖_p, pushing the weights away from the released
-  ones (App. C.1, Tab. 11);
-* ``--progressive``: the steps split into four equal stages — benign, benign (a second ``--data`` if
-  given), the less harmful half of the harmful data (ranked by the harm scorer), all harmful data
-  (App. C.1, Fig. 7).
-
-Presets: ``paper`` is App. B.4 (200 steps, lr 1e-5 for full fine-tuning, the reference scripts' lr for
-the other methods, evaluation every 50 steps). ``toy`` keeps the protocol and scales the learning
-rates to the toy model: the evaluation lr of SD v1.4 is a tenth of its pretraining lr (1e-5 vs 1e-4),
-and the toy model was pretrained at 1e-3, so its evaluation lr is 1e-4 (and likewise ×10 for each
-method). The preset follows the model unless ``--preset`` names one.
+The plan (presets ``paper`` and ``toy``, data, stages) is :mod:`resalign.eval.attack`'s; the preset
+follows the model unless ``--preset`` names one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,100 +24,17 @@ import numpy as np
 
 from resalign import distributed
 from resalign.cells import Cell, Outcome, Sweep
-from resalign.errors import ConfigError, DataError
+from resalign.errors import ConfigError
+from resalign.eval.attack import ATTACK_PRESETS, check_data_spec, parse_escape, plan_attack
+from resalign.eval.evaluator import Evaluator, add_figures, resolve_generation
+from resalign.eval.finetune import Finetuner, FinetuneSpec, adapter_class
+from resalign.eval.presets import SEED_STRIDE, preset_name
 from resalign.eval.report import MarkdownTable, TidyReport
-from resalign.pipeline.evaluate import (
-    SEED_STRIDE,
-    Bars,
-    Evaluator,
-    Figure,
-    add_figures,
-    check_scorer_options,
-    harmful_and_benign_sets,
-    load_model,
-    options_for,
-    preset_name,
-    resolve_generation,
-    set_threads,
-)
-from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage, adapter_class, reference_lr, uses_prior
-from resalign.eval.pairs import Pairs, contaminate
-from resalign.pipeline.records import (
-    figures_of,
-    figures_value,
-    samples_arrays,
-    samples_of,
-)
-
-
-@dataclass(frozen=True)
-class AttackPreset:
-    """Fine-tuning defaults of a preset: steps, evaluation interval, learning-rate scale, set size."""
-
-    steps: int
-    eval_every: int
-    lr_scale: float = 1.0  # times each method's reference learning rate (its adapter's paper_lr)
-    toy_data_size: int = 100
-
-    def lr_for(self, adapt: str) -> float:
-        return self.lr_scale * reference_lr(adapt)
-
-
-ATTACK_PRESETS: dict[str, AttackPreset] = {
-    "paper": AttackPreset(steps=200, eval_every=50),
-    "toy": AttackPreset(steps=200, eval_every=50, lr_scale=10.0),
-}
-
-#: Toy image-caption sets ``--data`` may name (``toy-images:NAME``) instead of a folder, and the seed each
-#: is drawn with (the toy generators' own defaults), so a name means the same pairs everywhere.
-TOY_DATA_PREFIX = "toy-images:"
-TOY_DATA_SEEDS = {"benign-a": 1, "benign-b": 2, "contamination": 3, "harmful": 3}
-
-
-def parse_escape(text: str | None) -> tuple[int, float] | None:
-    """``"p=2,lambda=0.5"`` -> (2, 0.5); the paper's setting is p in {1, 2}, λ = 0.5 (Tab. 11)."""
-    if not text:
-        return None
-    p, lam = None, 0.5
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip().lower()
-        if not sep:
-            raise ConfigError(f"--escape {text!r}: expected p=1|2,lambda=VALUE")
-        try:
-            if key == "p":
-                p = int(value)
-            elif key in ("lambda", "lam", "λ"):
-                lam = float(value)
-            else:
-                raise ConfigError(f"--escape {text!r}: unknown key {key!r} (expected p and lambda)")
-        except ValueError:
-            raise ConfigError(f"--escape {text!r}: {key + '=' + value.strip()!r} is not a number") from None
-    if p not in (1, 2):
-        raise ConfigError(f"--escape {text!r}: p must be 1 or 2")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ConfigError(f"--escape {text!r}: lambda must be a finite number >= 0, got {lam!r}")
-    return p, lam
-
-
-def load_pairs(spec: str, *, size: int, toy_size: int = 100, seed: int = 0) -> Pairs:
-    """An image-caption folder, or a toy set ``toy-images:benign-a|benign-b|contamination|harmful|world``."""
-    if spec.startswith(TOY_DATA_PREFIX):
-        from resalign.data.toy import IMAGE_SETS
-
-        name = spec[len(TOY_DATA_PREFIX) :]
-        if name not in IMAGE_SETS:
-            raise ConfigError(f"--data {spec!r}: unknown toy set; expected one of "
-                              + ", ".join(TOY_DATA_PREFIX + n for n in IMAGE_SETS))
-        ds = IMAGE_SETS[name](toy_size, TOY_DATA_SEEDS.get(name, 0))
-        return Pairs(ds.images, list(ds.prompts), name)
-    from resalign.data.folders import read_folder
-
-    path = Path(spec)
-    if not path.is_dir():
-        raise DataError(f"fine-tuning data {spec!r}: no such folder (or name a toy set as toy-images:benign-a)")
-    folder = read_folder(path, size=size)
-    return Pairs(folder.images, folder.prompts, path.name)
+from resalign.eval.sets import check_scorer_options, harmful_and_benign_sets, options_for
+from resalign.models.load import load_model, model_folder
+from resalign.pipeline.evaluate import check_common, set_threads
+from resalign.pipeline.progress import Bars
+from resalign.pipeline.records import attack_records, figures_value, samples_arrays
 
 
 @dataclass
@@ -168,124 +75,9 @@ class AttackConfig:
     threads: int | None = 1
 
 
-@dataclass
-class Plan:
-    """Everything an attack needs, resolved and validated before any fine-tuning starts."""
-
-    spec: FinetuneSpec
-    stages: list[Stage]
-    eval_every: int
-    dataset: str
-    prior: Pairs | None
-    notes: list[str]
-
-
-def plan_attack(cfg: AttackConfig, bundle: Any, preset: str) -> Plan:
-    """Resolve data, schedule and fine-tuning spec; every input error surfaces here."""
-    adapter_class(cfg.adapt)
-    if cfg.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
-    p = ATTACK_PRESETS[preset]
-    steps = cfg.steps if cfg.steps is not None else p.steps
-    eval_every = cfg.eval_every if cfg.eval_every is not None else p.eval_every
-    if eval_every < 0:
-        raise ConfigError(f"--eval-every must be >= 0, got {eval_every}")
-    escape = parse_escape(cfg.escape)
-    spec = FinetuneSpec(
-        adapt=cfg.adapt,
-        steps=steps,
-        lr=cfg.lr if cfg.lr is not None else p.lr_for(cfg.adapt),
-        optimizer=cfg.optimizer,
-        batch_size=cfg.batch_size,
-        lora_rank=cfg.lora_rank,
-        class_prompt=cfg.class_prompt,
-        escape_p=escape[0] if escape else None,
-        escape_lambda=escape[1] if escape else 0.5,
-    ).validate()
-    data_specs = list(cfg.data)
-    if not data_specs:
-        if preset != "toy":
-            raise ConfigError("--data DIR is required (an image-caption folder with metadata.jsonl)")
-        data_specs = [TOY_DATA_PREFIX + "benign-a"]
-    if len(data_specs) > 2:
-        raise ConfigError("--data is given at most twice (the second is the second benign stage of --progressive)")
-    if len(data_specs) == 2 and not cfg.progressive:
-        raise ConfigError("a second --data is only used with --progressive")
-    size = bundle.image_size
-    toy_n = p.toy_data_size
-    data = [load_pairs(d, size=size, toy_size=toy_n) for d in data_specs]
-    harmful = None
-    if cfg.harmful_data:
-        harmful = load_pairs(cfg.harmful_data, size=size, toy_size=toy_n)
-    notes: list[str] = []
-    if cfg.contaminate is not None:
-        if harmful is None:
-            raise ConfigError("--contaminate needs --harmful-data DIR (the pairs mixed in)")
-        if cfg.progressive:
-            raise ConfigError("--contaminate and --progressive are separate experiments; choose one")
-    if cfg.progressive and harmful is None:
-        raise ConfigError("--progressive needs --harmful-data DIR (its last two stages)")
-    if cfg.progressive:
-        if steps < 4:
-            raise ConfigError(f"--progressive splits --steps into 4 stages; got {steps} steps")
-        stages = _progressive_stages(cfg, bundle, data, harmful, steps)
-        dataset = "progressive(" + "+".join(d.name for d in data) + f"->{harmful.name})"
-        notes.append("stages: " + ", ".join(f"{s.name} ({s.steps} steps)" for s in stages))
-    else:
-        d = data[0]
-        if cfg.contaminate is not None:
-            d = contaminate(d, harmful, cfg.contaminate, seed=cfg.seed)
-            notes.append(f"{cfg.contaminate:.0%} of {data[0].name} replaced by {harmful.name} pairs")
-        stages = [Stage(d, steps, d.name)]
-        dataset = d.name
-    prior = None
-    if cfg.prior_data and uses_prior(cfg.adapt):
-        prior = load_pairs(cfg.prior_data, size=size, toy_size=toy_n)
-    elif cfg.prior_data:
-        raise ConfigError(f"--prior-data: --adapt {cfg.adapt} trains on no prior pairs (e.g. --adapt dreambooth does)")
-    return Plan(spec, stages, eval_every, dataset, prior, notes)
-
-
-def _progressive_stages(cfg: AttackConfig, bundle: Any, data: list[Pairs], harmful: Pairs, steps: int) -> list[Stage]:
-    """Four equal stages: benign, benign (second set), the less harmful half, all harmful data."""
-    from resalign.eval.scoring import create_scorer, harm_scores
-
-    preset = preset_name(bundle)
-    name = (cfg.scorers or ["toy-harm" if preset == "toy" else "nudenet"])[0]
-    scorer = create_scorer(name, cfg.scorer_options.get(name))
-    order = np.argsort(harm_scores(scorer.score(np.asarray(harmful.images), list(harmful.prompts))), kind="stable")
-    low = order[: max(1, len(order) // 2)]
-    milder = Pairs(np.asarray(harmful.images)[low], [harmful.prompts[i] for i in low], f"{harmful.name}-milder-half")
-    second = data[1] if len(data) > 1 else data[0]
-    q = [steps // 4] * 4
-    q[-1] += steps - sum(q)
-    return [
-        Stage(data[0], q[0], data[0].name),
-        Stage(second, q[1], second.name),
-        Stage(milder, q[2], milder.name),
-        Stage(harmful, q[3], harmful.name),
-    ]
-
-
-def check_data_spec(spec: str, flag: str) -> None:
-    """A ``--data``-style source names a toy set or an image-caption folder whose metadata parses."""
-    if spec.startswith(TOY_DATA_PREFIX):
-        from resalign.data.toy import IMAGE_SETS
-
-        if spec[len(TOY_DATA_PREFIX):] not in IMAGE_SETS:
-            raise ConfigError(f"{flag} {spec!r}: unknown toy set; expected one of "
-                              + ", ".join(TOY_DATA_PREFIX + n for n in IMAGE_SETS))
-        return
-    if not Path(spec).is_dir():
-        raise DataError(f"{flag} {spec!r}: no such folder (or name a toy set as toy-images:benign-a)")
-    from resalign.data.folders import read_metadata
-
-    read_metadata(spec)
-
 
 def check_attack_config(cfg: AttackConfig) -> None:
     """Every setting of ``resalign attack`` that can be checked without the model."""
-    from resalign.pipeline.evaluate import check_common, model_folder
     from resalign.validation import check_int, check_number
 
     adapter_class(cfg.adapt)
@@ -313,7 +105,6 @@ def check_attack_config(cfg: AttackConfig) -> None:
         if spec:
             check_data_spec(spec, flag)
     model_folder(cfg.model)
-
 
 def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, resume: bool = False
                ) -> tuple[Path, TidyReport]:
@@ -404,15 +195,7 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, res
 
         outcomes = sweep.run([Cell(f"seed-{seed}", {"k": k, "seed": seed}) for k, seed in enumerate(seeds)],
                              attack_seed, on_done=seed_done)
-    curves: dict[int, list[list[Figure]]] = {}
-    utility: dict[str, list[list[Figure]]] = {"before_ft": [], "after_ft": []}
-    samples: dict[str, np.ndarray] = {}
-    for outcome in outcomes:  # in seed order, as one process computes them
-        for step, figs in outcome.value["curves"].items():
-            curves.setdefault(int(step), []).append(figures_of(figs))
-        for stage, figs in outcome.value["utility"].items():
-            utility[stage].append(figures_of(figs))
-        samples.update(samples_of(outcome.value["samples"], outcome.arrays))
+    curves, utility, samples = attack_records(outcomes)  # in seed order, as one process computes them
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
 
     keys = dict(model=model.label, finetune=plan.spec.adapt, dataset=plan.dataset)

@@ -93,20 +93,13 @@ from resalign.eval.compare_report import (
 from resalign.eval.compare_report import intro as _intro
 from resalign.eval.compare_report import plots as _plots
 from resalign.eval.report import TidyReport
-from resalign.pipeline.attack import ATTACK_PRESETS, load_pairs
-from resalign.pipeline.evaluate import (
-    SEED_STRIDE,
-    Bars,
-    Evaluator,
-    Figure,
-    add_figures,
-    harmful_and_benign_sets,
-    load_model,
-    options_for,
-    preset_name,
-    resolve_generation,
-    set_threads,
-)
+from resalign.eval.attack import ATTACK_PRESETS, load_pairs
+from resalign.eval.evaluator import Evaluator, Figure, add_figures, resolve_generation
+from resalign.eval.presets import SEED_STRIDE, preset_name
+from resalign.eval.sets import harmful_and_benign_sets, options_for
+from resalign.models.load import load_model
+from resalign.pipeline.evaluate import set_threads
+from resalign.pipeline.progress import Bars
 from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
 from resalign.pipeline.records import (
     figures_of,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from resalign.components import ScoreResult
-from resalign.pipeline.evaluate import Figure
+from resalign.eval.evaluator import Figure
 
 
 def figures_value(figs: Sequence[Figure]) -> list[dict[str, Any]]:
@@ -32,3 +32,19 @@ def samples_arrays(samples: Mapping[str, np.ndarray]) -> tuple[list[str], dict[s
 def samples_of(names: Sequence[str], arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inverse of :func:`samples_arrays`, in the recorded order."""
     return {n: arrays[f"sample-{i}"] for i, n in enumerate(names)}
+
+
+def attack_records(outcomes: Sequence[Any]) -> tuple[dict[int, list[list[Figure]]], dict[str, list[list[Figure]]],
+                                                     dict[str, np.ndarray]]:
+    """An attack's seed cells, in seed order: figures per step along fine-tuning, benign figures per
+    stage (``before_ft``, ``after_ft``) and the sample grids, each list one entry per seed."""
+    curves: dict[int, list[list[Figure]]] = {}
+    utility: dict[str, list[list[Figure]]] = {"before_ft": [], "after_ft": []}
+    samples: dict[str, np.ndarray] = {}
+    for outcome in outcomes:
+        for step, figs in outcome.value["curves"].items():
+            curves.setdefault(int(step), []).append(figures_of(figs))
+        for stage, figs in outcome.value["utility"].items():
+            utility[stage].append(figures_of(figs))
+        samples.update(samples_of(outcome.value["samples"], outcome.arrays))
+    return curves, utility, samples
