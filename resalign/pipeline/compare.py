@@ -160,14 +160,14 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
                for u, by_method in rcs.items()}
     first = rcs[unlearn_seeds[0]]
     losses = {m: resolve(rc).loss for m, rc in first.items()} | {m: run_config_of(d).loss for m, d in cfg.runs.items()}
-    sweep = Sweep(out, command="compare", settings=to_dict(cfg), resume=resume, free=("threads", "results_md"))
-    if sweep.run_dir is not None:
-        sweep.run_dir.write_config({"command": "compare", **to_dict(cfg), "seeds_used": seeds,
-                                    "unlearn_seeds_used": unlearn_seeds})
     cmp = Comparison(base, cfg.methods, cfg.runs, ft_data, spec, harm_sets, benign_sets, gen, cfg.scorer_options,
                      seed=cfg.seed, seeds=seeds, unlearn_seeds=unlearn_seeds, device=cfg.device, dtype=cfg.dtype,
                      match=cfg.match, losses=losses, settings={"config": to_dict(cfg), "reused_runs": dict(cfg.runs), "unlearning":
                                                 {m: to_dict(resolve(c)) for m, c in first.items()}})
+    sweep = Sweep(out, command="compare", settings=to_dict(cfg), resume=resume, free=("threads", "results_md"))
+    if sweep.run_dir is not None:
+        sweep.run_dir.write_config({"command": "compare", **to_dict(cfg), "seeds_used": seeds,
+                                    "unlearn_seeds_used": unlearn_seeds})
     return cmp, sweep, rcs
 
 
