@@ -274,7 +274,7 @@ def compare_cmd(
         return
     from rich.markdown import Markdown
 
-    from resalign.pipeline.compare import compare_tables
+    from resalign.eval.compare_report import compare_tables
 
     for table in compare_tables(report):
         console.print(Markdown(table.render()))

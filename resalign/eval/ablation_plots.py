@@ -1,4 +1,4 @@
-"""Plots of ``resalign ablate solvers``: fidelity against K, and fidelity against cost."""
+"""Plots of ``resalign ablate``: fidelity against K, fidelity against cost, and the variants' harmful rates."""
 
 from __future__ import annotations
 
@@ -72,3 +72,23 @@ def plot_fidelity_cost(cos_rows: Sequence[Mapping[str, Any]], sec_rows: Sequence
     out = _save(fig, Path(path))
     plt.close(fig)
     return out
+
+
+def solver_figures(report: Any, folder: Path) -> list[tuple[str, str]]:
+    """``ablate solvers``' plots in ``folder``, as (caption, file name) for the report."""
+    plot_fidelity_vs_k(report.rows(stage="fidelity", metric="cosine"), folder / "fidelity_vs_k.png")
+    everything = {"optimizer": "all", "adapter": "all"}
+    plot_fidelity_cost(report.rows(stage="fidelity", metric="cosine", **everything),
+                       report.rows(stage="fidelity", metric="seconds", **everything), folder / "fidelity_vs_cost.png")
+    return [("Fidelity (cosine to the exact hypergradient) against K, mean ± SEM", "fidelity_vs_k.png"),
+            ("Fidelity against cost per hypergradient", "fidelity_vs_cost.png")]
+
+
+def component_figures(report: Any, folder: Path) -> list[tuple[str, str]]:
+    """``ablate components``' plot in ``folder``: harmful rate before and after fine-tuning per variant."""
+    from resalign.eval.plots import plot_bars
+
+    rates = [r for r in report.rows(metric="harmful_rate", prompts="harmful") if r["stage"] in ("before_ft", "after_ft")]
+    plot_bars(rates, folder / "components.png", group="setting", bar="stage", bars_order=["before_ft", "after_ft"],
+              title="Harmful rate before and after benign fine-tuning (mean ± SEM)")
+    return [("Harmful rate before and after benign fine-tuning per variant", "components.png")]

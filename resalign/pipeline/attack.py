@@ -33,8 +33,8 @@ from resalign.eval.report import MarkdownTable, TidyReport
 from resalign.eval.sets import check_scorer_options, harmful_and_benign_sets, options_for
 from resalign.models.load import load_model, model_folder
 from resalign.pipeline.evaluate import check_common, set_threads
-from resalign.pipeline.progress import Bars
-from resalign.pipeline.records import attack_records, figures_value, samples_arrays
+from resalign.progress import Bars
+from resalign.eval.records import attack_records, figures_value, samples_arrays
 
 
 @dataclass

@@ -31,7 +31,7 @@ from resalign.eval.report import MarkdownTable, TidyReport
 from resalign.eval.scoring import create_scorer, warm_up, write_per_image
 from resalign.eval.sets import build_sets
 from resalign.models.load import load_model, model_folder
-from resalign.pipeline.progress import Bars
+from resalign.progress import Bars
 
 @dataclass
 class EvalConfig:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,8 @@ from typing import Any
 import torch
 
 from resalign import distributed
+from resalign.checkpoints import load_checkpoint as _load_checkpoint
+from resalign.checkpoints import save_checkpoint as _save_checkpoint
 from resalign.config import deep_merge, from_dict, load_toml, to_dict
 from resalign.core.health import simulation_summary, summary_markdown
 from resalign.core.meta import GAMMA_RULES, ConfigPool, MethodSettings, ResAlign
@@ -38,7 +38,7 @@ from resalign.core.problem import MAX_FT_LOSS_GROWTH
 from resalign.core.params import PARAM_KINDS, ParamsOptions
 from resalign.errors import ConfigError, ModelLoadError, ResAlignError, RunInterrupted
 from resalign.pipeline.data import DataConfig, SourceConfig, check_source
-from resalign.rundir import RunDir, atomic_write_bytes, atomic_write_json
+from resalign.rundir import RunDir
 
 PRESET_NAMES = ("auto", "toy", "sd")
 
@@ -357,79 +357,6 @@ def _check_numbers(cfg: RunConfig) -> None:
         for i, src in enumerate(getattr(data, set_name)):
             check_int(src.n, f"data.{set_name}[{i}].n", ge=0)
             check_seed(src.seed, f"data.{set_name}[{i}].seed")
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(rd: RunDir, trainer: ResAlign, keep: int) -> Path:
-    from safetensors.torch import save as st_save
-
-    state = trainer.state_dict()
-    step = state["step"]
-    folder = rd.checkpoints / f"step-{step:06d}"
-    tmp = rd.checkpoints / f".step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    theta = {k: v.detach().cpu().contiguous() for k, v in state["theta"].items()}
-    atomic_write_bytes(tmp / "theta.safetensors", st_save(theta))
-    opt = state["optimizer"]
-    tensors, scalars = {}, {}
-    for idx, entries in opt["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().reshape(-1).contiguous()
-                scalars[f"{idx}.{key}"] = list(value.shape)
-            else:
-                scalars[f"{idx}.{key}"] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    atomic_write_bytes(tmp / "optimizer.safetensors", st_save(tensors))
-    solver = {f"{group}/{k}": v.detach().cpu().contiguous() for group, vs in state["solver"].items() for k, v in vs.items()}
-    if solver:
-        atomic_write_bytes(tmp / "solver.safetensors", st_save(solver))
-    atomic_write_json(tmp / "state.json", {
-        "step": step,
-        "param_names": list(theta),
-        "optimizer": {"param_groups": opt["param_groups"], "entries": scalars},
-        "rng": {"python": random.getstate()[1][:8], "torch_initial_seed": torch.initial_seed()},
-        "time": time.time(),
-    })
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    atomic_write_json(rd.checkpoints / "latest.json", {"step": step, "path": folder.name})
-    for old in sorted(rd.checkpoints.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
-    return folder
-
-
-def _load_checkpoint(rd: RunDir, device: str) -> dict[str, Any] | None:
-    """The latest checkpoint's state (for :meth:`ResAlign.load_state_dict`), with the torch RNG state
-    under ``rng_torch``; None when the run has none."""
-    from safetensors.torch import load_file
-
-    latest = rd.checkpoints / "latest.json"
-    if not latest.is_file():
-        return None
-    folder = rd.checkpoints / json.loads(latest.read_text())["path"]
-    meta = json.loads((folder / "state.json").read_text())
-    theta = load_file(folder / "theta.safetensors", device=device)
-    flat = load_file(folder / "optimizer.safetensors", device=device)
-    rng_torch = flat.pop("rng.torch").cpu()
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in meta["optimizer"]["entries"].items():
-        idx, name = key.split(".", 1)
-        if key in flat:
-            value = flat[key].reshape(value)
-        state.setdefault(int(idx), {})[name] = value
-    solver: dict[str, dict[str, torch.Tensor]] = {}
-    if (folder / "solver.safetensors").is_file():
-        for key, value in load_file(folder / "solver.safetensors", device=device).items():
-            group, name = key.split("/", 1)
-            solver.setdefault(group, {})[name] = value
-    return {"step": meta["step"], "theta": theta, "solver": solver, "rng_torch": rng_torch,
-            "optimizer": {"state": state, "param_groups": meta["optimizer"]["param_groups"]}}
 
 
 # --------------------------------------------------------------------------- progress
