@@ -156,10 +156,10 @@ def check_key(cls: type, keys: Sequence[str], where: str, what: str = "") -> Non
         names = [f.name for f in dataclasses.fields(tp)]
         key = aliases(tp).get(key, key)
         if key not in names:
-            prefix = ".".join(keys[:i])
-            valid = ", ".join(f"{prefix}.{n}" if prefix else n for n in names)
-            raise ConfigError(f"{where}: unknown key {'.'.join(keys[:i + 1])!r}"
-                              f"{' of ' + what if what else ''}; valid keys: {valid}")
+            close = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"{where}: unknown key {key!r}{' in ' + '.'.join(keys[:i]) if i else ''}"
+                              f"{' of ' + what if what else ''}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                              f"valid keys: {', '.join(names)}")
         tp = _unwrap_optional(typing.get_type_hints(tp)[key])
 
 

@@ -42,8 +42,10 @@ def test_former_flag_names_are_hidden_aliases():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["eval", "--set", "sample_stepz=3"], "--set 'sample_stepz=3': unknown key 'sample_stepz' of eval's settings; "
-                                          "valid keys: model, prompts"),
+    (["eval", "--set", "sample_stepz=3"], "--set 'sample_stepz=3': unknown key 'sample_stepz' of eval's settings "
+                                          "(did you mean 'sample_steps'?); valid keys: model, prompts"),
+    (["run", "--set", "pool.lrz=1"], "unknown key 'lrz' in pool of the run settings (did you mean 'lrs'?); "
+                                     "valid keys: lrs, steps"),
     (["eval", "--set", "sample_steps=0"], "--sample-steps: expected an integer >= 1"),
     (["eval", "--sample-steps", "2", "--steps", "3"], "--sample-steps and --steps are the same flag"),
     (["eval", "--set", "guidance=inf"], "--set 'guidance=inf': expected a finite number, got inf"),

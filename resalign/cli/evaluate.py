@@ -282,11 +282,12 @@ def compare_cmd(
     """Table 1: base, plain-unlearning baselines and ResAlign, before and after benign fine-tuning."""
     from resalign.config import parse_items
     from resalign.pipeline.compare import CompareConfig, run_compare
+    from resalign.pipeline.run import RunConfig
 
     names = _split(scorer)
     cfg = resolve(CompareConfig, "compare", dict(
         model=model, methods=_split(methods) or None, runs=_pairs(run, "--run"),
-        unlearn=parse_items(unlearn_option, "--unlearn-option"), datasets=list(dataset or []), adapt=adapt,
+        unlearn=parse_items(unlearn_option, "--unlearn-option", cls=RunConfig, what="the run settings"), datasets=list(dataset or []), adapt=adapt,
         ft_steps=ft_steps, lr=lr, optimizer=optimizer, seeds=seeds, seed=seed, unlearn_seeds=unlearn_seeds,
         prompts=str(prompts) if prompts else None, benign_prompts=str(benign_prompts) if benign_prompts else None,
         category=_split(category), limit=limit, scorers=names, scorer_options=scorer_options(scorer_option, names),
