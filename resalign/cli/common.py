@@ -8,7 +8,8 @@ validation. Where a flag has no meaning for a command, :func:`refuse` says so.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import typer
 
