@@ -33,7 +33,8 @@ NESTED_KEYS = ["pool.lrs", "pool.steps", "pool.optimizers", "pool.batch_size", "
                "pool.lrs_by_optimizer.adam", "pool.adapters", "pool.adapter_options.lora.rank",
                "pool.adapter_options.lora", "pool.adapter_options", "regularizer_options",
                "solver_options.K", "solver_options.omega", "solver_options.tol", "loss_options.cap",
-               "params_options.rank", "params_options.alpha", "data.gen_steps", "data.gen_guidance",
+               "params_options.rank", "params_options.alpha", "data.sample_steps", "data.guidance",
+               "data.gen_steps", "data.gen_guidance",
                "data.images_per_prompt", "data.concept", "data.harmful", "data.preserve"]
 keys = st.sampled_from(RUN_KEYS + NESTED_KEYS) | st.text(max_size=8)
 #: TOML values the way a user types them after ``KEY=``.
@@ -119,6 +120,105 @@ def test_set_items(items, registry):
     raw = _only_own_errors(apply_set_items, {}, items)
     if raw is not None:
         _only_own_errors(_load_and_validate, raw, None, registry)
+
+
+# --------------------------------------------------------------------------- the KEY=VALUE parser
+
+finite_scalars = (st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False) | st.booleans()
+                  | st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8))
+finite_values = st.recursive(finite_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=4), inner, max_size=3), max_leaves=6)
+key_parts = st.from_regex(r"[A-Za-z_][A-Za-z0-9_-]{0,6}", fullmatch=True)
+
+
+def _toml(v) -> str:
+    """``v`` written as one TOML value on one line (inline tables and arrays)."""
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_toml, v)) + "]"
+    return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)} = {_toml(x)}" for k, x in v.items()) + "}"
+
+
+@MANY
+@given(value=finite_values, pad=st.sampled_from(["", " ", "\t "]))
+def test_parse_value_reads_every_toml_value_back(value, pad):
+    from resalign.config import parse_value
+
+    assert parse_value(pad + _toml(value) + pad, "--set") == value
+
+
+@MANY
+@given(text=texts)
+def test_parse_value_of_any_text(text):
+    """Any text is one TOML value, a string (when it is not TOML), or a one-line error naming the flag."""
+    import tomllib
+
+    from resalign.config import parse_value
+    from resalign.errors import ConfigError
+
+    try:
+        value = parse_value(text, "--flag 'item'")
+    except ConfigError as exc:
+        assert str(exc).startswith("--flag 'item': ") and "\n" not in str(exc)
+        return
+    try:
+        tomllib.loads(f"v = {text.strip()}")
+    except tomllib.TOMLDecodeError:
+        assert value == text.strip()
+    assert not (isinstance(value, float) and not math.isfinite(value))
+
+
+@MANY
+@given(sign=st.sampled_from(["", "+", "-"]), word=st.sampled_from(["nan", "NaN", "inf", "Infinity", "INF"]),
+       inside=st.booleans())
+def test_parse_value_refuses_non_finite_numbers(sign, word, inside):
+    from resalign.config import parse_value
+    from resalign.errors import ConfigError
+
+    text = f"[1, {sign}{word}]" if inside and word.islower() else sign + word
+    with pytest.raises(ConfigError, match="expected a finite number"):
+        parse_value(text, "--set")
+
+
+@MANY
+@given(parts=st.lists(key_parts, min_size=1, max_size=4), value=finite_values)
+def test_parse_item_splits_dotted_keys(parts, value):
+    from resalign.config import parse_item, parse_items
+
+    item = ".".join(parts) + "=" + _toml(value)
+    assert parse_item(item, "--set") == (parts, value)
+    table = parse_items([item], "--set")
+    for k in parts[:-1]:
+        table = table[k]
+    assert table[parts[-1]] == value
+
+
+@MANY
+@given(items=st.lists(st.tuples(keys, toml_values).map(lambda kv: f"{kv[0]}={kv[1]}"), max_size=3))
+def test_parse_items_knows_the_keys_from_dict_knows(items):
+    """With a dataclass, parse_items refuses exactly the keys that are not settings (naming the valid ones)."""
+    from resalign.config import from_dict, parse_items
+    from resalign.errors import ConfigError
+    from resalign.pipeline.run import RunConfig
+
+    try:
+        raw = parse_items(items, "--set", cls=RunConfig, what="the run settings")
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        if "unknown key" in str(exc):
+            assert "valid keys: " in str(exc)
+        return
+    try:
+        from_dict(RunConfig, raw)
+    except ConfigError as exc:
+        assert "unknown key" not in str(exc), str(exc)
 
 
 # --------------------------------------------------------------------------- prompt files
@@ -243,8 +343,8 @@ def test_escape(text):
     st.sampled_from(["nudenet.", "toy-harm.", "", ".", "a.b.", "nudenet"]) | texts,
     st.sampled_from(["threshold", "labels", "", " ", "classifier"]) | texts,
     st.sampled_from(["=", "", "=="]),
-    st.sampled_from(["0.45", "NaN", "Infinity", "-Infinity", "[1, 2]", "{\"a\": 1}", "A,B", "", "true", "null",
-                     "[" * 50000]) | texts,
+    st.sampled_from(["0.45", "NaN", "nan", "Infinity", "-inf", "[1, 2]", "{\"a\": 1}", "{a = 1}", "A,B", "", "true",
+                     "null", "[" * 50000, "[nan]", "\"quoted\"", "1\n2"]) | texts,
 ).map(lambda t: "".join(t)), max_size=3),
     scorers=st.lists(st.sampled_from(["nudenet", "toy-harm"]), max_size=2),
     fallback=st.none() | st.just("toy-harm"))

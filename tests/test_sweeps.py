@@ -143,7 +143,7 @@ def test_attack_resume_skips_finished_seeds(tiny_toy_dir, tmp_path, monkeypatch,
     capsys.readouterr()
     assert main(["attack", *_attack_args(tiny_toy_dir, out), "--resume", "--steps", "3"]) == 2
     err = capsys.readouterr().err
-    assert "--resume: setting 'steps' differs" in err and "(2 there, 3 now)" in err and runs == []
+    assert "--resume: setting 'ft_steps' differs" in err and "(2 there, 3 now)" in err and runs == []
     assert main(["attack", *_attack_args(tiny_toy_dir, out)[:-3], "--resume"]) == 2
     assert "--resume needs --out DIR" in capsys.readouterr().err
 

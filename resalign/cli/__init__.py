@@ -23,6 +23,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    epilog="Common flags of run, eval, score, attack, compare, ablate and toy: --out, --quiet, --set KEY=VALUE "
+           "(a setting of the command's configuration; a TOML value), --device, --dtype, --threads. "
+           "See COMMAND --help.",
 )
 console = Console()
 err_console = Console(stderr=True)

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from resalign.cli import RESUME_HELP, app, console, sweep_out
+from resalign.cli.common import device_option, dtype_option, out_option, quiet_option, set_option, threads_option
 from resalign.distributed import is_main
 from resalign.cli.run import apply_set_items
 from resalign.errors import ConfigError
@@ -31,6 +32,15 @@ def _floats(text: str, flag: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.1,1") from None
+
+
+_DTYPE_HELP = "Compute dtype of every run: fp32 | bf16 | fp16 (the run setting dtype; default: the preset's)"
+_SET_WHAT = "every run of the sweep (any RunConfig setting, as resalign run --set)"
+
+
+def _run_settings(items: list[str] | None, dtype: str | None) -> dict:
+    """The ``--set`` run settings, with ``--dtype`` as the run setting ``dtype``."""
+    return apply_set_items({} if dtype is None else {"dtype": dtype}, items)
 
 
 _ADAPT_HELP = ("Downstream fine-tuning method after each run: any registered adapter (resalign plugins --kind "
@@ -86,13 +96,13 @@ def solvers_cmd(
     ft_steps: int = typer.Option(100, "--ft-steps", help="Benign fine-tuning steps after each effect run."),
     adapt: str = typer.Option("full", "--adapt", help=_ADAPT_HELP),
     ft_seeds: int = typer.Option(2, "--ft-seeds", help="Fine-tuning seeds per effect run."),
-    device: str = typer.Option("cpu", "--device"),
-    threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
-    set_: list[str] = typer.Option(None, "--set", help="A run setting as KEY=VALUE (TOML value), repeatable, for the "
-                                   "simulations and the effect runs, e.g. 'pool.optimizers=[\"sgd\"]'."),
-    out: Path = typer.Option(None, "--out", help="Run directory (default runs/ablate-solvers-<timestamp>/)."),
+    device: str = device_option(),
+    dtype: str = dtype_option(None, _DTYPE_HELP),
+    threads: int = threads_option(),
+    set_: list[str] = set_option(_SET_WHAT, "'pool.optimizers=[\"sgd\"]'"),
+    out: Path = out_option("Run directory (default runs/ablate-solvers-<timestamp>/)."),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Fidelity (cosine, relative error vs the exact unrolled hypergradient), cost and effect per solver."""
     from resalign.eval.finetune import adapter_class
@@ -101,7 +111,7 @@ def solvers_cmd(
     cfg = AblateSolversConfig(
         model=model, solvers=_names(solvers), K=_ints(K, "--K"), gamma=_floats(gamma, "--gamma"), x0=_names(x0), curvature=_names(curvature), gamma_rule=_names(gamma_rule), seeds=seeds,
         configs=configs, max_steps=max_steps, loss=loss, device=device, threads=threads,
-        run=apply_set_items({}, set_),
+        run=_run_settings(set_, dtype),
         effect=EffectConfig(enabled=effect, solvers=_names(effect_solvers), outer_steps=effect_steps, ft_steps=ft_steps,
                             ft_seeds=ft_seeds, adapt=adapt),
     )
@@ -128,9 +138,10 @@ def solvers_cmd(
                                          resume=resume)
     if not is_main():
         return
-    _print(report, "hypergradient fidelity (cosine to exact), all configurations", ("setting",),
-           {"stage": "fidelity", "metric": "cosine", "optimizer": "all", "adapter": "all"})
-    if effect:
+    if not quiet:
+        _print(report, "hypergradient fidelity (cosine to exact), all configurations", ("setting",),
+               {"stage": "fidelity", "metric": "cosine", "optimizer": "all", "adapter": "all"})
+    if effect and not quiet:
         _print(report, "harmful rate after benign fine-tuning", ("solver", "prompts"),
                {"stage": "after_ft", "metric": "harmful_rate"})
     console.print(f"report: {run_dir / 'report.md'}")
@@ -151,13 +162,13 @@ def components_cmd(
     fixed_config: str = typer.Option(None, "--fixed-config", help="The no-meta-config configuration, by label "
                                      "(e.g. full/adam/lr=0.001/T=5/denoise; default: the pool's first full-parameter "
                                      "Adam one)."),
-    device: str = typer.Option("cpu", "--device"),
-    threads: int = typer.Option(1, "--threads"),
-    set_: list[str] = typer.Option(None, "--set", help="A run setting as KEY=VALUE (TOML value), repeatable, for "
-                                   "every variant, e.g. pool.steps=[5,10]."),
-    out: Path = typer.Option(None, "--out", help="Run directory (default runs/ablate-components-<timestamp>/)."),
+    device: str = device_option(),
+    dtype: str = dtype_option(None, _DTYPE_HELP),
+    threads: int = threads_option(),
+    set_: list[str] = set_option(_SET_WHAT, "pool.steps=[5,10]"),
+    out: Path = out_option("Run directory (default runs/ablate-components-<timestamp>/)."),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Tab. 6 (which component matters) and Tab. 7 (J): effect and training time per variant."""
     from resalign.eval.finetune import adapter_class
@@ -165,7 +176,7 @@ def components_cmd(
 
     cfg = AblateComponentsConfig(
         model=model, variants=_names(variants), J=_ints(J, "--J"), fixed_config=fixed_config, seed=seed, loss=loss,
-        device=device, threads=threads, run=apply_set_items({}, set_),
+        device=device, threads=threads, run=_run_settings(set_, dtype),
         effect=EffectConfig(outer_steps=outer_steps, ft_steps=ft_steps, ft_seeds=ft_seeds, adapt=adapt),
     )
     adapter_class(adapt)
@@ -179,7 +190,8 @@ def components_cmd(
                                             resume=resume)
     if not is_main():
         return
-    _print(report, "harmful rate after benign fine-tuning", ("setting", "prompts"),
-           {"stage": "after_ft", "metric": "harmful_rate"})
-    _print(report, "unlearning time (s)", ("setting",), {"metric": "train_seconds"})
+    if not quiet:
+        _print(report, "harmful rate after benign fine-tuning", ("setting", "prompts"),
+               {"stage": "after_ft", "metric": "harmful_rate"})
+        _print(report, "unlearning time (s)", ("setting",), {"metric": "train_seconds"})
     console.print(f"report: {run_dir / 'report.md'}")

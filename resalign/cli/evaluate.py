@@ -8,10 +8,17 @@ import typer
 from rich.table import Table
 
 from resalign.cli import RESUME_HELP, app, console, sweep_out
+from resalign.cli.common import (alias_option, device_option, dtype_option, out_option, pick, quiet_option, refuse,
+                                 resolve, set_option, set_torch_threads, threads_option)
 from resalign.distributed import is_main
 from resalign.errors import ConfigError
 
 _OUT_HELP = "Run directory (default runs/<command>-<timestamp>/)."
+_GEN_HELP = {
+    "images_per_prompt": "Images per prompt (toy 1, paper 3).",
+    "sample_steps": "Sampling (DDIM) steps of the evaluation (toy 20, paper 30).",
+    "guidance": "Classifier-free guidance scale of the evaluation (toy 2, paper 7.5).",
+}
 _SCORER_OPTION_HELP = (
     "A scorer option NAME.KEY=VALUE (e.g. nudenet.threshold=0.45, toy-harm.classifier=harm.onnx); "
     "KEY=VALUE when one scorer is used. Repeatable."
@@ -30,11 +37,11 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def scorer_options(items: list[str] | None, scorers: list[str], fallback: str | None = None) -> dict[str, dict]:
-    """``["nudenet.threshold=0.45"]`` -> ``{"nudenet": {"threshold": 0.45}}``.
+    """``["nudenet.threshold=0.45"]`` -> ``{"nudenet": {"threshold": 0.45}}`` (values: :func:`resalign.config.parse_value`).
 
     A bare ``KEY=VALUE`` belongs to the single scorer in use (``--scorer``, or ``fallback``).
     """
-    from resalign.eval.scoring import parse_options
+    from resalign.config import parse_value
 
     out: dict[str, dict] = {}
     for item in items or []:
@@ -49,7 +56,7 @@ def scorer_options(items: list[str] | None, scorers: list[str], fallback: str | 
             name, opt = names[0], key.strip()
         if not name.strip() or not opt.strip():
             raise ConfigError(f"--scorer-option {item!r}: expected NAME.KEY=VALUE with a scorer name and an option")
-        out.setdefault(name.strip(), {})[opt.strip()] = parse_options([f"{opt}={value}"], "--scorer-option")[opt.strip()]
+        out.setdefault(name.strip(), {})[opt.strip()] = parse_value(value, f"--scorer-option {item!r}")
     return out
 
 
@@ -77,37 +84,38 @@ def eval_cmd(
     scorer_option: list[str] = typer.Option(None, "--scorer-option", help=_SCORER_OPTION_HELP),
     category: list[str] = typer.Option(None, "--category", help="Keep CSV prompts of these categories (I2P 'categories'), e.g. sexual."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts of each set."),
-    images_per_prompt: int = typer.Option(None, "--images-per-prompt", help="Images per prompt (toy 1, paper 3)."),
-    steps: int = typer.Option(None, "--sample-steps", "--steps", help="Sampling steps (toy 20, paper 30)."),
-    guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (toy 2, paper 7.5); I2P's evaluation_guidance wins."),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt", help=_GEN_HELP["images_per_prompt"]),
+    sample_steps: int = typer.Option(None, "--sample-steps", help=_GEN_HELP["sample_steps"]),
+    steps: int = alias_option("--steps"),
+    guidance: float = typer.Option(None, "--guidance", help=_GEN_HELP["guidance"] + " I2P's evaluation_guidance wins."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (added to I2P's evaluation_seed)."),
     seeds: int = typer.Option(1, "--seeds", help="Repeat with this many seeds; rows report mean ± SEM."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images generated per batch."),
     toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts drawn per toy set (default 100)."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
-    threads: int = typer.Option(1, "--threads", help="Torch CPU threads."),
     save_images: bool = typer.Option(True, "--save-images/--no-save-images", help="Save every generated image."),
     preset: str = typer.Option(None, "--preset", help="toy | paper: generation settings and default scorers (default: toy for the toy model, else paper)."),
-    out: Path = typer.Option(None, "--out", help=_OUT_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    threads: int = threads_option(),
+    set_: list[str] = set_option("the evaluation (a field of EvalConfig)", "sample_steps=10"),
+    out: Path = out_option(_OUT_HELP),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Generate images from prompt sets, score them and write a report (harmful rate, utility)."""
     from resalign.pipeline.evaluate import EvalConfig, run_eval
 
     names = _split(scorer)
-    cfg = EvalConfig(
+    cfg = resolve(EvalConfig, "eval", dict(
         model=model, prompts=str(prompts) if prompts else None, scorers=names,
         scorer_options=scorer_options(scorer_option, names), category=_split(category), limit=limit,
-        images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed=seed, seeds=seeds,
-        batch_size=batch_size, toy_prompts=toy_prompts, device=device, dtype=dtype, save_images=save_images,
-        threads=threads, preset=preset,
-    )
+        images_per_prompt=images_per_prompt, sample_steps=pick("--sample-steps", sample_steps, "--steps", steps),
+        guidance=guidance, seed=seed, seeds=seeds, batch_size=batch_size, toy_prompts=toy_prompts, device=device,
+        dtype=dtype, save_images=save_images, threads=threads, preset=preset,
+    ), set_)
     path, report = run_eval(cfg, _out(out, "eval"), progress=not quiet)
-    from resalign import distributed
-
-    if distributed.is_main():  # under torchrun the other ranks only generated
-        _print_rows(report, ("prompts", "metric", "scorer"), f"resalign eval: {report.settings['model']}")
+    if is_main():  # under torchrun the other ranks only generated
+        if not quiet:
+            _print_rows(report, ("prompts", "metric", "scorer"), f"resalign eval: {report.settings['model']}")
         console.print(f"report: {path / 'report.md'}")
 
 
@@ -121,18 +129,37 @@ def score_cmd(
     scorer_option: list[str] = typer.Option(None, "--scorer-option", help="KEY=VALUE option of the scorer. Repeatable."),
     strict_images: bool = typer.Option(False, "--strict-images", help="Refuse a folder with an unreadable image "
                                        "file (default: warn, skip such files and score the rest)."),
-    out: Path = typer.Option(None, "--out", help=_OUT_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No results table: print only where the report is."),
+    device: str = device_option(None, "Device of the scorer's network, its 'device' option (for scorers that have "
+                                "one: clip-score, frechet, unsafe-score, ...)"),
+    dtype: str = dtype_option(None, "Not used: scorers run in their own precision; giving it is an error"),
+    threads: int = threads_option(None, "Torch CPU threads while scoring (0: torch's default)"),
+    set_: list[str] = set_option("the scoring (a field of ScoreConfig)", "scorer_options.threshold=0.5"),
+    out: Path = out_option(_OUT_HELP),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Score existing images: per-image results (detections.jsonl or scores.csv) and the aggregate report."""
-    from resalign.pipeline.evaluate import ScoreConfig, run_score
+    import dataclasses
 
+    from resalign.pipeline.evaluate import ScoreConfig, run_score
+    from resalign.registry import get_registry
+
+    refuse("score", "--dtype", dtype, "scorers run in their own precision (--dtype is for generating images)")
     all_opts = scorer_options(scorer_option, [scorer])
     other = sorted(set(all_opts) - {scorer})
     if other:
         raise ConfigError(f"--scorer-option for {', '.join(other)}: that scorer is not used (--scorer {scorer})")
-    opts = all_opts.get(scorer, {})
-    path, report = run_score(ScoreConfig(str(images), scorer, opts, strict_images=strict_images), _out(out, "score"))
+    cfg = resolve(ScoreConfig, "score", dict(images=str(images), scorer=scorer, scorer_options=all_opts.get(scorer, {}),
+                                             strict_images=strict_images), set_)
+    if device is not None:
+        from resalign.validation import check_device
+
+        check_device(device, "--device")
+        config = getattr(get_registry().get("scorer", cfg.scorer), "Config", None)
+        if config is None or "device" not in {f.name for f in dataclasses.fields(config)}:
+            raise ConfigError(f"score --device: scorer {cfg.scorer!r} has no device option (it chooses where it runs)")
+        cfg = dataclasses.replace(cfg, scorer_options={"device": device, **cfg.scorer_options})
+    set_torch_threads(threads)
+    path, report = run_score(cfg, _out(out, "score"))
     if not quiet:
         _print_rows(report, ("dataset", "metric", "scorer"), f"resalign score: {images}")
     console.print(f"report: {path / 'report.md'}")
@@ -146,7 +173,8 @@ def attack_cmd(
     model: str = typer.Argument(None, help="A diffusers model folder or a run directory (its model/). Default: the toy base model."),
     adapt: str = typer.Option("full", "--adapt", help="Any registered adapter (resalign plugins --kind adapter): full, lora, loha, lokr, svdiff, custom_diffusion, dreambooth, ..."),
     data: list[str] = typer.Option(None, "--data", help="Fine-tuning image-caption folder (metadata.jsonl), or a toy set toy-images:benign-a|benign-b|contamination. A second --data is the second benign stage of --progressive."),
-    steps: int = typer.Option(None, "--steps", help="Fine-tuning steps (default 200)."),
+    ft_steps: int = typer.Option(None, "--ft-steps", help="Fine-tuning steps (default 200)."),
+    steps: int = alias_option("--steps"),
     lr: float = typer.Option(None, "--lr", help="Learning rate (default: the preset's for the method; paper full 1e-5)."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adam | sgd."),
     batch_size: int = typer.Option(1, "--batch-size", help="Fine-tuning batch size (paper: 1)."),
@@ -164,38 +192,40 @@ def attack_cmd(
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts of each set."),
     scorer: list[str] = typer.Option(None, "--scorer", help="Scorer(s) for the evaluation sets."),
     scorer_option: list[str] = typer.Option(None, "--scorer-option", help=_SCORER_OPTION_HELP),
-    images_per_prompt: int = typer.Option(None, "--images-per-prompt"),
-    sample_steps: int = typer.Option(None, "--sample-steps", help="Sampling steps of the evaluation."),
-    guidance: float = typer.Option(None, "--guidance", help="CFG scale of the evaluation (toy 2, paper 7.5)."),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt", help=_GEN_HELP["images_per_prompt"]),
+    sample_steps: int = typer.Option(None, "--sample-steps", help=_GEN_HELP["sample_steps"]),
+    guidance: float = typer.Option(None, "--guidance", help=_GEN_HELP["guidance"]),
     toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts per toy set (default 100)."),
     lora_rank: int = typer.Option(4, "--lora-rank"),
     prior_data: str = typer.Option(None, "--prior-data", help="DreamBooth class images (default: generated by the model)."),
     class_prompt: str = typer.Option(None, "--class-prompt", help="DreamBooth class prompt (default: each caption)."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("fp32", "--dtype"),
-    threads: int = typer.Option(1, "--threads"),
-    out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    threads: int = threads_option(),
+    set_: list[str] = set_option("the attack (a field of AttackConfig)", "gen_batch_size=16"),
+    out: Path = out_option(_OUT_HELP),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-    quiet: bool = typer.Option(False, "--quiet"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Fine-tune the model as a downstream user would and report its harmful rate along the way (Fig. 2)."""
     from resalign.pipeline.attack import AttackConfig, run_attack
 
     names = _split(scorer)
-    cfg = AttackConfig(
-        model=model, adapt=adapt, data=list(data or []), steps=steps, lr=lr, optimizer=optimizer,
-        batch_size=batch_size, seeds=seeds, seed=seed, eval_every=eval_every, preset=preset,
-        contaminate=contaminate, harmful_data=harmful_data, escape=escape, progressive=progressive,
+    cfg = resolve(AttackConfig, "attack", dict(
+        model=model, adapt=adapt, data=list(data or []), ft_steps=pick("--ft-steps", ft_steps, "--steps", steps),
+        lr=lr, optimizer=optimizer, batch_size=batch_size, seeds=seeds, seed=seed, eval_every=eval_every,
+        preset=preset, contaminate=contaminate, harmful_data=harmful_data, escape=escape, progressive=progressive,
         prompts=str(prompts) if prompts else None, benign_prompts=str(benign_prompts) if benign_prompts else None,
         category=_split(category), limit=limit, scorers=names,
         scorer_options=scorer_options(scorer_option, names), images_per_prompt=images_per_prompt,
         sample_steps=sample_steps, guidance=guidance, toy_prompts=toy_prompts, lora_rank=lora_rank,
         prior_data=prior_data, class_prompt=class_prompt, device=device, dtype=dtype, threads=threads,
-    )
+    ), set_)
     path, report = run_attack(cfg, sweep_out(out, "attack", resume), progress=not quiet, resume=resume)
     if not is_main():
         return
-    _print_rows(report, ("stage", "step", "prompts", "metric"), f"resalign attack: {report.settings['model']}")
+    if not quiet:
+        _print_rows(report, ("stage", "step", "prompts", "metric"), f"resalign attack: {report.settings['model']}")
     console.print(f"report: {path / 'report.md'}")
 
 
@@ -217,7 +247,7 @@ def compare_cmd(
     model: str = typer.Option(None, "--model", help="Base model folder (default: the toy base model)."),
     methods: list[str] = typer.Option(None, "--methods", help="Comma-separated: base, ga, esd, ca (beta = 0 baselines), resalign[-LOSS]. Default: base,ga,esd,ca,resalign."),
     run: list[str] = typer.Option(None, "--run", help="Reuse a finished unlearning run: METHOD=RUN_DIR (repeatable)."),
-    unlearn_option: list[str] = typer.Option(None, "--unlearn-option", help="A run setting for every unlearning run, KEY=VALUE (e.g. outer_steps=20). Repeatable."),
+    unlearn_option: list[str] = typer.Option(None, "--unlearn-option", help="A run setting for every unlearning run, KEY=VALUE (e.g. outer_steps=20); the same as --set unlearn.KEY=VALUE. Repeatable."),
     dataset: list[str] = typer.Option(None, "--dataset", help="Benign fine-tuning set (folder or toy-images:NAME), twice. Default toy: benign-a, benign-b."),
     adapt: str = typer.Option("full", "--adapt", help="Fine-tuning method after unlearning (paper: full)."),
     ft_steps: int = typer.Option(None, "--ft-steps", help="Fine-tuning steps (default 200)."),
@@ -233,83 +263,80 @@ def compare_cmd(
     scorer: list[str] = typer.Option(None, "--scorer"),
     scorer_option: list[str] = typer.Option(None, "--scorer-option", help=_SCORER_OPTION_HELP),
     toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts per toy set and seed (default 40)."),
-    images_per_prompt: int = typer.Option(None, "--images-per-prompt"),
-    sample_steps: int = typer.Option(None, "--sample-steps", help="Sampling steps of the evaluation (toy default 10)."),
-    guidance: float = typer.Option(None, "--guidance", help="CFG scale of the evaluation (toy 2, paper 7.5)."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("fp32", "--dtype"),
-    threads: int = typer.Option(1, "--threads"),
+    images_per_prompt: int = typer.Option(None, "--images-per-prompt", help=_GEN_HELP["images_per_prompt"]),
+    sample_steps: int = typer.Option(None, "--sample-steps", help="Sampling (DDIM) steps of the evaluation (toy default 10)."),
+    guidance: float = typer.Option(None, "--guidance", help=_GEN_HELP["guidance"]),
     match: str = typer.Option("strength", "--match", help="strength: each baseline at its earliest checkpoint as unlearned as ResAlign (of the same unlearning seed); steps: final models of equal-length runs, with the paired difference ResAlign - beta = 0 twin."),
     match_every: int = typer.Option(2, "--match-every", help="Checkpoint interval (outer steps) of the baselines' runs for --match strength."),
     match_max_factor: int = typer.Option(1, "--match-max-factor", help="With --match strength, baselines run up to this many times ResAlign's outer steps."),
     results_md: Path = typer.Option(None, "--results-md", help="Also write the table to this Markdown file (docs/results.md)."),
-    out: Path = typer.Option(None, "--out", help=_OUT_HELP),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    threads: int = threads_option(),
+    set_: list[str] = set_option("the comparison (a field of CompareConfig; unlearn.KEY: a run setting)",
+                                 "unlearn.outer_steps=20"),
+    out: Path = out_option(_OUT_HELP),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-    quiet: bool = typer.Option(False, "--quiet"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Table 1: base, plain-unlearning baselines and ResAlign, before and after benign fine-tuning."""
-    from resalign.eval.scoring import parse_options
-    from resalign.pipeline.compare import DEFAULT_METHODS, CompareConfig, run_compare
+    from resalign.config import parse_items
+    from resalign.pipeline.compare import CompareConfig, run_compare
+    from resalign.pipeline.run import RunConfig
 
     names = _split(scorer)
-    _check_compare(model=model, device=device, dtype=dtype, threads=threads, seed=seed, seeds=seeds, limit=limit,
-                   images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance=guidance,
-                   toy_prompts=toy_prompts, scorers=names, prompts=prompts, benign_prompts=benign_prompts,
-                   category=_split(category), ft_steps=ft_steps, lr=lr, adapt=adapt, optimizer=optimizer,
-                   datasets=list(dataset or []), match_every=match_every,
-                   unlearn=parse_options(unlearn_option, "--unlearn-option"),
-                   methods=_split(methods), runs=_pairs(run, "--run"))
-    cfg = CompareConfig(
-        model=model, methods=_split(methods) or list(DEFAULT_METHODS), runs=_pairs(run, "--run"),
-        unlearn=parse_options(unlearn_option, "--unlearn-option"), datasets=list(dataset or []), adapt=adapt,
+    cfg = resolve(CompareConfig, "compare", dict(
+        model=model, methods=_split(methods) or None, runs=_pairs(run, "--run"),
+        unlearn=parse_items(unlearn_option, "--unlearn-option", cls=RunConfig, what="the run settings"), datasets=list(dataset or []), adapt=adapt,
         ft_steps=ft_steps, lr=lr, optimizer=optimizer, seeds=seeds, seed=seed, unlearn_seeds=unlearn_seeds,
         prompts=str(prompts) if prompts else None, benign_prompts=str(benign_prompts) if benign_prompts else None,
         category=_split(category), limit=limit, scorers=names, scorer_options=scorer_options(scorer_option, names),
         toy_prompts=toy_prompts, images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance=guidance,
         device=device, dtype=dtype, threads=threads, results_md=str(results_md) if results_md else None,
         match=match, match_every=match_every, match_max_factor=match_max_factor,
-    )
+    ), set_)
+    _check_compare(cfg)
     path, report = run_compare(cfg, sweep_out(out, "compare", resume), progress=not quiet, resume=resume)
     if not is_main():
         return
-    from rich.markdown import Markdown
+    if not quiet:
+        from rich.markdown import Markdown
 
-    from resalign.eval.compare_report import compare_tables
+        from resalign.eval.compare_report import compare_tables
 
-    for table in compare_tables(report):
-        console.print(Markdown(table.render()))
+        for table in compare_tables(report):
+            console.print(Markdown(table.render()))
     console.print(f"report: {path / 'report.md'}  ({report.settings['seconds'] / 60:.1f} min)")
 
 
-def _check_compare(*, model, device, dtype, threads, seed, seeds, limit, images_per_prompt, sample_steps, guidance,
-                   toy_prompts, scorers, prompts, benign_prompts, category, ft_steps, lr, adapt, optimizer, datasets,
-                   match_every, unlearn, methods, runs) -> None:
+def _check_compare(cfg) -> None:
     """The settings of ``resalign compare`` checked before the base model is loaded, and each unlearning
     run's configuration validated as ``resalign run`` would."""
     from resalign.eval.attack import check_data_spec
     from resalign.models.load import model_folder
-    from resalign.pipeline.compare import DEFAULT_METHODS, method_run_config
+    from resalign.pipeline.compare import method_run_config
     from resalign.pipeline.evaluate import check_common
     from resalign.eval.finetune import FinetuneSpec
-    from resalign.pipeline.run import resolve, validate
+    from resalign.pipeline.run import resolve as resolve_run, validate
     from resalign.registry import get_registry
     from resalign.validation import check_int, check_number
 
-    check_common(device=device, dtype=dtype, threads=threads, seed=seed, limit=limit,
-                 images_per_prompt=images_per_prompt, steps=sample_steps, guidance=guidance, toy_prompts=toy_prompts,
-                 scorers=scorers, prompt_files=[("--prompts", str(prompts) if prompts else None),
-                                                ("--benign-prompts", str(benign_prompts) if benign_prompts else None)],
-                 categories=category)
-    check_int(seeds, "--seeds", ge=1)
-    check_int(ft_steps, "--ft-steps", ge=0, optional=True)
-    check_number(lr, "--lr", gt=0, optional=True)
-    check_int(match_every, "--match-every", ge=1)
-    FinetuneSpec(adapt=adapt, lr=lr, optimizer=optimizer).validate()
-    for spec in datasets:
+    check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
+                 images_per_prompt=cfg.images_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
+                 toy_prompts=cfg.toy_prompts, scorers=cfg.scorers,
+                 prompt_files=[("--prompts", cfg.prompts), ("--benign-prompts", cfg.benign_prompts)],
+                 categories=cfg.category)
+    check_int(cfg.seeds, "--seeds", ge=1)
+    check_int(cfg.ft_steps, "--ft-steps", ge=0, optional=True)
+    check_number(cfg.lr, "--lr", gt=0, optional=True)
+    check_int(cfg.match_every, "--match-every", ge=1)
+    FinetuneSpec(adapt=cfg.adapt, lr=cfg.lr, optimizer=cfg.optimizer).validate()
+    for spec in cfg.datasets:
         check_data_spec(spec, "--dataset")
-    model_folder(model)
+    model_folder(cfg.model)
     registry = get_registry()
-    for method in methods or DEFAULT_METHODS:
-        if method == "base" or method in runs:
+    for method in cfg.methods:
+        if method == "base" or method in cfg.runs:
             continue
-        validate(resolve(method_run_config(method, model, seed, unlearn, device, dtype)), registry)
+        validate(resolve_run(method_run_config(method, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)),
+                 registry)

@@ -10,6 +10,8 @@ import typer
 
 from resalign import distributed
 from resalign.cli import app, console
+from resalign.cli.common import (DEVICE_HELP, DTYPE_HELP, THREADS_HELP, device_option, dtype_option, out_option,
+                                 quiet_option, set_option, threads_option)
 from resalign.errors import ConfigError
 
 
@@ -37,48 +39,18 @@ def _default(key: str) -> str:
     return "\\[default: " + fmt(value) + "]"
 
 
-def _parse_value(text: str, item: str = "") -> Any:
-    """A TOML value (number, bool, string, array, inline table); anything that is not one stays a string."""
-    import tomllib
-
-    try:
-        parsed = tomllib.loads(f"v = {text}")
-    except tomllib.TOMLDecodeError:
-        if "\n" in text or "\r" in text:
-            raise ConfigError(f"--set {item!r}: the value spans several lines; give one TOML value") from None
-        return text
-    except RecursionError:
-        raise ConfigError(f"--set {item!r}: the value is nested too deeply") from None
-    if set(parsed) != {"v"}:
-        raise ConfigError(f"--set {item!r}: expected one TOML value after '='")
-    return parsed["v"]
-
-
-def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = [k.strip() for k in dotted.split(".")]
-    if not all(keys):
-        raise ConfigError(f"--set {dotted!r}: expected KEY=VALUE with a dotted KEY such as pool.lrs")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-        if not isinstance(d, dict):
-            raise ConfigError(f"--set {dotted}: {k!r} is not a table")
-    d[keys[-1]] = value
-
-
 def apply_set_items(raw: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
-    """Apply ``--set KEY=VALUE`` items (dotted keys, TOML values) to the raw RunConfig table ``raw``."""
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        _set(raw, key.strip(), _parse_value(value.strip(), item))
-    return raw
+    """Apply ``--set KEY=VALUE`` items (:func:`resalign.config.parse_items`) to the raw RunConfig table ``raw``."""
+    from resalign.config import parse_items
+    from resalign.pipeline.run import RunConfig
+
+    return parse_items(items, "--set", raw, cls=RunConfig, what="the run settings")
 
 
 @app.command("run", no_args_is_help=False)
 def run_cmd(
     config: Path = typer.Option(None, "--config", help="TOML file with any RunConfig settings (flags override it)."),
-    out: Path = typer.Option(None, "--out", help="Run directory \\[default: runs/run-<timestamp>]."),
+    out: Path = out_option("Run directory \\[default: runs/run-<timestamp>]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     preset: str = typer.Option(None, "--preset", help="auto | toy | sd: values of the settings not given; auto is toy "
                                "without --model, sd with a Stable Diffusion folder " + _default("preset")),
@@ -108,13 +80,13 @@ def run_cmd(
     concept: str = typer.Option(None, "--concept", help="Harmful concept (prompt templates; replaced by the anchor "
                                 "for ca) " + _default("data.concept")),
     seed: int = typer.Option(None, "--seed", help="Seed of every random draw of the run " + _default("seed")),
-    device: str = typer.Option(None, "--device", help="cpu | cuda | cuda:N " + _default("device")),
-    dtype: str = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16: compute dtype; UNet master weights stay fp32 "
-                              + _default("dtype")),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads (0: torch's default) " + _default("threads")),
-    set_: list[str] = typer.Option(None, "--set", help="Any setting as KEY=VALUE (a TOML value), repeatable, e.g. "
-                                   "solver_options.omega=1.0, pool.steps=[5,10], loss_options.cap=0.3"),
+    device: str = device_option(None, DEVICE_HELP + " " + _default("device")),
+    dtype: str = dtype_option(None, DTYPE_HELP + "; UNet master weights stay fp32 " + _default("dtype")),
+    threads: int = threads_option(None, THREADS_HELP + " " + _default("threads")),
+    set_: list[str] = set_option("the run (any RunConfig setting)",
+                                 "solver_options.omega=1.0, pool.steps=[5,10], data.sample_steps=2"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    quiet: bool = quiet_option("No progress bar (as --no-progress); the last line names the run directory."),
 ) -> None:
     """Unlearn a harmful concept with ResAlign (Alg. 2) and write the run directory.
 
@@ -133,9 +105,9 @@ def run_cmd(
     if adapt:
         raw["adapt"] = [a.strip() for item in adapt for a in item.split(",") if a.strip()]
     if K is not None:
-        _set(raw, "solver_options.K", K)
+        raw["solver_options"] = {"K": K}
     if concept is not None:
-        _set(raw, "data.concept", concept)
+        raw["data"] = {"concept": concept}
     apply_set_items(raw, set_)
     if resume and out is None:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
@@ -143,6 +115,7 @@ def run_cmd(
     if resume and config is None and (out / "config.toml").is_file():
         config = out / "config.toml"
     cfg = load_run_config(raw, config)
+    progress = progress and not quiet
     run_dir = execute(cfg, out, resume=resume, progress=progress and sys.stderr.isatty() or progress and console.is_terminal)
     if distributed.is_main():
         console.print(f"[green]done:[/] unlearned model in {run_dir / 'model'}; metrics in {run_dir / 'metrics.jsonl'}")

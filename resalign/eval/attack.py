@@ -143,7 +143,7 @@ def plan_attack(cfg: Any, bundle: Any, preset: str) -> Plan:
     if cfg.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
     p = ATTACK_PRESETS[preset]
-    steps = cfg.steps if cfg.steps is not None else p.steps
+    steps = cfg.ft_steps if cfg.ft_steps is not None else p.steps
     eval_every = cfg.eval_every if cfg.eval_every is not None else p.eval_every
     if eval_every < 0:
         raise ConfigError(f"--eval-every must be >= 0, got {eval_every}")

@@ -54,7 +54,7 @@ class Generation:
         if self.images_per_prompt < 1:
             raise ConfigError(f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
         if self.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"--sample-steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         return self

@@ -39,31 +39,6 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SCORE_KEYS: tuple[str, ...] = ("score", "max_score", "harm_probability", "probability", "unsafe_probability")
 
 
-def parse_options(items: Sequence[str] | None, where: str = "--scorer-option") -> dict[str, Any]:
-    """``["threshold=0.45", "labels=A,B"]`` -> ``{"threshold": 0.45, "labels": "A,B"}`` (JSON values where they parse)."""
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{where} {item!r}: expected KEY=VALUE")
-        out[key.strip()] = _option_value(value, f"{where} {item!r}")
-    return out
-
-
-def _option_value(text: str, where: str) -> Any:
-    """A JSON value (numbers, true/false, lists, objects) where ``text`` is one, else the text itself."""
-
-    def refuse(constant: str) -> Any:
-        raise ConfigError(f"{where}: expected a finite number, got {constant}")
-
-    try:
-        return json.loads(text, parse_constant=refuse)
-    except json.JSONDecodeError:
-        return text
-    except RecursionError:
-        raise ConfigError(f"{where}: the value is nested too deeply") from None
-
-
 def create_scorer(name: str, options: Mapping[str, Any] | None = None) -> Any:
     """The scorer registered as ``name``, built from ``options`` (errors name the scorer and option)."""
     from resalign.registry import get_registry

@@ -143,7 +143,7 @@ def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: 
                               {**base_run, "outer_steps": effect.outer_steps, **overrides})
         run_out = sweep.path / f"run-{_slug(label)}"
         attack_cfg = AttackConfig(model=str(run_out / "model"), adapt=effect.adapt,
-                                  data=[effect.ft_data], steps=effect.ft_steps, seeds=effect.ft_seeds, seed=seed,
+                                  data=[effect.ft_data], ft_steps=effect.ft_steps, seeds=effect.ft_seeds, seed=seed,
                                   eval_every=effect.ft_steps, toy_prompts=effect.eval_prompts, device=device,
                                   threads=threads)
         runs[label] = {"run": run_cfg, "run_out": run_out, "attack": attack_cfg,

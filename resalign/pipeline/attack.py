@@ -44,7 +44,7 @@ class AttackConfig:
     model: str | None = None
     adapt: str = "full"
     data: list[str] = field(default_factory=list)
-    steps: int | None = None
+    ft_steps: int | None = None
     lr: float | None = None
     optimizer: str = "adamw"
     batch_size: int = 1
@@ -83,7 +83,7 @@ def check_attack_config(cfg: AttackConfig) -> None:
     adapter_class(cfg.adapt)
     if cfg.preset is not None and cfg.preset not in ATTACK_PRESETS:
         raise ConfigError(f"--preset {cfg.preset!r}: expected one of {', '.join(ATTACK_PRESETS)}")
-    check_int(cfg.steps, "--steps", ge=0, optional=True)
+    check_int(cfg.ft_steps, "--ft-steps", ge=0, optional=True)
     check_number(cfg.lr, "--lr", gt=0, optional=True)
     check_int(cfg.batch_size, "--batch-size", ge=1)
     check_int(cfg.gen_batch_size, "gen_batch_size", ge=1)
@@ -92,7 +92,7 @@ def check_attack_config(cfg: AttackConfig) -> None:
     check_number(cfg.contaminate, "--contaminate", ge=0, le=1, optional=True)
     check_int(cfg.lora_rank, "--lora-rank", ge=1)
     parse_escape(cfg.escape)
-    FinetuneSpec(adapt=cfg.adapt, steps=cfg.steps or 0, lr=cfg.lr, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
+    FinetuneSpec(adapt=cfg.adapt, steps=cfg.ft_steps or 0, lr=cfg.lr, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
                  lora_rank=cfg.lora_rank).validate()
     check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
                  images_per_prompt=cfg.images_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,

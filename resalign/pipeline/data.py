@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -65,9 +66,11 @@ class DataConfig:
     concept: str = ""
     anchor: str = ""
     images_per_prompt: int = 1
-    gen_steps: int = 20
-    gen_guidance: float = 4.0
+    sample_steps: int = 20
+    guidance: float = 4.0
     gen_batch_size: int = 32
+    #: former names of settings, still read from config files and --set
+    ALIASES: ClassVar[dict[str, str]] = {"gen_steps": "sample_steps", "gen_guidance": "guidance"}
 
 
 @dataclass
@@ -176,7 +179,7 @@ def build_set(name: str, sources: list[SourceConfig], cfg: DataConfig, bundle, c
             gen_prompts = list(pairs.prompts)
             done = progress and (lambda d, t, _n=name: progress(_n, d, t))
             pairs = Pairs(
-                generate(bundle, gen_prompts, images_per_prompt=k, steps=cfg.gen_steps, guidance=cfg.gen_guidance,
+                generate(bundle, gen_prompts, images_per_prompt=k, steps=cfg.sample_steps, guidance=cfg.guidance,
                          seed=seeds.derive(seed, name, i) % (2**31), batch_size=cfg.gen_batch_size,
                          progress=done or None, distribute=True),
                 [p for p in gen_prompts for _ in range(k)],

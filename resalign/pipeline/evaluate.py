@@ -44,7 +44,7 @@ class EvalConfig:
     category: list[str] = field(default_factory=list)
     limit: int | None = None
     images_per_prompt: int | None = None
-    steps: int | None = None
+    sample_steps: int | None = None
     guidance: float | None = None
     seed: int = 0
     seeds: int = 1
@@ -94,7 +94,7 @@ def check_eval_config(cfg: EvalConfig) -> None:
     check_int(cfg.seeds, "--seeds", ge=1)
     check_int(cfg.batch_size, "--batch-size", ge=1)
     check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
-                 images_per_prompt=cfg.images_per_prompt, steps=cfg.steps, guidance=cfg.guidance,
+                 images_per_prompt=cfg.images_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
                  toy_prompts=cfg.toy_prompts, scorers=cfg.scorers, prompt_files=[("--prompts", cfg.prompts)],
                  categories=cfg.category, steps_flag="--sample-steps")
     if cfg.category and not cfg.prompts:
@@ -132,7 +132,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
         toy_prompts=cfg.toy_prompts,
         scorer_options=cfg.scorer_options,
     )
-    gen = resolve_generation(preset, cfg.images_per_prompt, cfg.steps, cfg.guidance, cfg.batch_size)
+    gen = resolve_generation(preset, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance, cfg.batch_size)
     evaluator = Evaluator(model.bundle, sets, gen, scorer_options=cfg.scorer_options)
     seeds = [cfg.seed + k * SEED_STRIDE for k in range(cfg.seeds)]
 

@@ -31,7 +31,7 @@ import torch
 from resalign import distributed
 from resalign.checkpoints import load_checkpoint as _load_checkpoint
 from resalign.checkpoints import save_checkpoint as _save_checkpoint
-from resalign.config import deep_merge, from_dict, load_toml, to_dict
+from resalign.config import current_names, deep_merge, from_dict, load_toml, to_dict
 from resalign.core.health import simulation_summary, summary_markdown
 from resalign.core.meta import GAMMA_RULES, ConfigPool, MethodSettings, ResAlign
 from resalign.core.problem import MAX_FT_LOSS_GROWTH
@@ -150,8 +150,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "concept": "ring",
             "anchor": "circle",
             "images_per_prompt": 1,
-            "gen_steps": 10,
-            "gen_guidance": 2.0,
+            "sample_steps": 10,
+            "guidance": 2.0,
             "gen_batch_size": 64,
         },
     },
@@ -193,8 +193,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "concept": "nudity",
             "anchor": "a person wearing clothes",
             "images_per_prompt": 2,
-            "gen_steps": 30,
-            "gen_guidance": 7.5,
+            "sample_steps": 30,
+            "guidance": 7.5,
             "gen_batch_size": 4,
         },
     },
@@ -229,7 +229,7 @@ def load_run_config(raw: dict[str, Any], config_file: str | Path | None = None) 
     file may set only ``pool.lrs``. Unknown keys raise :class:`ConfigError` naming the key.
     """
     base = load_toml(config_file) if config_file else {}
-    merged = deep_merge(base, raw)
+    merged = deep_merge(current_names(RunConfig, base), current_names(RunConfig, raw))
     return resolve(from_dict(RunConfig, _with_preset(merged), where="config"))
 
 
@@ -350,9 +350,9 @@ def _check_numbers(cfg: RunConfig) -> None:
     check_number(po.init_std_a, "params_options.init_std_a", ge=0)
     check_number(po.init_std_b, "params_options.init_std_b", ge=0)
     data = cfg.data
-    for name in ("images_per_prompt", "gen_steps", "gen_batch_size"):
+    for name in ("images_per_prompt", "sample_steps", "gen_batch_size"):
         check_int(getattr(data, name), f"data.{name}", ge=1)
-    check_number(data.gen_guidance, "data.gen_guidance", ge=0)
+    check_number(data.guidance, "data.guidance", ge=0)
     for set_name in ("harmful", "preserve", "finetune"):
         for i, src in enumerate(getattr(data, set_name)):
             check_int(src.n, f"data.{set_name}[{i}].n", ge=0)
