@@ -52,7 +52,7 @@ def test_functional_optimizers_match_torch_optim(name, ref, inplace):
     assert torch.allclose(params["w"], w_ref.detach(), atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [1 << 24, 16])
+@pytest.mark.parametrize("chunk", [1 << 22, 16])
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_adam_in_place_takes_the_same_steps_bit_for_bit(name, chunk, monkeypatch):
     """``step_`` (the non-differentiable ADAPT: in place, on torch._foreach kernels, chunk by chunk)

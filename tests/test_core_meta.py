@@ -306,3 +306,9 @@ def test_host_held_outer_moments_and_eigenvectors_leave_the_steps_unchanged(monk
     assert all(torch.equal(held.theta[k], plain.theta[k]) for k in plain.theta)
     assert all(torch.equal(plain.optimizer.state[p]["exp_avg"], held.optimizer.state[q]["exp_avg"])
                for p, q in zip(plain.theta.values(), held.theta.values()))
+    # a checkpoint of the host-held state resumes to the same next step
+    resumed = _trainer(tiny_context(), beta=0.5, J=2, settings={"offload_outer_state": True})
+    resumed.load_state_dict(held.state_dict())
+    assert all(t.is_shared() for st in resumed.optimizer.state.values() for k, t in st.items() if k != "step")
+    plain.outer_step(), resumed.outer_step()
+    assert all(torch.equal(resumed.theta[k], plain.theta[k]) for k in plain.theta)

@@ -133,8 +133,9 @@ class Adam:
 
 
 #: entries of φ updated by one group of ``torch._foreach_*`` kernels in :meth:`Adam.step_`: its two
-#: temporaries stay at 2 × 16M entries (128 MB in fp32) whatever the size of φ, in few kernel launches
-CHUNK_ELEMENTS = 1 << 24
+#: temporaries stay at 2 × 4M entries (32 MB in fp32; a larger tensor is a chunk of its own) whatever
+#: the size of φ, in a few hundred kernel launches for SD-1.5
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _chunks(keys: list[str], params: Tensors) -> list[list[str]]:
