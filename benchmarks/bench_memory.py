@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/bench_memory.py [--widths 32,64,96] [--latents 8] [--J 1,3] [--optimizers adam,sgd]
-                                      [--adapters full,lora] [--checkpointing] [--json out.json] [--merge a.json,...]
+                                      [--adapters full,lora] [--checkpointing] [--offload] [--json out.json]
+                                      [--merge a.json,...]
 
 Each measurement runs in a fresh process (a process's resident set never shrinks back to what it
 was): an SD-1.5 UNet config (four levels, two layers each, cross-attention on 77 × 768 text
@@ -19,6 +20,11 @@ thread samples the resident set size every millisecond and keeps the peak of eac
 * ``problem`` — L_FT before/after, g = ∇L_harm(θ_FT), the health checks;
 * ``solve`` — Richardson: the curvature's graph, λ_max, the K products;
 * ``pullback`` — the VJP of W(θ) with the mean hypergradient; ``update`` — the outer AdamW step.
+
+``--offload`` keeps the outer AdamW moments in host memory between updates (``offload_outer_state``)
+and puts every host-held tensor (those moments, the finished hypergradients, Richardson's warm-start
+eigenvector) in shared memory (``RESALIGN_HOST_MEMORY=shared``): the peaks count the anonymous
+pages only, which is what one accelerator would hold, and the host side is printed apart.
 
 Copies of W in a stage = (peak − resident set before the UNet was built) / (4 bytes × parameters),
 activations included. The fit, per stage over every size, is peak = a + c · 4P + b · A with A the
@@ -57,15 +63,27 @@ def unet_config(width: int, latent: int) -> dict:
 
 
 def rss() -> int:
+    """The process's anonymous resident pages: what an accelerator would hold. Host-held tensors
+    (``--offload``) sit in shared memory and are counted apart (:func:`host_rss`)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * 4096
+
+
+def host_rss() -> int:
+    """Resident shared memory (``RssShmem``): the host side under ``--offload``."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class StagePeaks:
     """The resident set's peak per stage, sampled by a thread; ``stage`` names the current one."""
 
     def __init__(self):
-        self.stage, self.peaks, self._stop = None, {}, False
+        self.stage, self.peaks, self.host_peaks, self._stop = None, {}, {}, False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -74,6 +92,7 @@ class StagePeaks:
             stage = self.stage
             if stage is not None:
                 self.peaks[stage] = max(self.peaks.get(stage, 0), rss())
+                self.host_peaks[stage] = max(self.host_peaks.get(stage, 0), host_rss())
             time.sleep(0.001)
 
     def set(self, stage):
@@ -148,7 +167,7 @@ def child(args) -> None:
     from resalign.pipeline.run import PRESETS
     from resalign.registry import get_registry
 
-    before_model = rss()
+    before_model, host_before = rss(), host_rss()
     unet = UNet2DConditionModel(**unet_config(args.width, args.latent)).requires_grad_(False).eval()
     n_params = sum(p.numel() for p in unet.parameters())
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
@@ -169,7 +188,7 @@ def child(args) -> None:
     settings = MethodSettings(beta=sd["beta"], alpha=sd["alpha"], J=args.J, outer_lr=sd["outer_lr"],
                               harm_batch=sd["harm_batch"], preserve_batch=sd["preserve_batch"], ft_size=sd["ft_size"],
                               curvature=sd["curvature"], max_ft_loss_growth=None, outlier_factor=0.0, outer_steps=2,
-                              **extra)
+                              offload_outer_state=args.offload, **extra)
     pool = ConfigPool(lrs=[1e-5], steps=[2], optimizers=[args.optimizer], finetune_losses=["denoise"],
                       adapters=[args.adapter], batch_size=1, max_lr_steps=0.0,
                       adapter_options={"lora": {"rank": 4, "alpha": 4.0}})
@@ -202,10 +221,11 @@ def child(args) -> None:
     seconds = time.perf_counter() - t0
     peaks.stop()
     print(json.dumps({"width": args.width, "latent": args.latent, "J": args.J, "optimizer": args.optimizer,
-                      "checkpointing": args.checkpointing,
+                      "checkpointing": args.checkpointing, "offload": args.offload,
                       "adapter": args.adapter, "params": n_params, "activation_bytes": act, "seconds": seconds,
                       "base_rss": before_model, "process_rss_at_start": base,
-                      "peaks": {k: v - before_model for k, v in peaks.peaks.items()}}))
+                      "peaks": {k: v - before_model for k, v in peaks.peaks.items()},
+                      "host_peaks": {k: v - host_before for k, v in peaks.host_peaks.items()}}))
 
 
 def show(row: dict) -> None:
@@ -213,6 +233,9 @@ def show(row: dict) -> None:
     print(f"w={row['width']:<4} latent={row['latent']:<3} P={row['params'] / 1e6:6.1f}M  J={row['J']} "
           f"{row['optimizer']:<4} {row['adapter']:<4} peak {max(row['peaks'].values()) / 2**30:5.2f} GiB  "
           f"copies of W per stage {copies}  ({row['seconds']:.0f} s)", flush=True)
+    if row.get("offload"):
+        host = {k: round(v / (4 * row["params"]), 2) for k, v in row["host_peaks"].items()}
+        print(f"    held in host memory per stage (copies of W) {host}", flush=True)
 
 
 def fit(rows: list[dict], stage: str):
@@ -236,6 +259,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every measurement and the fit here")
     ap.add_argument("--merge", default=None, help="also fit the measurements of these earlier --json files (comma-separated)")
     ap.add_argument("--checkpointing", action="store_true", help="recompute the UNet blocks in the backward passes")
+    ap.add_argument("--offload", action="store_true",
+                    help="outer AdamW moments in host memory between updates (offload_outer_state); host-held "
+                         "tensors in shared memory, so that the peaks count only what an accelerator holds")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--latent", type=int, default=8, help=argparse.SUPPRESS)
@@ -254,8 +280,10 @@ def main() -> None:
     rows = [r for f in (args.merge or "").split(",") if f for r in json.loads(Path(f).read_text())["rows"]]
     for w, lat, j, o, a in runs:
         cmd = [sys.executable, __file__, "--child", "--width", str(w), "--latent", str(lat), "--J", str(j),
-               "--optimizer", o, "--adapter", a] + (["--checkpointing"] if args.checkpointing else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=MALLOC_ENV)
+               "--optimizer", o, "--adapter", a] + (["--checkpointing"] if args.checkpointing else []) \
+            + (["--offload"] if args.offload else [])
+        env = {**MALLOC_ENV, **({"RESALIGN_HOST_MEMORY": "shared"} if args.offload else {})}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if out.returncode:
             sys.stderr.write(out.stderr[-3000:])
             raise SystemExit(f"measurement {w}x{lat} J={j} {o} {a} failed")
@@ -290,7 +318,9 @@ def main() -> None:
                 report["fits"][key] = {"stages": parts, "projected_gib": {k: v / 2**30 for k, v in proj.items()}}
                 print(f"{key}: fit per stage (copies of W, activation multiple): "
                       + ", ".join(f"{s} {p['copies_of_W']}/{p['activation_multiple']}" for s, p in parts.items()))
-                print(f"  projected SD-1.5 (512 px, batch 1, fp32, checkpointing {'on' if args.checkpointing else 'off'}): peak {proj[peak_stage] / 1e9:.1f} GB "
+                where = "device memory, host-held tensors apart" if args.offload else "one memory"
+                print(f"  projected SD-1.5 (512 px, batch 1, fp32, checkpointing {'on' if args.checkpointing else 'off'}, "
+                      f"{where}): peak {proj[peak_stage] / 1e9:.1f} GB "
                       f"({proj[peak_stage] / 2**30:.1f} GiB) in stage {peak_stage}")
     for o in sorted({r["optimizer"] for r in rows}):
         for a in sorted({r["adapter"] for r in rows}):
@@ -298,7 +328,7 @@ def main() -> None:
             if one is None:
                 continue
             for key in many:
-                if key.startswith("J=1 "):
+                if key.startswith("J=1 ") or args.offload:  # offloaded: the fits already count the device only
                     continue
                 gib = max(one["projected_gib"].values())
                 # on a GPU a finished hypergradient waits in host memory (core/meta.py): the device holds

@@ -211,23 +211,3 @@ def on_main(fn: Callable[[], T]) -> T | None:
     if error is not None:
         raise error
     return result
-
-
-class Ranks:
-    """The split of an outer step's J simulations over the ranks (:class:`resalign.core.split.SimulationSplit`):
-    rank r computes j ≡ r (mod world size). Outside ``torchrun`` (or inside :func:`solo`) it is one process."""
-
-    def indices(self, n: int) -> list[int]:
-        return my_indices(n)
-
-    def owner(self, j: int) -> int:
-        return j % world_size()
-
-    def gather(self, obj: Any) -> list[Any]:
-        return all_gather_object(obj)
-
-    def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
-        all_reduce_sum(tensors)
-
-    def broadcast(self, obj: Any, src: int) -> Any:
-        return broadcast_object(obj, src=src)

@@ -9,6 +9,7 @@ except :func:`detach`, :func:`norm`, :func:`inner` and :func:`all_finite`, which
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -91,6 +92,28 @@ def clip_by_norm(a: Params, max_norm: float) -> Params:
 def grads_or_zeros(grads: Iterable[torch.Tensor | None], params: Params) -> Params:
     """Pair ``torch.autograd.grad(..., allow_unused=True)`` output with names; unused -> zeros."""
     return {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(params.items(), grads)}
+
+
+#: ``RESALIGN_HOST_MEMORY=shared``: on a machine without an accelerator, host-held tensors go to shared
+#: memory, so that a measurement tells what an accelerator would hold (the process's anonymous pages)
+#: from what stays in host memory (its shared pages; ``benchmarks/bench_memory.py``)
+HOST_MEMORY_ENV = "RESALIGN_HOST_MEMORY"
+
+
+def host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in host memory, for a vector the accelerator does not need until later (finished
+    hypergradients, outer optimizer moments, a warm-start eigenvector): a pinned copy of an
+    accelerator's tensor; a CPU tensor itself (moved to shared memory under ``RESALIGN_HOST_MEMORY=shared``)."""
+    if t.device.type != "cpu":
+        return torch.empty_like(t, device="cpu", pin_memory=torch.cuda.is_available()).copy_(t)
+    if os.environ.get(HOST_MEMORY_ENV) == "shared" and not t.is_shared():
+        t.share_memory_()
+    return t
+
+
+def to_host(p: Params) -> Params:
+    """:func:`host_tensor` of every tensor of ``p``."""
+    return {k: host_tensor(v) for k, v in p.items()}
 
 
 def all_finite(a: Params) -> bool:

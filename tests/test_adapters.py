@@ -52,18 +52,24 @@ def test_functional_optimizers_match_torch_optim(name, ref, inplace):
     assert torch.allclose(params["w"], w_ref.detach(), atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 16])
 @pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_adam_in_place_takes_the_same_steps_bit_for_bit(name):
-    """``step_`` (the non-differentiable ADAPT: in place, on torch._foreach kernels) gives exactly the
-    values of the differentiable ``step``, moments included."""
+def test_adam_in_place_takes_the_same_steps_bit_for_bit(name, chunk, monkeypatch):
+    """``step_`` (the non-differentiable ADAPT: in place, on torch._foreach kernels, chunk by chunk)
+    gives exactly the values of the differentiable ``step``, moments included."""
+    from resalign.adapters import _optim
+
+    monkeypatch.setattr(_optim, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(0)
     opt = make_optimizer(name, 1e-2)
-    p = {"a": torch.randn(5, 3, generator=g), "b": torch.zeros(4)}
+    p = {"a": torch.randn(5, 3, generator=g), "b": torch.zeros(4), "c": torch.randn(6, generator=g)}
+    assert _optim._chunks(list(p), p) == ([["a", "b", "c"]] if chunk > 25 else [["a"], ["b", "c"]])
     with_graph = (dict(p), opt.init(p))
     in_place = {k: v.clone() for k, v in p.items()}
     state = opt.init(in_place)
     for i in range(5):
-        grads = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(4, generator=g) * (i % 2)}
+        grads = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(4, generator=g) * (i % 2),
+                 "c": torch.randn(6, generator=g)}
         with_graph = opt.step(*with_graph[:1], grads, with_graph[1])
         state = opt.step_(in_place, grads, state)
     for k in p:

@@ -63,12 +63,12 @@ def _data(n=6, seed=0):
     return TrainingData(harmful=pairs(), preserve=pairs(), finetune=pairs())
 
 
-def _trainer(ctx, *, beta=0.5, solver="richardson", params="full", J=2, seed=0, registry=None, **pool):
+def _trainer(ctx, *, beta=0.5, solver="richardson", params="full", J=2, seed=0, registry=None, settings=None, **pool):
     reg = registry or get_registry()
     pool = ConfigPool(**{"lrs": [1e-3], "steps": [2], "optimizers": ["sgd", "adam"], "adapters": ["full", "lora"],
                          "batch_size": 2, "max_lr_steps": 0, **pool})
     settings = MethodSettings(beta=beta, alpha=0.7, J=J, outer_lr=1e-3, harm_batch=2, preserve_batch=2, ft_size=2,
-                              seed=seed)
+                              seed=seed, **(settings or {}))
     return ResAlign(ctx, Parameterization(params, ctx.theta0, seed=seed),
                     harmful_loss=reg.create("harmful-loss", "ga"), regularizer=reg.create("regularizer", "distill"),
                     solver=reg.create("solver", solver, {"K": 2, "power_iters": 2} if solver == "richardson" else {}),
@@ -283,3 +283,32 @@ def test_anchor_embeddings_follow_what_the_harmful_loss_declares(tiny_toy_dir, t
         assert (anchor is not None) == want, loss
         if want:  # the harmful prompts with the concept replaced by the anchor
             assert anchor.shape == prep.data.harmful.cond.shape and not torch.equal(anchor, prep.data.harmful.cond)
+
+
+def test_host_held_outer_moments_and_eigenvectors_leave_the_steps_unchanged(monkeypatch):
+    """offload_outer_state: between updates the outer AdamW moments, and always Richardson's warm-start
+    eigenvector and the finished hypergradients, live in host memory (shared memory here, which a CPU
+    measurement tells apart from the anonymous pages an accelerator would hold); θ after three outer
+    steps is bitwise the θ of a run that keeps everything in one place."""
+    from resalign.ops import HOST_MEMORY_ENV
+
+    plain = _trainer(tiny_context(), beta=0.5, J=2)
+    for _ in range(3):
+        plain.outer_step()
+    monkeypatch.setenv(HOST_MEMORY_ENV, "shared")
+    held = _trainer(tiny_context(), beta=0.5, J=2, settings={"offload_outer_state": True})
+    for _ in range(3):
+        held.outer_step()
+        moments = [t for st in held.optimizer.state.values() for k, t in st.items() if k != "step"]
+        assert len(moments) == 2 * len(held.theta) and all(t.is_shared() for t in moments)
+        assert not any(p.is_shared() for p in held.theta.values())
+        assert held.solver.eigvecs and all(t.is_shared() for v in held.solver.eigvecs.values() for t in v.values())
+    assert all(torch.equal(held.theta[k], plain.theta[k]) for k in plain.theta)
+    assert all(torch.equal(plain.optimizer.state[p]["exp_avg"], held.optimizer.state[q]["exp_avg"])
+               for p, q in zip(plain.theta.values(), held.theta.values()))
+    # a checkpoint of the host-held state resumes to the same next step
+    resumed = _trainer(tiny_context(), beta=0.5, J=2, settings={"offload_outer_state": True})
+    resumed.load_state_dict(held.state_dict())
+    assert all(t.is_shared() for st in resumed.optimizer.state.values() for k, t in st.items() if k != "step")
+    plain.outer_step(), resumed.outer_step()
+    assert all(torch.equal(resumed.theta[k], plain.theta[k]) for k in plain.theta)

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from resalign import distributed as D
-from resalign.core.split import StepCache
+from resalign.core.split import Ranks, StepCache
 from resalign.errors import ConfigError
 
 
@@ -47,12 +47,14 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
             on_main_error = None
         except ConfigError as exc:
             on_main_error = str(exc)
-        # StepCache over the ranks: j ≡ rank (mod 2); simulation 0 (rank 0) shares its first entry
+        # StepCache over the ranks: equal costs give rank 0 j = 0, 2 and rank 1 j = 1, 3;
+        # simulation 0 (rank 0) shares its first entry
         seen = []
-        split = D.Ranks()
+        split = Ranks()
+        assigned = split.assign([3.0, 1.0, 2.0, 2.0])
         for stored in (True, False, None):  # stored; dropped before storing; rank 1 never looks
             cache = StepCache(split)
-            for j in split.indices(4):
+            for j in split.assign([1.0] * 4)[1]:
                 view = cache.view(j)
                 if j == 0 and stored:
                     view["lambda_max/hessian"] = 5.0
@@ -83,6 +85,7 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
             "many": [t.tolist() for t in many],
             "on_main_error": on_main_error,
             "seen": seen,
+            "assigned": assigned,
             "after": D.all_gather_object(r),
             "generated": (split_images.tolist() == solo_images.tolist(), len(split_images), counts),  # still in step: every rank joined each broadcast once
         }
@@ -111,6 +114,8 @@ def test_two_gloo_ranks_split_gather_and_sum():
     assert out[0]["generated"] == (True, 5, {"split": 3, "solo": 5})
     assert out[1]["generated"] == (True, 5, {"split": 2, "solo": 5})
     assert out[1]["seen"] == [5.0, 5.0, None, None]  # rank 1's j = 1, 3
+    # costs 3, 1, 2, 2: j = 0 pinned to rank 0 (load 3), then j = 2 -> rank 1, j = 3 -> rank 1, j = 1 -> rank 0
+    assert out[0]["assigned"] == ([0, 0, 1, 1], [0, 1]) and out[1]["assigned"] == ([0, 0, 1, 1], [2, 3])
 
 
 def test_single_process_is_the_identity(monkeypatch):

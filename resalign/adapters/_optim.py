@@ -96,15 +96,20 @@ class Adam:
     def step_(self, params: Tensors, grads: Tensors, state: dict[str, Any]) -> dict[str, Any]:
         """:meth:`step` in place, operation for operation (so the same values), on ``torch._foreach_*``
         kernels: ``params`` and the moments are updated, the state returned. For simulations that keep
-        no graph: no second copy of φ or of the moments exists at any time, and one temporary per
-        parameter is allocated.
+        no graph: no second copy of φ or of the moments exists at any time, and the temporaries are
+        those of one chunk of at most :data:`CHUNK_ELEMENTS` entries (two), not of all of φ.
         """
-        b1, b2 = self.betas
         t = state["t"] + 1
-        c1, c2 = 1 - b1**t, 1 - b2**t
         keys = list(params)
-        p, g = [params[k] for k in keys], [grads[k] for k in keys]
-        m, v = [state["m"][k] for k in keys], [state["v"][k] for k in keys]
+        for chunk in _chunks(keys, params):
+            self._step_chunk([params[k] for k in chunk], [grads[k] for k in chunk],
+                             [state["m"][k] for k in chunk], [state["v"][k] for k in chunk], t)
+        return {"t": t, "m": state["m"], "v": state["v"]}
+
+    def _step_chunk(self, p: list[torch.Tensor], g: list[torch.Tensor], m: list[torch.Tensor],
+                    v: list[torch.Tensor], t: int) -> None:
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**t, 1 - b2**t
         if self.weight_decay and not self.decoupled:
             g = torch._foreach_add(g, torch._foreach_mul(p, self.weight_decay))
         if self.weight_decay and self.decoupled:
@@ -125,7 +130,27 @@ class Adam:
         torch._foreach_mul_(upd, self.lr)
         torch._foreach_div_(upd, tmp)
         torch._foreach_sub_(p, upd)  # p − lr·(m/c1)/(√(v/c2) + ε), exactly p + (−update)
-        return {"t": t, "m": state["m"], "v": state["v"]}
+
+
+#: entries of φ updated by one group of ``torch._foreach_*`` kernels in :meth:`Adam.step_`: its two
+#: temporaries stay at 2 × 4M entries (32 MB in fp32; a larger tensor is a chunk of its own) whatever
+#: the size of φ, in a few hundred kernel launches for SD-1.5
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(keys: list[str], params: Tensors) -> list[list[str]]:
+    """``keys`` in order, grouped so that each group holds at most :data:`CHUNK_ELEMENTS` entries (a
+    larger tensor is a group of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k in keys:
+        n = params[k].numel()
+        if groups[-1] and size + n > CHUNK_ELEMENTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    return [g for g in groups if g]
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float | None = None) -> SGD | Adam:

@@ -44,7 +44,7 @@ from resalign.core import seeds, tree
 from resalign.core.health import outlier_mask
 from resalign.core.params import Parameterization
 from resalign.core.problem import MAX_FT_LOSS_GROWTH, SimulationData, simulate
-from resalign.core.split import ONE_PROCESS, SimulationSplit, StepCache
+from resalign.core.split import ONE_PROCESS, SOURCE, SimulationSplit, StepCache
 from resalign.errors import ConfigError, SolverError
 
 
@@ -121,6 +121,9 @@ class MethodSettings:
     max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH
     #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
     outlier_factor: float = 10.0
+    #: keep the outer AdamW moments (two copies of W) in host memory between updates, so that the
+    #: simulations of an outer step have the accelerator's memory without them
+    offload_outer_state: bool = False
 
     def proximity(self, config: FinetuneConfig) -> float:
         """γ of Eq. 5 for one simulated fine-tuning C.
@@ -178,9 +181,13 @@ class TrainingData:
     finetune: PairSet
 
 
-def _to_host(h: Params) -> Params:
-    """A finished hypergradient waits for the outlier rule in host memory, not on the accelerator."""
-    return {k: v.to("cpu") for k, v in h.items()}
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, to_host: bool) -> None:
+    """The outer optimizer's moments to host memory (between updates) or back to their parameters'
+    device (for the update); the step counters stay where torch keeps them."""
+    for p, state in optimizer.state.items():
+        for key, t in state.items():
+            if torch.is_tensor(t) and key != "step":
+                state[key] = tree.host_tensor(t) if to_host else t.to(p.device)
 
 
 class ResAlign:
@@ -235,6 +242,11 @@ class ResAlign:
             self._components[key] = self.registry.create("finetune-loss", name, {})
         return self._components[key]
 
+    def simulation_cost(self, c: FinetuneConfig) -> float:
+        """The predicted cost of simulating C, in denoising passes: T inner steps of its batch, twice
+        with prior-preservation pairs; the solve's products are the same for every configuration."""
+        return float(c.steps * c.batch_size * (2 if needs(self.finetune_loss(c), "prior") else 1))
+
     # ------------------------------------------------------------------ Alg. 2
     def simulation_data(self, step: int, j: int, config: FinetuneConfig, harm: DenoiseBatch) -> SimulationData:
         s = self.settings
@@ -258,8 +270,13 @@ class ResAlign:
             clip = s.max_grad_norm / (grad_norm + 1e-12)
         for k, g in grads.items():
             self.theta[k].grad = g.mul_(clip)
+        offload = s.offload_outer_state
+        if offload:
+            _move_optimizer_state(self.optimizer, to_host=False)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if offload:
+            _move_optimizer_state(self.optimizer, to_host=True)
         self.step += 1
         metrics.update(grad_norm=grad_norm, clip_scale=clip, time_s=time.perf_counter() - t0)
         return metrics
@@ -310,16 +327,19 @@ class ResAlign:
                       sims: list[dict[str, Any]]) -> Params | None:
         """(1/J') Σ_j h_j over the J' simulations kept (Alg. 2 lines 5-10); appends each one's diagnostics.
 
-        This process computes the simulations ``split.indices(J)``; the diagnostics of all J are
-        gathered (in j order) before the outlier rule, and the kept h_j are summed over the processes.
+        This process computes its share of the J simulations (``split.assign`` of their predicted
+        costs, :meth:`simulation_cost`); the diagnostics of all J are gathered (in j order) before the
+        outlier rule, and the kept h_j are summed over the processes.
         """
         s, split = self.settings, self.split
         w_detached = tree.detach(weights)
         mine: list[tuple[int, dict[str, Any]]] = []
         h_of: dict[int, Params] = {}
-        cache = StepCache(split)
-        for j in split.indices(s.J):
-            config = self.pool.sample(seeds.rng(s.seed, step, j, "config"))
+        configs = [self.pool.sample(seeds.rng(s.seed, step, j, "config")) for j in range(s.J)]
+        owners, order = split.assign([self.simulation_cost(c) for c in configs])
+        cache = StepCache(split, source_owner=owners[SOURCE])
+        for j in order:
+            config = configs[j]
             data = self.simulation_data(step, j, config, harm)
             t_sim = time.perf_counter()
             try:
@@ -332,7 +352,7 @@ class ResAlign:
                 )
                 if not tree.all_finite(h):
                     raise SolverError("non-finite hypergradient")
-                h_of[j] = _to_host(h)
+                h_of[j] = tree.to_host(h)  # a finished h_j waits in host memory
             except SolverError as exc:
                 info = {"config": config.label(), "dropped": str(exc)}
             cache.done(j)
@@ -375,6 +395,8 @@ class ResAlign:
                     raise ConfigError(f"checkpoint has parameter {k!r} that this run does not unlearn")
                 self.theta[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.settings.offload_outer_state:
+            _move_optimizer_state(self.optimizer, to_host=True)
         if hasattr(self.solver, "load_state_dict"):
             self.solver.load_state_dict(state.get("solver", {}))
         self.step = int(state["step"])

@@ -9,10 +9,12 @@ from resalign.ops import (  # noqa: F401
     detach,
     dot,
     grads_or_zeros,
+    host_tensor,
     inner,
     leaves,
     norm,
     randn_like,
     scale,
+    to_host,
     zeros_like,
 )

@@ -11,8 +11,9 @@ finishes in minutes on two CPU cores) or ``sd`` (the paper's settings for Stable
 ``preset = "auto"`` picks ``toy`` without ``--model`` (or for a toy model folder) and ``sd`` otherwise.
 The run directory records the resolved configuration in ``config.toml``.
 
-Under ``torchrun`` every rank runs :func:`execute`: rank r computes the simulations j ≡ r (mod world
-size) of every outer step (:class:`resalign.distributed.Ranks`), every rank takes the same step, and
+Under ``torchrun`` every rank runs :func:`execute`: each rank computes its share of the simulations of
+every outer step, balanced by their predicted costs (:class:`resalign.core.split.Ranks`), every rank
+takes the same step, and
 rank 0 alone writes the run directory, checkpoints, metrics and progress. Rank 0's configuration,
 cached data and checkpoint reach the other ranks over the process group.
 """
@@ -34,8 +35,9 @@ from resalign.checkpoints import save_checkpoint as _save_checkpoint
 from resalign.config import current_names, deep_merge, from_dict, load_toml, to_dict
 from resalign.core.health import simulation_summary, summary_markdown
 from resalign.core.meta import GAMMA_RULES, ConfigPool, MethodSettings, ResAlign
-from resalign.core.problem import MAX_FT_LOSS_GROWTH
 from resalign.core.params import PARAM_KINDS, ParamsOptions
+from resalign.core.problem import MAX_FT_LOSS_GROWTH
+from resalign.core.split import Ranks
 from resalign.errors import ConfigError, ModelLoadError, ResAlignError, RunInterrupted
 from resalign.pipeline.data import DataConfig, SourceConfig, check_source
 from resalign.rundir import RunDir
@@ -90,8 +92,10 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "fp32"
-    #: recompute the UNet blocks' activations in the backward passes (resalign.core.functional)
-    gradient_checkpointing: bool = False
+    #: recompute the UNet blocks' activations in the backward passes (resalign.core.functional; None: the preset's)
+    gradient_checkpointing: bool | None = None
+    #: outer AdamW moments in host memory between updates (resalign.core.meta; None: the preset's)
+    offload_outer_state: bool | None = None
     #: torch CPU threads (0: torch's default, one per core; None: the preset's)
     threads: int | None = None
     checkpoint_every: int | None = None
@@ -108,6 +112,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # spinning OpenMP threads slow down many times over on a core shared with another process
         "threads": 1,
         "params": "xattn",
+        "gradient_checkpointing": False,
+        "offload_outer_state": False,
         # concept ablation towards the anchor (a plain circle): with it, ResAlign's toy model was the
         # least harmful after benign fine-tuning and within 5 points of the base model's benign
         # prompt accuracy; with GA neither held (docs/method.md, docs/evaluation.md)
@@ -159,6 +165,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "threads": 0,
         "params": "full",
         "loss": "ga",
+        # the memory of an SD-1.5 outer step (docs/performance.md, benchmarks/bench_memory.py)
+        "gradient_checkpointing": True,
+        "offload_outer_state": True,
         "loss_options": {},
         "curvature": "gauss-newton",
         # the curvature's graph at 64x64 latents holds about twice a training step's activations per
@@ -506,12 +515,13 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
         ft_size=cfg.ft_size, seed=cfg.seed, fixed_ft_data=cfg.fixed_ft_data, curvature=cfg.curvature,
         gamma_rule=cfg.gamma_rule, curvature_samples=cfg.curvature_samples,
         max_ft_loss_growth=cfg.max_ft_loss_growth, outlier_factor=cfg.outlier_factor,
+        offload_outer_state=cfg.offload_outer_state,
     )
     parameterization = Parameterization(cfg.params, ctx.theta0, cfg.params_options, seed=cfg.seed)
     trainer = ResAlign(
         ctx, parameterization, harmful_loss=components["loss"], regularizer=components["regularizer"],
         solver=components["solver"], pool=cfg.pool, data=data, settings=settings, registry=registry,
-        split=distributed.Ranks(),
+        split=Ranks(),
     )
     return Prepared(bundle, ctx, data, settings, parameterization, components, trainer)
 

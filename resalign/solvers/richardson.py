@@ -67,7 +67,7 @@ import torch
 
 from resalign.components import Component, HypergradProblem, HypergradResult
 from resalign.errors import SolverError
-from resalign.ops import all_finite, axpy, inner, norm, randn_like, scale, zeros_like
+from resalign.ops import all_finite, axpy, inner, norm, randn_like, scale, to_host, zeros_like
 
 WARM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -180,7 +180,9 @@ class Richardson(Component):
             lam, v = power_iteration(problem.hvp_ft, problem.grad_harm, c.power_iters - iters, start=v)
             iters = c.power_iters
         if c.warm_power_iters > 0:
-            self.eigvecs[problem.curvature] = {k: t.detach().to(WARM_DTYPES[c.warm_dtype]) for k, t in v.items()}
+            # kept in host memory until the next outer step's first power iteration
+            self.eigvecs[problem.curvature] = to_host({k: t.detach().to(WARM_DTYPES[c.warm_dtype])
+                                                       for k, t in v.items()})
             self.lambdas[problem.curvature] = float(lam)
         problem.cache[key] = lam
         return lam, iters
