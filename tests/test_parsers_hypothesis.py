@@ -66,7 +66,8 @@ def scratch():
 
 
 def _load_and_validate(raw, config_file, registry):
-    from resalign.pipeline.run import load_run_config, validate
+    from resalign.settings.checks import validate
+    from resalign.settings.run import load_run_config
 
     cfg = load_run_config(raw, config_file)
     validate(cfg, registry)

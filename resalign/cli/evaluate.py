@@ -290,7 +290,8 @@ def _check_compare(*, model, device, dtype, threads, seed, seeds, limit, images_
     from resalign.pipeline.compare import DEFAULT_METHODS, method_run_config
     from resalign.pipeline.evaluate import check_common, model_folder
     from resalign.eval.finetune import FinetuneSpec
-    from resalign.pipeline.run import resolve, validate
+    from resalign.settings.checks import validate
+    from resalign.settings.run import resolve
     from resalign.registry import get_registry
     from resalign.validation import check_int, check_number
 

@@ -87,7 +87,8 @@ def pretrain_cmd(
     threads: int = typer.Option(1, "--threads", help="torch threads (1 is fastest on a busy 2-core machine)."),
 ) -> None:
     """Train the toy base model and classifiers from scratch (the shipped assets are this command's output)."""
-    from resalign.pipeline.toy import PretrainConfig, pretrain
+    from resalign.models.toy_training import PretrainConfig
+    from resalign.pipeline.toy import pretrain
     from resalign.rundir import default_out
 
     cfg = PretrainConfig(seed=seed, threads=threads)
@@ -165,7 +166,7 @@ def check_cmd(
 ) -> None:
     """Measure a toy model: harmful rates (explicit, implicit, neutral, benign prompts), prompt accuracy, FD."""
     from resalign.models.toy import load_toy
-    from resalign.pipeline.toy import measure
+    from resalign.models.toy_training import measure
 
     bundle = load_toy(model)
     with _progress() as bar:

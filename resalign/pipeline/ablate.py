@@ -117,7 +117,7 @@ COMPONENT_VARIANTS = {
 
 
 def _run_config(model: str | None, loss: str, seed: int, device: str, threads: int, extra: dict[str, Any]):
-    from resalign.pipeline.run import load_run_config
+    from resalign.settings.run import load_run_config
 
     raw = {"model": model, "loss": loss, "seed": seed, "device": device, "threads": threads, **extra}
     return load_run_config(raw)
@@ -230,7 +230,7 @@ def _fidelity_seed(cfg: AblateSolversConfig, seed: int, settings: list[dict[str,
     """One seed's simulated fine-tunings (``configs`` per cell of the pool), every setting measured on
     each: ``figures`` as [key, (optimizer, adapter) group, metric, value], ``problems``, ``skipped``."""
     from resalign.core.meta import ResAlign
-    from resalign.pipeline.run import prepare
+    from resalign.pipeline.prepare import prepare
 
     unrolled = registry.create("solver", "unrolled")
     figures_out: list[list[Any]] = []
@@ -350,7 +350,7 @@ def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: 
     and a variant cut off in an earlier attempt continues both from where they stopped.
     """
     from resalign.pipeline.attack import AttackConfig
-    from resalign.pipeline.run import resolve
+    from resalign.settings.run import resolve
 
     runs: dict[str, dict[str, Any]] = {}
     for label, overrides in variants.items():

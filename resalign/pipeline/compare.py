@@ -177,7 +177,7 @@ class CompareConfig:
 def method_run_config(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str, dtype: str):
     """The :class:`RunConfig` that unlearns ``method``: a β = 0 baseline or ResAlign (``resalign[-LOSS]``)."""
     from resalign.config import from_dict
-    from resalign.pipeline.run import RunConfig
+    from resalign.settings.run import RunConfig
 
     kw: dict[str, Any] = dict(overrides)
     for key in ("model", "seed", "device", "dtype", "loss", "beta"):
@@ -206,7 +206,8 @@ def shared_data(data: Any, run_dir: Path) -> Any:
     folders instead saves that generation without changing a single pair. Runs of another seed
     generate their own.
     """
-    from resalign.pipeline.data import SETS, SourceConfig
+    from resalign.data.training import SETS
+    from resalign.settings.run import SourceConfig
 
     folders = {name: run_dir / "data" / name for name in SETS}
     if not all((f / "metadata.jsonl").is_file() for f in folders.values()):
@@ -258,7 +259,7 @@ class _Comparison:
 
     def __init__(self, cfg: CompareConfig, out: str | Path, progress: bool, resume: bool = False):
         from resalign.config import to_dict
-        from resalign.pipeline.run import resolve
+        from resalign.settings.run import resolve
 
         if cfg.seeds < 1:
             raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
@@ -342,7 +343,8 @@ class _Comparison:
         last checkpoint.
         """
         from resalign.config import to_dict
-        from resalign.pipeline.run import execute, resolve
+        from resalign.pipeline.run import execute
+        from resalign.settings.run import resolve
 
         self.run_dirs = {u: dict(self.cfg.runs) for u in self.unlearn_seeds}
         order = [(u, m) for u, cfgs in self.unlearn_cfgs.items() for m in cfgs]
@@ -551,7 +553,7 @@ class _Comparison:
 def _with_checkpoints(cfgs: Mapping[str, Any], cfg: CompareConfig) -> dict[str, Any]:
     """``--match strength``: baselines keep a checkpoint every ``match_every`` steps and run up to
     ``match_max_factor`` times ResAlign's outer steps."""
-    from resalign.pipeline.run import resolve
+    from resalign.settings.run import resolve
 
     ours_cfg = next((rc for m, rc in cfgs.items() if is_ours(m)), None)
     ours_steps = resolve(ours_cfg).outer_steps if ours_cfg is not None else None
@@ -603,7 +605,7 @@ def as_strong(rate: float, target: float, n: int) -> bool:
 def run_config_of(run_dir: Path) -> Any:
     """The resolved :class:`RunConfig` a run directory recorded in its ``config.toml``."""
     from resalign.config import from_dict, load_toml
-    from resalign.pipeline.run import RunConfig, resolve
+    from resalign.settings.run import RunConfig, resolve
 
     return resolve(from_dict(RunConfig, load_toml(run_dir / "config.toml"), where=str(run_dir / "config.toml")))
 
@@ -630,7 +632,7 @@ def checkpoint_weights(run_dir: Path, rc: Any, base_bundle: Any, steps: set[int]
 
 
 def _describe_run(rc: Any) -> str:
-    from resalign.pipeline.run import resolve
+    from resalign.settings.run import resolve
 
     r = resolve(rc)
     return ", ".join(f"{f}={getattr(r, f)}" for f in ("loss", "beta", "alpha", "solver", "outer_steps"))
