@@ -11,7 +11,7 @@
     metrics.jsonl                  the training log (loss, periodic checks)
 
 Everything is reproducible from ``config.seed`` (one CPU thread by default: thread counts change
-floating-point reduction order).
+floating-point reduction order). The training and the checks are :mod:`resalign.models.toy_training`'s.
 """
 
 from __future__ import annotations
