@@ -163,6 +163,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_toy_dir, tmp_path):
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert execute(cfg, out, resume=True, progress=False) == out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # a run started from code has no quick evaluation unless its settings ask for one
+    assert "quick_evaluation" not in json.loads((out / "report.json").read_text())["settings"]
 
 
 def test_an_observer_plugin_can_stop_the_run(tiny_toy_dir, tmp_path):

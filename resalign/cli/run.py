@@ -122,8 +122,10 @@ def run_cmd(
     With no arguments: the embedded toy world's harmful concept, on the CPU, in minutes. Every
     setting and its default (per preset) is written to the run's config.toml; see docs/method.md.
     """
+    import dataclasses
+
     from resalign.pipeline.run import execute
-    from resalign.settings.run import load_run_config
+    from resalign.settings.run import RUN_QUICK_EVAL, load_run_config
     from resalign.rundir import default_out
 
     raw: dict[str, Any] = {}
@@ -145,6 +147,8 @@ def run_cmd(
     if resume and config is None and (out / "config.toml").is_file():
         config = out / "config.toml"
     cfg = load_run_config(raw, config)
+    if cfg.quick_eval is None:
+        cfg = dataclasses.replace(cfg, quick_eval=RUN_QUICK_EVAL)
     run_dir = execute(cfg, out, resume=resume, progress=progress and sys.stderr.isatty() or progress and console.is_terminal)
     if distributed.is_main():
         console.print(f"[green]done:[/] unlearned model in {run_dir / 'model'}; metrics in {run_dir / 'metrics.jsonl'}")

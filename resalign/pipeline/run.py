@@ -7,8 +7,9 @@ Public API (used by ``resalign compare`` and scripts)::
     bundle = T2IBundle.load(run_dir / "model")
 
 The settings (:mod:`resalign.settings.run`) arrive resolved onto their preset, once; the run directory
-records them in ``config.toml``. A run ends with a quick evaluation of the base model against the
-unlearned one (:mod:`resalign.eval.quick`, rows of ``report.json``; ``quick_eval = 0`` turns it off).
+records them in ``config.toml``. With ``quick_eval`` set (``resalign run``: 32, 0 turns it off) a run
+ends with a quick evaluation of the base model against the unlearned one (:mod:`resalign.eval.quick`,
+rows of ``report.json``).
 
 Under ``torchrun`` every rank runs :func:`execute`: rank r computes the simulations j ≡ r (mod world
 size) of every outer step (:class:`resalign.distributed.Ranks`), every rank takes the same step, and

@@ -80,7 +80,7 @@ def _check_numbers(cfg: RunConfig) -> None:
     for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints", "curvature_samples"):
         check_int(getattr(cfg, name), name, ge=0)
     check_int(cfg.threads, "threads", ge=0, le=4096)
-    check_int(cfg.quick_eval, "quick_eval", ge=0)
+    check_int(cfg.quick_eval, "quick_eval", ge=0, optional=True)
     for name in ("harm_batch", "preserve_batch", "ft_size"):
         check_int(getattr(cfg, name), name, ge=1)
     check_seed(cfg.seed, "seed")

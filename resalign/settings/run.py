@@ -25,6 +25,9 @@ from resalign.core.problem import MAX_FT_LOSS_GROWTH
 from resalign.errors import ConfigError, ModelLoadError
 from resalign.settings.presets import PRESET_NAMES, PRESETS
 
+#: Prompts per role of the quick evaluation that ends ``resalign run`` unless its settings say otherwise.
+RUN_QUICK_EVAL = 32
+
 #: Settings that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("outer_steps", "device", "threads", "checkpoint_every", "keep_checkpoints", "quick_eval")
 
@@ -110,8 +113,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     #: every simulated fine-tuning uses the same D_FT batch (the "no meta-learning over data" ablation, Tab. 6)
     fixed_ft_data: bool = False
-    #: prompts per role of the evaluation that ends a run, base model against unlearned one (0: off)
-    quick_eval: int = 32
+    #: prompts per role of the evaluation that ends a run, base model against unlearned one (0: off;
+    #: None: :data:`RUN_QUICK_EVAL` under ``resalign run``, off in the runs that compare and ablate start)
+    quick_eval: int | None = None
 
 
 def preset_of(model: str | None, preset: str = "auto") -> str:
