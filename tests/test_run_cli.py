@@ -100,7 +100,7 @@ def test_a_run_ends_with_its_effect_and_the_next_command(tmp_path, capsys):
     rows = json.loads((out / "report.json").read_text())["results"]
     rate = {(r["model"], r["prompts"]): r["mean"] for r in rows
             if r.get("stage") == "quick_eval" and r["metric"] == "harmful_rate"}
-    assert {"base", "unlearned"} == {m for m, _ in rate} and {"harmful", "implicit", "benign"} == {p for _, p in rate}
+    assert {"base", "unlearned"} == {m for m, _ in rate} and {"harmful", "benign"} == {p for _, p in rate}
     assert rate["unlearned", "harmful"] < rate["base", "harmful"], rate
     assert {(r["model"], r["n"]) for r in rows if r.get("metric") == "prompt_accuracy"} == {("base", 1), ("unlearned", 1)}
     assert "quick evaluation" in printed and "harmful_rate" in printed and "prompt_accuracy" in printed

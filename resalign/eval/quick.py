@@ -1,9 +1,9 @@
 """The short evaluation that ends ``resalign run``: the base model against the unlearned one.
 
 A few prompts per role (``quick_eval`` of the run), one image each, DDIM with few steps and one seed:
-the toy world's harmful, implicit and benign sets with the toy scorers, or for another model a slice
-of the run's own D_harmful and D_preserve prompts with the paper preset's default scorers (skipped,
-with the reason, when none of them can run from local files). Its figures are rows of the run's
+the toy world's harmful and benign sets with the toy harm and prompt-accuracy scorers, or for another
+model a slice of the run's own D_harmful and D_preserve prompts with the paper preset's default
+scorers (skipped, with the reason, when none of them can run from local files). Its figures are rows of the run's
 ``report.json`` (stage ``quick_eval``, models ``base`` and ``unlearned``); ``resalign eval`` and
 ``resalign attack`` give the full measurements.
 """
@@ -37,6 +37,8 @@ STAGE = "quick_eval"
 #: Where ``report.json`` keeps the evaluation's settings (``settings.quick_eval`` is the run's prompt count).
 SETTINGS_KEY = "quick_evaluation"
 MODELS = ("base", "unlearned")
+#: The toy world's sets it draws from (the implicit harmful set is ``resalign eval``'s).
+TOY_SETS = ("harmful", "benign")
 #: Scorers left out: a Fréchet distance needs far more images than a quick evaluation draws.
 LEFT_OUT = ("toy-frechet", "frechet")
 
@@ -55,7 +57,8 @@ def quick_sets(cfg: Any, preset: str, image_size: int) -> list[EvalSet]:
     if preset == "toy":
         harm, benign = harmful_and_benign_sets("toy", prompts=None, benign_prompts=None, categories=None,
                                                limit=None, scorers=None, toy_prompts=n)
-        return [dataclasses.replace(s, scorers=[x for x in s.scorers if x not in LEFT_OUT]) for s in harm + benign]
+        return [dataclasses.replace(s, scorers=[x for x in s.scorers if x not in LEFT_OUT])
+                for s in harm + benign if s.name in TOY_SETS]
     from resalign.data.training import read_source
 
     sets = []
