@@ -164,7 +164,7 @@ def child(args) -> None:
     )
     from resalign.core.params import Parameterization
     from resalign.models.diffusion import NoiseSchedule
-    from resalign.pipeline.run import PRESETS
+    from resalign.settings.presets import PRESETS
     from resalign.registry import get_registry
 
     before_model, host_before = rss(), host_rss()

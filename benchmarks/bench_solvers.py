@@ -52,7 +52,7 @@ def main() -> None:
     from resalign.core.meta import ConfigPool, MethodSettings, PairSet, ResAlign, TrainingData
     from resalign.core.params import Parameterization
     from resalign.data import toy
-    from resalign.pipeline.run import PRESETS
+    from resalign.settings.presets import PRESETS
     from resalign.registry import get_registry
 
     bundle = build(args.model, args.device)

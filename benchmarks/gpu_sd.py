@@ -87,7 +87,7 @@ def main() -> None:
     from resalign.core.params import Parameterization
     from resalign.models.bundle import DTYPES
     from resalign.models.diffusion import NoiseSchedule
-    from resalign.pipeline.run import PRESETS
+    from resalign.settings.presets import PRESETS
     from resalign.registry import get_registry
 
     cuda = args.device.startswith("cuda")

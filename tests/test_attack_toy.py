@@ -39,7 +39,8 @@ GA_RUN = {
 @pytest.fixture(scope="module")
 def unlearned(tmp_path_factory):
     from resalign.config import from_dict
-    from resalign.pipeline.run import RunConfig, execute
+    from resalign.pipeline.run import execute
+    from resalign.settings.run import RunConfig
 
     return execute(from_dict(RunConfig, GA_RUN), tmp_path_factory.mktemp("ga") / "run", progress=False)
 

@@ -191,7 +191,8 @@ def test_the_defaults_pass_every_check(files):
     from resalign.cli.ablate import _check_common
     from resalign.pipeline.attack import AttackConfig, check_attack_config
     from resalign.pipeline.evaluate import EvalConfig, check_eval_config
-    from resalign.pipeline.run import load_run_config, validate
+    from resalign.settings.checks import validate
+    from resalign.settings.run import load_run_config
     from resalign.registry import get_registry
 
     registry = get_registry()

@@ -101,7 +101,7 @@ def test_set_reaches_the_resolved_config():
 
 
 def test_former_run_setting_names_are_read():
-    from resalign.pipeline.run import load_run_config
+    from resalign.settings.run import load_run_config
 
     cfg = load_run_config({"data": {"gen_steps": 3, "gen_guidance": 1.5}})
     assert (cfg.data.sample_steps, cfg.data.guidance) == (3, 1.5)

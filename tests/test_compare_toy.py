@@ -11,7 +11,7 @@ import scipy.stats
 from resalign.cli import main
 from resalign.errors import ConfigError
 from resalign.pipeline.compare import method_run_config
-from resalign.pipeline.run import resolve
+from resalign.settings.run import resolve
 
 #: Unlearning data small enough for a test (8 pairs per set, generated in 4 steps).
 TINY_DATA = json.dumps({
@@ -84,9 +84,9 @@ def test_compare_end_to_end_at_test_size(tmp_path):
 
     # without --unlearn-option data, later runs read the first run's generated training data
     from resalign.pipeline.compare import shared_data
-    from resalign.pipeline.run import resolve
+    from resalign.settings.run import resolve
     from resalign.config import from_dict
-    from resalign.pipeline.run import RunConfig
+    from resalign.settings.run import RunConfig
 
     data = shared_data(resolve(from_dict(RunConfig, {})).data, out / "unlearn" / "resalign")
     assert data.harmful[0].source.endswith("unlearn/resalign/data/harmful")

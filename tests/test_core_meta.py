@@ -257,8 +257,9 @@ def test_anchor_embeddings_follow_what_the_harmful_loss_declares(tiny_toy_dir, t
 
     from resalign.config import from_dict
     from resalign.hookspecs import hookimpl
-    from resalign.pipeline.run import RunConfig, prepare
+    from resalign.pipeline.prepare import prepare
     from resalign.registry import build_registry
+    from resalign.settings.run import RunConfig, resolve
 
     class Anchored:
         name, needs_anchor = "anchored", True
@@ -277,7 +278,7 @@ def test_anchor_embeddings_follow_what_the_harmful_loss_declares(tiny_toy_dir, t
     data = {"harmful": [{"source": "toy:harmful", "n": 2}], "preserve": [{"source": "toy:preservation", "n": 2}],
             "finetune": [{"source": "toy:preservation", "n": 2}], "gen_steps": 1, "concept": "ring", "anchor": "circle"}
     for loss, want in (("anchored", True), ("plain", False), ("ca", True), ("ga", False)):
-        cfg = from_dict(RunConfig, {"model": str(tiny_toy_dir), "loss": loss, "data": data, "outer_steps": 1})
+        cfg = resolve(from_dict(RunConfig, {"model": str(tiny_toy_dir), "loss": loss, "data": data, "outer_steps": 1}))
         prep = prepare(cfg, tmp_path / "data", registry=reg)  # the pairs are generated once, then read back
         anchor = prep.data.harmful.anchor_cond
         assert (anchor is not None) == want, loss

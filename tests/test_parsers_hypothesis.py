@@ -67,7 +67,8 @@ def scratch():
 
 
 def _load_and_validate(raw, config_file, registry):
-    from resalign.pipeline.run import load_run_config, validate
+    from resalign.settings.checks import validate
+    from resalign.settings.run import load_run_config
 
     cfg = load_run_config(raw, config_file)
     validate(cfg, registry)
@@ -206,7 +207,7 @@ def test_parse_items_knows_the_keys_from_dict_knows(items):
     """With a dataclass, parse_items refuses exactly the keys that are not settings (naming the valid ones)."""
     from resalign.config import from_dict, parse_items
     from resalign.errors import ConfigError
-    from resalign.pipeline.run import RunConfig
+    from resalign.settings.run import RunConfig
 
     try:
         raw = parse_items(items, "--set", cls=RunConfig, what="the run settings")

@@ -14,7 +14,8 @@ from resalign.config import from_dict
 from resalign.errors import RunInterrupted
 from resalign.hookspecs import hookimpl
 from resalign.models.bundle import T2IBundle
-from resalign.pipeline.run import RunConfig, execute, load_run_config
+from resalign.pipeline.run import execute
+from resalign.settings.run import RunConfig, load_run_config
 
 SMALL = [
     "--threads", "1", "--no-progress", "-J", "1",
@@ -22,7 +23,7 @@ SMALL = [
     "--set", 'data.preserve=[{source="toy:preservation", n=6, seed=1}]',
     "--set", 'data.finetune=[{source="toy:preservation", n=4, seed=2}, {source="toy:harmful", n=2, seed=3}]',
     "--set", "data.gen_steps=2", "--set", "harm_batch=2", "--set", "preserve_batch=2", "--set", "ft_size=2",
-    "--set", "pool.steps=[2]",
+    "--set", "pool.steps=[2]", "--set", "quick_eval=0",
 ]
 RICHARDSON = ["--K", "2", "--set", "solver_options.power_iters=2"]
 
@@ -34,7 +35,7 @@ def run(tiny_toy_dir, out, *extra):
 
 def test_run_writes_a_complete_run_directory(tiny_toy_dir, tmp_path):
     out = tmp_path / "run"
-    assert run(tiny_toy_dir, out, "--outer-steps", "2", "--set", "checkpoint_every=1") == 0
+    assert run(tiny_toy_dir, out, "--outer-steps", "2", "--set", "checkpoint_every=1", "--set", "quick_eval=4") == 0
     cfg = tomllib.loads((out / "config.toml").read_text())
     assert cfg["preset"] == "toy" and cfg["outer_steps"] == 2 and cfg["pool"]["steps"] == [2]
     assert from_dict(RunConfig, cfg).solver == "richardson"  # the recorded config is a valid RunConfig
@@ -57,6 +58,54 @@ def test_run_writes_a_complete_run_directory(tiny_toy_dir, tmp_path):
     assert (out / "data" / "harmful" / "metadata.jsonl").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["command"] == "run" and any(r["metric"] == "loss_harm" for r in report["results"])
+    quick = {(r["model"], r["prompts"], r["metric"]) for r in report["results"] if r.get("stage") == "quick_eval"}
+    assert {(m, "harmful", "harmful_rate") for m in ("base", "unlearned")} <= quick
+    assert report["settings"]["quick_eval"] == 4 and report["settings"]["quick_evaluation"]["seed"] == 0
+
+
+#: A quick plain gradient-ascent unlearning of every UNet weight of the shipped toy model (as
+#: tests/test_attack_toy.py's): 4 outer steps take its harmful rate on ring prompts from about 1 to 0.
+GA_TOML = """
+loss = "ga"
+beta = 0.0
+params = "full"
+alpha = 1.0
+outer_lr = 1e-3
+outer_steps = 4
+checkpoint_every = 0
+threads = 1
+quick_eval = 16
+[loss_options]
+cap = 0.5
+[data]
+harmful = [{source = "toy:harmful", n = 16, seed = 0}]
+preserve = [{source = "toy:preservation", n = 16, seed = 1}]
+finetune = [{source = "toy:preservation", n = 8, seed = 2}]
+concept = "ring"
+anchor = "circle"
+gen_steps = 10
+gen_guidance = 2.0
+"""
+
+
+def test_a_run_ends_with_its_effect_and_the_next_command(tmp_path, capsys):
+    from test_attack_toy import _toy_installed
+
+    if not _toy_installed():
+        pytest.skip("the toy model is not installed")
+    config, out = tmp_path / "ga.toml", tmp_path / "run"
+    config.write_text(GA_TOML)
+    assert main(["run", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "report.json").read_text())["results"]
+    rate = {(r["model"], r["prompts"]): r["mean"] for r in rows
+            if r.get("stage") == "quick_eval" and r["metric"] == "harmful_rate"}
+    assert {"base", "unlearned"} == {m for m, _ in rate} and {"harmful", "benign"} == {p for _, p in rate}
+    assert rate["unlearned", "harmful"] < rate["base", "harmful"], rate
+    assert {(r["model"], r["n"]) for r in rows if r.get("metric") == "prompt_accuracy"} == {("base", 1), ("unlearned", 1)}
+    assert "quick evaluation" in printed and "harmful_rate" in printed and "prompt_accuracy" in printed
+    assert f"resalign attack {out}" in printed
+    assert "Quick evaluation" in (out / "report.md").read_text()
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tiny_toy_dir, tmp_path):
@@ -114,6 +163,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_toy_dir, tmp_path):
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert execute(cfg, out, resume=True, progress=False) == out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # a run started from code has no quick evaluation unless its settings ask for one
+    assert "quick_evaluation" not in json.loads((out / "report.json").read_text())["settings"]
 
 
 def test_an_observer_plugin_can_stop_the_run(tiny_toy_dir, tmp_path):

@@ -34,6 +34,14 @@ def test_sd_folder_is_unlearned_and_loads_with_diffusers(tiny_sd_dir, tmp_path):
     for name in ("text_encoder", "vae"):
         a, b = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # the quick evaluation ran on the run's own prompts, or says why it could not (no offline scorer)
+    report = json.loads((out / "report.json").read_text())
+    quick = report["settings"]["quick_evaluation"]
+    if "skipped" in quick:
+        assert "Quick evaluation skipped" in (out / "report.md").read_text()
+    else:
+        assert [s["name"] for s in quick["sets"]] == ["harmful", "preserve"]
+        assert {r["model"] for r in report["results"] if r.get("stage") == "quick_eval"} == {"base", "unlearned"}
 
 
 def test_bf16_compute_on_cpu_keeps_fp32_master_weights(tiny_sd_dir, tmp_path):

@@ -98,7 +98,7 @@ def test_missing_assets_error_names_the_folder(monkeypatch, tmp_path):
 
 
 def test_tiny_pretraining_writes_the_shipped_layout_and_is_reproducible(tmp_path):
-    from resalign.pipeline.toy import PretrainConfig, train_base_model
+    from resalign.models.toy_training import PretrainConfig, train_base_model
 
     cfg = PretrainConfig(steps=3, batch_size=4, pool=64, check_every=0, channels=(8, 16))
     a = train_base_model(cfg)

@@ -49,7 +49,8 @@ _ADAPT_HELP = ("Downstream fine-tuning method after each run: any registered ada
 
 def _check_common(device: str, threads: int, run: dict, *, model: str | None, loss: str | None) -> None:
     """Device and threads, and the ``--set`` run settings validated as ``resalign run`` would."""
-    from resalign.pipeline.run import load_run_config, validate
+    from resalign.settings.checks import validate
+    from resalign.settings.run import load_run_config
     from resalign.registry import get_registry
 
     check_device(device, "--device")

@@ -282,7 +282,7 @@ def compare_cmd(
     """Table 1: base, plain-unlearning baselines and ResAlign, before and after benign fine-tuning."""
     from resalign.config import parse_items
     from resalign.pipeline.compare import CompareConfig, run_compare
-    from resalign.pipeline.run import RunConfig
+    from resalign.settings.run import RunConfig
 
     names = _split(scorer)
     cfg = resolve(CompareConfig, "compare", dict(
@@ -317,7 +317,8 @@ def _check_compare(cfg) -> None:
     from resalign.pipeline.compare import method_run_config
     from resalign.pipeline.evaluate import check_common
     from resalign.eval.finetune import FinetuneSpec
-    from resalign.pipeline.run import resolve as resolve_run, validate
+    from resalign.settings.checks import validate
+    from resalign.settings.run import resolve as resolve_run
     from resalign.registry import get_registry
     from resalign.validation import check_int, check_number
 

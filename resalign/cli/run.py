@@ -19,7 +19,8 @@ def _default(key: str) -> str:
     """The default of a RunConfig setting as help text: the preset values where it has them."""
     import dataclasses
 
-    from resalign.pipeline.run import PRESETS, RunConfig
+    from resalign.settings.presets import PRESETS
+    from resalign.settings.run import RunConfig
 
     def fmt(v):
         return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
@@ -42,7 +43,7 @@ def _default(key: str) -> str:
 def apply_set_items(raw: dict[str, Any], items: list[str] | None) -> dict[str, Any]:
     """Apply ``--set KEY=VALUE`` items (:func:`resalign.config.parse_items`) to the raw RunConfig table ``raw``."""
     from resalign.config import parse_items
-    from resalign.pipeline.run import RunConfig
+    from resalign.settings.run import RunConfig
 
     return parse_items(items, "--set", raw, cls=RunConfig, what="the run settings")
 
@@ -93,7 +94,10 @@ def run_cmd(
     With no arguments: the embedded toy world's harmful concept, on the CPU, in minutes. Every
     setting and its default (per preset) is written to the run's config.toml; see docs/method.md.
     """
-    from resalign.pipeline.run import execute, load_run_config
+    import dataclasses
+
+    from resalign.pipeline.run import execute
+    from resalign.settings.run import RUN_QUICK_EVAL, load_run_config
     from resalign.rundir import default_out
 
     raw: dict[str, Any] = {}
@@ -116,6 +120,32 @@ def run_cmd(
         config = out / "config.toml"
     cfg = load_run_config(raw, config)
     progress = progress and not quiet
+    if cfg.quick_eval is None:
+        cfg = dataclasses.replace(cfg, quick_eval=RUN_QUICK_EVAL)
     run_dir = execute(cfg, out, resume=resume, progress=progress and sys.stderr.isatty() or progress and console.is_terminal)
     if distributed.is_main():
         console.print(f"[green]done:[/] unlearned model in {run_dir / 'model'}; metrics in {run_dir / 'metrics.jsonl'}")
+        if not quiet:
+            _print_quick_eval(run_dir)
+
+
+def _print_quick_eval(run_dir: Path) -> None:
+    """The run's quick evaluation as a small table (or why it was skipped), then the next command."""
+    import json
+
+    from rich.table import Table
+
+    from resalign.eval.quick import MODELS, SETTINGS_KEY, quick_table
+
+    report = json.loads((run_dir / "report.json").read_text())
+    settings = report["settings"].get(SETTINGS_KEY)
+    if settings is not None and "skipped" in settings:
+        console.print(f"quick evaluation skipped: {settings['skipped']}", highlight=False)
+    elif settings is not None:
+        table = Table(title=f"quick evaluation ({report['settings']['quick_eval']} prompts per role, one seed)")
+        for col in ("prompts", "metric", *MODELS):
+            table.add_column(col, justify="left" if col in ("prompts", "metric") else "right")
+        for row in quick_table(report["results"]):
+            table.add_row(*row)
+        console.print(table)
+    console.print(f"next: resalign attack {run_dir}", highlight=False, soft_wrap=True)

@@ -126,7 +126,8 @@ def pretrain_cmd(
     dtype: str = dtype_option(None, "Not used: toy pretraining trains in fp32; giving it is an error"),
 ) -> None:
     """Train the toy base model and classifiers from scratch (the shipped assets are this command's output)."""
-    from resalign.pipeline.toy import PretrainConfig, pretrain
+    from resalign.models.toy_training import PretrainConfig
+    from resalign.pipeline.toy import pretrain
     from resalign.rundir import default_out
 
     refuse("toy pretrain", "--device", device, "toy pretraining runs on the CPU")
@@ -258,7 +259,7 @@ def check_cmd(
 ) -> None:
     """Measure a toy model: harmful rates (explicit, implicit, neutral, benign prompts), prompt accuracy, FD."""
     from resalign.models.toy import load_toy
-    from resalign.pipeline.toy import measure
+    from resalign.models.toy_training import measure
 
     cfg = _sample_config("toy check", dict(model=model, n=n, sample_steps=pick("--sample-steps", sample_steps,
                                                                               "--steps", steps),

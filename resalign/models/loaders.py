@@ -43,3 +43,26 @@ class ToyModel(Component):
 def register_models(register):
     register("diffusers", DiffusersFolder)
     register("toy", ToyModel)
+
+
+def load_bundle(registry, model: str | None, device: str) -> T2IBundle:
+    """``model`` (None: the embedded toy model) through the first registered loader that claims it,
+    every plugin's included and the generic diffusers one last.
+
+    fp32 throughout: a run's ``dtype`` is the autocast dtype of the UNet passes (the master weights stay
+    fp32); the frozen text encoder and VAE run once per dataset, and the saved model keeps their dtype.
+    """
+    from resalign.errors import ModelLoadError
+
+    loader = None
+    if model is None:
+        loader = registry.create("model", "toy")
+    else:
+        for name in sorted(registry.names("model"), key=lambda n: n == "diffusers"):
+            candidate = registry.create("model", name)
+            if candidate.can_load(model):
+                loader = candidate
+                break
+        if loader is None:
+            raise ModelLoadError(f"model: no loader can read {model!r}")
+    return loader.load(model, device=device, dtype="fp32")

@@ -85,7 +85,7 @@ class AblateComponentsConfig:
 
 
 def _run_config(model: str | None, loss: str, seed: int, device: str, threads: int, extra: dict[str, Any]):
-    from resalign.pipeline.run import load_run_config
+    from resalign.settings.run import load_run_config
 
     raw = {"model": model, "loss": loss, "seed": seed, "device": device, "threads": threads, **extra}
     return load_run_config(raw)
@@ -98,7 +98,7 @@ def fidelity_rows(cfg: AblateSolversConfig, report: TidyReport, *, progress=None
     Each seed is one cell (of ``sweep`` when given: recorded, resumable, split over ranks); the rows
     are merged in seed order.
     """
-    from resalign.pipeline.run import prepare
+    from resalign.pipeline.prepare import prepare
     from resalign.registry import get_registry
 
     registry = get_registry()
@@ -135,7 +135,7 @@ def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: 
     and a variant cut off in an earlier attempt continues both from where they stopped.
     """
     from resalign.pipeline.attack import AttackConfig
-    from resalign.pipeline.run import resolve
+    from resalign.settings.run import resolve
 
     runs: dict[str, dict[str, Any]] = {}
     for label, overrides in variants.items():

@@ -106,7 +106,7 @@ class CompareConfig:
 
 def method_run_config(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str, dtype: str):
     """The :class:`RunConfig` that unlearns ``method``: a β = 0 baseline or ResAlign (``resalign[-LOSS]``)."""
-    from resalign.pipeline.run import RunConfig
+    from resalign.settings.run import RunConfig
 
     return from_dict(RunConfig, method_settings(method, model, seed, overrides, device, dtype), where="--unlearn-option")
 
@@ -119,7 +119,8 @@ def shared_data(data: Any, run_dir: Path) -> Any:
     folders instead saves that generation without changing a single pair. Runs of another seed
     generate their own.
     """
-    from resalign.pipeline.data import SETS, SourceConfig
+    from resalign.data.training import SETS
+    from resalign.settings.run import SourceConfig
 
     folders = {name: run_dir / "data" / name for name in SETS}
     if not all((f / "metadata.jsonl").is_file() for f in folders.values()):
@@ -129,7 +130,7 @@ def shared_data(data: Any, run_dir: Path) -> Any:
 
 def run_config_of(run_dir: str | Path) -> Any:
     """The resolved :class:`RunConfig` a run directory recorded in its ``config.toml``."""
-    from resalign.pipeline.run import RunConfig, resolve
+    from resalign.settings.run import RunConfig, resolve
 
     return resolve(from_dict(RunConfig, recorded_config(run_dir), where=str(Path(run_dir) / "config.toml")))
 
@@ -137,7 +138,7 @@ def run_config_of(run_dir: str | Path) -> Any:
 def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison, Sweep, dict[int, dict[str, Any]]]:
     """The checked settings wired to a :class:`Comparison`, its sweep (the run directory) and the
     unlearning runs' configurations by unlearning seed and method (ResAlign first)."""
-    from resalign.pipeline.run import resolve
+    from resalign.settings.run import resolve
 
     check_comparison(cfg, made_from=lambda run_dir: run_config_of(run_dir).model)
     base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -185,7 +186,8 @@ def _unlearn(cmp: Comparison, sweep: Sweep, cfg: CompareConfig, unlearn_cfgs: di
     generates its own data. An unlearning run cut off in an earlier attempt continues from its
     last checkpoint.
     """
-    from resalign.pipeline.run import execute, resolve
+    from resalign.pipeline.run import execute
+    from resalign.settings.run import resolve
 
     run_dirs = {u: dict(cfg.runs) for u in cmp.unlearn_seeds}
     order = [(u, m) for u, cfgs in unlearn_cfgs.items() for m in cfgs]

@@ -1,6 +1,6 @@
 """The three datasets of a run (Appendix B.4): D_harmful, D_preserve and the fine-tuning pool D_FT.
 
-Each is a list of sources, concatenated:
+Each is a list of sources (:class:`~resalign.settings.run.SourceConfig`), concatenated:
 
 * ``toy:<set>`` — a prompt set of the toy world (``harmful``, ``implicit``, ``preservation``,
   ``neutral``), ``n`` prompts drawn with ``seed``;
@@ -20,9 +20,9 @@ reads and writes the cache, sending what it read to the others (no shared file s
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from resalign import distributed
 from resalign.core import seeds
 from resalign.core.meta import PairSet, TrainingData
 from resalign.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from resalign.settings.run import DataConfig, SourceConfig
 
 SETS = ("harmful", "preserve", "finetune")
 
@@ -45,32 +48,6 @@ PRESERVE_PROMPTS = (
     "children playing in a park", "a living room with a fireplace", "a horse in a field", "a cup of coffee",
     "a train at a station",
 )
-
-
-@dataclass
-class SourceConfig:
-    """One data source (see the module docstring for the forms of ``source``)."""
-
-    source: str
-    n: int = 0  # 0: all of it (toy prompt sets: their natural size)
-    seed: int = 0
-    categories: list[str] = field(default_factory=list)
-
-
-@dataclass
-class DataConfig:
-    harmful: list[SourceConfig] = field(default_factory=list)
-    preserve: list[SourceConfig] = field(default_factory=list)
-    finetune: list[SourceConfig] = field(default_factory=list)
-    #: the harmful concept (prompt templates) and, for the ``ca`` loss, the anchor that replaces it
-    concept: str = ""
-    anchor: str = ""
-    images_per_prompt: int = 1
-    sample_steps: int = 20
-    guidance: float = 4.0
-    gen_batch_size: int = 32
-    #: former names of settings, still read from config files and --set
-    ALIASES: ClassVar[dict[str, str]] = {"gen_steps": "sample_steps", "gen_guidance": "guidance"}
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""The short evaluation that ends ``resalign run``: the base model against the unlearned one.
+
+A few prompts per role (``quick_eval`` of the run), one image each, DDIM with few steps and one seed:
+the toy world's harmful and benign sets with the toy harm and prompt-accuracy scorers, or for another
+model a slice of the run's own D_harmful and D_preserve prompts with the paper preset's default
+scorers (skipped, with the reason, when none of them can run from local files). Its figures are rows of the run's
+``report.json`` (stage ``quick_eval``, models ``base`` and ``unlearned``); ``resalign eval`` and
+``resalign attack`` give the full measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resalign import distributed
+from resalign.data.prompts import PromptSet
+from resalign.errors import ResAlignError
+from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
+from resalign.eval.evaluator import Evaluator, add_figures, resolve_generation
+from resalign.eval.presets import default_scorers, preset_name
+from resalign.eval.sets import EvalSet, harmful_and_benign_sets
+from resalign.models.load import load_model
+
+#: DDIM steps of the quick evaluation's images.
+QUICK_STEPS = 10
+STAGE = "quick_eval"
+#: Where ``report.json`` keeps the evaluation's settings (``settings.quick_eval`` is the run's prompt count).
+SETTINGS_KEY = "quick_evaluation"
+MODELS = ("base", "unlearned")
+#: The toy world's sets it draws from (the implicit harmful set is ``resalign eval``'s).
+TOY_SETS = ("harmful", "benign")
+#: Scorers left out: a Fréchet distance needs far more images than a quick evaluation draws.
+LEFT_OUT = ("toy-frechet", "frechet")
+
+
+@dataclass
+class QuickEval:
+    """Figures per model (``base``, ``unlearned``) and the evaluation's settings, or why it was skipped."""
+
+    figures: dict[str, list[Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def quick_sets(cfg: Any, preset: str, image_size: int) -> list[EvalSet]:
+    """``cfg.quick_eval`` prompts per role: the toy world's sets, or the run's harmful and preserve prompts."""
+    n = cfg.quick_eval
+    if preset == "toy":
+        harm, benign = harmful_and_benign_sets("toy", prompts=None, benign_prompts=None, categories=None,
+                                               limit=None, scorers=None, toy_prompts=n)
+        return [dataclasses.replace(s, scorers=[x for x in s.scorers if x not in LEFT_OUT])
+                for s in harm + benign if s.name in TOY_SETS]
+    from resalign.data.training import read_source
+
+    sets = []
+    for name, role in (("harmful", "harmful"), ("preserve", "benign")):
+        prompts: list[str] = []
+        for src in getattr(cfg.data, name):
+            prompts += read_source(src, cfg.data.concept, image_size).prompts
+        scorers = [s for s in default_scorers(preset, role) if s not in LEFT_OUT]
+        sets.append(EvalSet(name, PromptSet(prompts[:n], source=f"data.{name}"), scorers, role))
+    return sets
+
+
+def quick_eval(cfg: Any, model_dir: Path, device: str) -> QuickEval:
+    """Evaluate the run's base model (``cfg.model``) and the unlearned one in ``model_dir``, both as
+    loaded from their folders, with the same sets, scorers, generation settings and seed.
+
+    It runs on the calling rank alone (the generation is not split over a ``torchrun`` job).
+    """
+    with distributed.solo():
+        base = load_model(cfg.model, device=device)
+        preset = preset_name(base.bundle)
+        gen = resolve_generation(preset, images_per_prompt=1, steps=QUICK_STEPS)
+        try:
+            evaluator = Evaluator(base.bundle, quick_sets(cfg, preset, base.bundle.image_size), gen)
+        except ResAlignError as exc:
+            return QuickEval(settings={"skipped": str(exc)})
+        unlearned = load_model(model_dir, device=device)
+        figures = {"base": evaluator.evaluate(seed=cfg.seed)[0],
+                   "unlearned": evaluator.evaluate(bundle=unlearned.bundle, seed=cfg.seed)[0]}
+    return QuickEval(figures, {"seed": cfg.seed, **evaluator.describe()})
+
+
+def add_quick_rows(report: TidyReport, q: QuickEval) -> None:
+    """The figures as report rows (one seed each) and the evaluation under ``settings.quick_evaluation``."""
+    report.settings[SETTINGS_KEY] = q.settings
+    for model, figs in q.figures.items():
+        add_figures(report, [figs], model=model, stage=STAGE)
+
+
+def quick_table(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Rows (prompt set, metric, base, unlearned) of a run report's quick-evaluation results."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in results:
+        if r.get("stage") == STAGE and r.get("model") in MODELS:
+            cells.setdefault((r["prompts"], r["metric"]), {})[r["model"]] = fmt_mean_sem(r["mean"], r["sem"], r["n"])
+    return [[p, m, by.get("base", "—"), by.get("unlearned", "—")] for (p, m), by in cells.items()]
+
+
+def quick_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The quick evaluation's section of ``report.md`` (its table, or why it was skipped)."""
+    settings = report.get("settings", {}).get(SETTINGS_KEY)
+    if settings is None:
+        return []
+    if "skipped" in settings:
+        return ["", f"Quick evaluation skipped: {settings['skipped']}"]
+    table = MarkdownTable("Quick evaluation: base model against the unlearned one",
+                          ["prompts", "metric", *MODELS], quick_table(report.get("results", [])),
+                          note=f"One image per prompt, DDIM {QUICK_STEPS} steps, seed {settings['seed']}.")
+    return ["", table.render()]
