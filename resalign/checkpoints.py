@@ -129,3 +129,10 @@ def checkpoint_weights(run_dir: str | Path, base_bundle: Any, steps: set[int] | 
             continue
         theta = load_file(folder / "theta.safetensors", device=str(base_bundle.device))
         yield step, {k: v.to(base_bundle.dtype) for k, v in param.merged(theta).items()}
+
+
+def run_config_of(run_dir: str | Path) -> Any:
+    """The resolved :class:`RunConfig` a run directory recorded in its ``config.toml``."""
+    from resalign.settings.run import RunConfig, resolve
+
+    return resolve(from_dict(RunConfig, recorded_config(run_dir), where=str(Path(run_dir) / "config.toml")))

@@ -42,7 +42,7 @@ def _pngs(folder):
 def test_compare_unlearn_seeds_end_to_end(tmp_path):
     """Two unlearning seeds × one fine-tuning seed, CA and ResAlign at equal steps. The preset's training
     data (generated per seed, then shared within it) is the point here, so no ``data`` override."""
-    from resalign.pipeline.compare import run_config_of
+    from resalign.checkpoints import run_config_of
 
     out, md = tmp_path / "cmp", tmp_path / "results.md"
     rc = main([

@@ -83,7 +83,7 @@ def test_compare_end_to_end_at_test_size(tmp_path):
         assert (out / f).is_file()
 
     # without --unlearn-option data, later runs read the first run's generated training data
-    from resalign.pipeline.compare import shared_data
+    from resalign.data.training import shared_data
     from resalign.settings.run import resolve
     from resalign.config import from_dict
     from resalign.settings.run import RunConfig

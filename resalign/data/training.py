@@ -19,6 +19,7 @@ reads and writes the cache, sending what it read to the others (no shared file s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,3 +212,19 @@ def build_training_data(cfg: DataConfig, bundle, root: Path, seed: int, *, with_
         preserve=to_pairset(bundle, sets["preserve"]),
         finetune=to_pairset(bundle, sets["finetune"]),
     )
+
+
+def shared_data(data: DataConfig, run_dir: Path) -> DataConfig:
+    """The training data of a finished run as image-caption folder sources, for the next runs.
+
+    The unlearning runs of one unlearning seed start from the same model with the same seed, so they
+    would generate the very same D_harmful, D_preserve and D_FT (B.4); reading the first run's cached
+    folders instead saves that generation without changing a single pair. Runs of another seed
+    generate their own.
+    """
+    from resalign.settings.run import SourceConfig
+
+    folders = {name: run_dir / "data" / name for name in SETS}
+    if not all((f / "metadata.jsonl").is_file() for f in folders.values()):
+        return data
+    return dataclasses.replace(data, **{name: [SourceConfig(source=str(f))] for name, f in folders.items()})

@@ -33,7 +33,8 @@ from typing import Any
 
 from resalign import distributed
 from resalign.cells import Cell, Sweep
-from resalign.checkpoints import recorded_config
+from resalign.checkpoints import run_config_of
+from resalign.data.training import shared_data
 from resalign.config import from_dict, to_dict
 from resalign.errors import ConfigError
 from resalign.eval.compare_report import is_ours
@@ -109,30 +110,6 @@ def method_run_config(method: str, model: str | None, seed: int, overrides: Mapp
     from resalign.settings.run import RunConfig
 
     return from_dict(RunConfig, method_settings(method, model, seed, overrides, device, dtype), where="--unlearn-option")
-
-
-def shared_data(data: Any, run_dir: Path) -> Any:
-    """The training data of a finished run as image-caption folder sources, for the next runs.
-
-    The unlearning runs of one unlearning seed start from the same model with the same seed, so they
-    would generate the very same D_harmful, D_preserve and D_FT (B.4); reading the first run's cached
-    folders instead saves that generation without changing a single pair. Runs of another seed
-    generate their own.
-    """
-    from resalign.data.training import SETS
-    from resalign.settings.run import SourceConfig
-
-    folders = {name: run_dir / "data" / name for name in SETS}
-    if not all((f / "metadata.jsonl").is_file() for f in folders.values()):
-        return data
-    return dataclasses.replace(data, **{name: [SourceConfig(source=str(f))] for name, f in folders.items()})
-
-
-def run_config_of(run_dir: str | Path) -> Any:
-    """The resolved :class:`RunConfig` a run directory recorded in its ``config.toml``."""
-    from resalign.settings.run import RunConfig, resolve
-
-    return resolve(from_dict(RunConfig, recorded_config(run_dir), where=str(Path(run_dir) / "config.toml")))
 
 
 def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison, Sweep, dict[int, dict[str, Any]]]:
