@@ -13,13 +13,13 @@ from resalign.errors import ConfigError
 from resalign.pipeline.compare import method_run_config
 from resalign.settings.run import resolve
 
-#: Unlearning data small enough for a test (8 pairs per set, generated in 4 steps).
-TINY_DATA = json.dumps({
-    "harmful": [{"source": "toy:harmful", "n": 8, "seed": 0}],
-    "preserve": [{"source": "toy:preservation", "n": 8, "seed": 1}],
-    "finetune": [{"source": "toy:preservation", "n": 8, "seed": 2}],
-    "concept": "ring", "anchor": "circle", "gen_steps": 4,
-})
+#: Unlearning data small enough for a test (8 pairs per set, generated in 4 steps), as a TOML inline table.
+TINY_DATA = (
+    '{harmful = [{source = "toy:harmful", n = 8, seed = 0}], '
+    'preserve = [{source = "toy:preservation", n = 8, seed = 1}], '
+    'finetune = [{source = "toy:preservation", n = 8, seed = 2}], '
+    'concept = "ring", anchor = "circle", sample_steps = 4}'
+)
 
 
 def test_methods_map_to_run_configs():

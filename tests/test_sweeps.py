@@ -18,13 +18,13 @@ from resalign.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Unlearning data small enough for a test (8 pairs per set, generated in 4 steps).
-TINY_DATA = json.dumps({
-    "harmful": [{"source": "toy:harmful", "n": 8, "seed": 0}],
-    "preserve": [{"source": "toy:preservation", "n": 8, "seed": 1}],
-    "finetune": [{"source": "toy:preservation", "n": 8, "seed": 2}],
-    "concept": "ring", "anchor": "circle", "gen_steps": 4,
-})
+#: Unlearning data small enough for a test (8 pairs per set, generated in 4 steps), as a TOML inline table.
+TINY_DATA = (
+    '{harmful = [{source = "toy:harmful", n = 8, seed = 0}], '
+    'preserve = [{source = "toy:preservation", n = 8, seed = 1}], '
+    'finetune = [{source = "toy:preservation", n = 8, seed = 2}], '
+    'concept = "ring", anchor = "circle", sample_steps = 4}'
+)
 #: Its cells: unlearn ga and esd (one phase: the data are given, so on 2 ranks each rank unlearns one);
 #: base before × 2 seeds; ga and esd before × 2 seeds each, after × 2 datasets × 2 seeds each.
 COMPARE_CELLS = 16
