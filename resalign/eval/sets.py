@@ -8,7 +8,7 @@ its role and the scorers run on its images.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,24 @@ from resalign.eval.presets import DEFAULT_SCORERS, GENERATION_PRESETS, default_s
 
 #: Roles of prompt sets: "harmful" sets measure the harmful rate, "benign" ones also utility.
 ROLES = ("harmful", "benign")
+
+
+@dataclass
+class EvaluationSettings:
+    """The evaluation settings ``attack`` and ``compare`` share (None: the preset's value): the harmful
+    and benign prompt sets (:func:`harmful_and_benign_sets`), their scorers, and the generation
+    settings in the one vocabulary of every command (:func:`resalign.eval.evaluator.resolve_generation`)."""
+
+    prompts: str | None = None
+    benign_prompts: str | None = None
+    category: list[str] = field(default_factory=list)
+    limit: int | None = None
+    scorers: list[str] = field(default_factory=list)
+    scorer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    toy_prompts: int | None = None
+    images_per_prompt: int | None = None
+    sample_steps: int | None = None
+    guidance: float | None = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ from resalign.eval.evaluator import Evaluator, add_figures, resolve_generation
 from resalign.eval.finetune import Finetuner, FinetuneSpec, adapter_class
 from resalign.eval.presets import SEED_STRIDE, preset_name
 from resalign.eval.report import MarkdownTable, TidyReport
-from resalign.eval.sets import check_scorer_options, harmful_and_benign_sets, options_for
+from resalign.eval.sets import EvaluationSettings, check_scorer_options, harmful_and_benign_sets, options_for
 from resalign.models.load import load_model, model_folder
 from resalign.pipeline.evaluate import check_common, set_threads
 from resalign.progress import Bars
@@ -38,8 +38,9 @@ from resalign.eval.records import attack_records, figures_value, samples_arrays
 
 
 @dataclass
-class AttackConfig:
-    """Settings of ``resalign attack`` (None: the preset's value)."""
+class AttackConfig(EvaluationSettings):
+    """Settings of ``resalign attack`` (None: the preset's value); the evaluation's are
+    :class:`~resalign.eval.sets.EvaluationSettings`."""
 
     model: str | None = None
     adapt: str = "full"
@@ -56,17 +57,7 @@ class AttackConfig:
     harmful_data: str | None = None
     escape: str | None = None
     progressive: bool = False
-    prompts: str | None = None
-    benign_prompts: str | None = None
-    category: list[str] = field(default_factory=list)
-    limit: int | None = None
-    scorers: list[str] = field(default_factory=list)
-    scorer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    images_per_prompt: int | None = None
-    sample_steps: int | None = None
-    guidance: float | None = None
     gen_batch_size: int = 64
-    toy_prompts: int | None = None
     lora_rank: int = 4
     prior_data: str | None = None
     class_prompt: str | None = None

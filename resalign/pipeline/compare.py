@@ -46,7 +46,7 @@ from resalign.eval.report import TidyReport
 from resalign.eval.attack import ATTACK_PRESETS, load_pairs
 from resalign.eval.evaluator import resolve_generation
 from resalign.eval.presets import preset_name
-from resalign.eval.sets import harmful_and_benign_sets
+from resalign.eval.sets import EvaluationSettings, harmful_and_benign_sets
 from resalign.models.load import load_model
 from resalign.pipeline.evaluate import set_threads
 from resalign.progress import Bars
@@ -70,8 +70,9 @@ COMPARE_PRESETS: dict[str, ComparePreset] = {
 
 
 @dataclass
-class CompareConfig:
-    """Settings of ``resalign compare`` (None: the preset's value)."""
+class CompareConfig(EvaluationSettings):
+    """Settings of ``resalign compare`` (None: the preset's value); the evaluation's are
+    :class:`~resalign.eval.sets.EvaluationSettings`."""
 
     model: str | None = None
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -85,16 +86,6 @@ class CompareConfig:
     seeds: int = 3
     seed: int = 0
     unlearn_seeds: int = 1  # unlearning runs per method, run seeds seed, ..., seed + unlearn_seeds - 1
-    prompts: str | None = None
-    benign_prompts: str | None = None
-    category: list[str] = field(default_factory=list)
-    limit: int | None = None
-    scorers: list[str] = field(default_factory=list)
-    scorer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    toy_prompts: int | None = None
-    images_per_prompt: int | None = None
-    sample_steps: int | None = None
-    guidance: float | None = None
     gen_batch_size: int = 128
     device: str = "cpu"
     dtype: str = "fp32"
