@@ -10,7 +10,8 @@ and once under ``torchrun --nproc-per-node N`` with the same seed, so both compu
 configurations. The time of an outer step is the ``time_s`` that rank 0 records in ``metrics.jsonl``
 (the whole step, the collectives included); the first step of each run is a warm-up and is not
 counted, nor is data generation or start-up. Prints the median step time of each mode and their ratio
-(1-process time / N-process time). ``--set`` items go to both runs (e.g. ``pool.steps=[5]`` for a
+(1-process time / N-process time), and the ratio of the total time of the timed steps (both modes
+compute the same steps, so this is the speed-up of the whole run once it has started). ``--set`` items go to both runs (e.g. ``pool.steps=[5]`` for a
 quick check).
 """
 
@@ -44,7 +45,10 @@ def run(nproc: int, out: Path, args: argparse.Namespace) -> list[float]:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "resalign"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([*launcher, *flags], env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    done = subprocess.run([*launcher, *flags], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{nproc}-process run failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
     return step_times(out)
 
 
@@ -70,7 +74,11 @@ def main() -> None:
     print(f"J = {args.J}, {len(times[1])} timed outer steps per mode, 1 thread per process")
     print(f"1 process:    {one:8.2f} s per outer step (median)")
     print(f"{args.nproc} processes:  {many:8.2f} s per outer step (median)")
-    print(f"speed-up:     {one / many:8.2f}x")
+    print(f"speed-up:     {one / many:8.2f}x (medians)")
+    print(f"total:        {sum(times[1]):8.1f} s against {sum(times[args.nproc]):.1f} s of timed steps, "
+          f"{sum(times[1]) / sum(times[args.nproc]):.2f}x")
+    print("per step (1 process / N processes, s):",
+          " ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(times[1], times[args.nproc])))
 
 
 if __name__ == "__main__":

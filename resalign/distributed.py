@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -170,6 +171,39 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def start_broadcast(obj: Any, src: int) -> Callable[[], Any]:
+    """Begin broadcasting rank ``src``'s ``obj``; returns ``finish``, which gives ``obj`` on every rank.
+
+    On ``src`` this call returns at once (the sends run on the process group's worker thread) and
+    ``finish`` waits for them; on the other ranks ``finish`` receives. So the source goes on with its
+    work while the others join when they need the object, instead of the source waiting for the
+    slowest of them as in :func:`broadcast_object`. Every rank calls it once, in the same order
+    relative to the other collectives. The payload is pickled, as :func:`broadcast_object` does; it
+    comes only from a rank of the same job.
+    """
+    if not active():
+        return lambda: obj
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if rank() == src:
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+        works = [dist.broadcast(size, src, async_op=True), dist.broadcast(payload, src, async_op=True)]
+
+        def finish_sent() -> Any:
+            for work in works:
+                work.wait()
+            return obj
+        return finish_sent
+
+    def finish_received() -> Any:
+        size = torch.zeros(1, dtype=torch.int64, device=device)
+        dist.broadcast(size, src)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        dist.broadcast(payload, src)
+        return pickle.loads(payload.cpu().numpy().tobytes())
+    return finish_received
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:

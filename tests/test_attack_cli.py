@@ -49,7 +49,7 @@ def test_attack_lora_on_tiny_sd_folder(tiny_sd, folders, tmp_path):
         assert r["n"] == 2 and r["sem"] == pytest.approx(scipy.stats.sem(r["values"]))
     settings = json.loads((out / "report.json").read_text())["settings"]
     assert settings["finetune"]["adapt"] == "lora" and settings["finetune"]["lr"] == 1e-3
-    assert settings["preset"] == "paper" and settings["seeds"] == [0, 1]
+    assert settings["preset"] == "sd" and settings["seeds"] == [0, 1]
     for f in ("report.md", "report.csv", "harmful_rate_vs_step.png", "samples.png", "config.toml"):
         assert (out / f).is_file(), f
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -47,6 +48,17 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
             on_main_error = None
         except ConfigError as exc:
             on_main_error = str(exc)
+        # the source stores its entry without waiting for rank 1, which looks it up 2 s later
+        late = StepCache(Ranks())
+        if r == 0:
+            t0 = time.perf_counter()
+            late.view(0)["lambda_max/hessian"] = 4.0
+            source_waited_s, late_seen = time.perf_counter() - t0, None
+            late.done(0)
+        else:
+            time.sleep(2.0)
+            source_waited_s, late_seen = None, late.view(1)["lambda_max/hessian"]
+        late.close()
         # StepCache over the ranks: equal costs give rank 0 j = 0, 2 and rank 1 j = 1, 3;
         # simulation 0 (rank 0) shares its first entry
         seen = []
@@ -85,6 +97,8 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
             "many": [t.tolist() for t in many],
             "on_main_error": on_main_error,
             "seen": seen,
+            "source_waited_s": source_waited_s,
+            "late_seen": late_seen,
             "assigned": assigned,
             "after": D.all_gather_object(r),
             "generated": (split_images.tolist() == solo_images.tolist(), len(split_images), counts),  # still in step: every rank joined each broadcast once
@@ -109,13 +123,16 @@ def test_two_gloo_ranks_split_gather_and_sum():
         assert out[r]["many"] == [[3.0 * i for i in range(n)] for n in (3, 4, 7, 1)]
         assert out[r]["on_main_error"] == "--out: rank 0 says no"
         assert out[r]["after"] == [0, 1]
+    # the source's store did not wait for rank 1's lookup 2 s later, which still received the entry
+    assert out[0]["source_waited_s"] < 1.0 and out[1]["late_seen"] == 4.0
     assert out[0]["seen"] == [5.0, None]  # rank 0's j = 2
     # 5 images in batches of 2: rank 0 generates batches 0 and 2 (3 images), rank 1 batch 1 (2 images)
     assert out[0]["generated"] == (True, 5, {"split": 3, "solo": 5})
     assert out[1]["generated"] == (True, 5, {"split": 2, "solo": 5})
     assert out[1]["seen"] == [5.0, 5.0, None, None]  # rank 1's j = 1, 3
-    # costs 3, 1, 2, 2: j = 0 pinned to rank 0 (load 3), then j = 2 -> rank 1, j = 3 -> rank 1, j = 1 -> rank 0
-    assert out[0]["assigned"] == ([0, 0, 1, 1], [0, 1]) and out[1]["assigned"] == ([0, 0, 1, 1], [2, 3])
+    # costs 3, 1, 2, 2: the source j = 1 (the cheapest) pinned to rank 0 (load 1), then j = 0 -> rank 1
+    # (load 3), j = 2 -> rank 0 (load 3), j = 3 -> rank 0 (the tie to the lower rank)
+    assert out[0]["assigned"] == ([1, 0, 0, 0], [1, 2, 3]) and out[1]["assigned"] == ([1, 0, 0, 0], [0])
 
 
 def test_single_process_is_the_identity(monkeypatch):

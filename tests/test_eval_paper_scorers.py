@@ -59,7 +59,7 @@ def test_paper_preset_reports_ip_us_fid_and_clip_score(tiny_sd_dir, coco_csv, fi
                "--sample-steps", "1", "--no-save-images", "--out", str(out), "--quiet", *options(files)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["preset"] == "paper"
+    assert report["settings"]["preset"] == "sd"
     got = [(r["metric"], r["scorer"]) for r in report["results"]]
     assert got == [("harmful_rate", "nudenet"), ("unsafe_rate", "unsafe-score"),
                    ("frechet_distance", "frechet"), ("clip_score", "clip-score")]

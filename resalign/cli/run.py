@@ -28,7 +28,7 @@ def _default(key: str) -> str:
     *path, last = key.split(".")
     values = []
     for name in ("toy", "sd"):
-        v = PRESETS[name]
+        v = PRESETS[name].run
         for k in path:
             v = v.get(k, {})
         if last in v:

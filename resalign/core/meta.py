@@ -44,7 +44,7 @@ from resalign.core import seeds, tree
 from resalign.core.health import outlier_mask
 from resalign.core.params import Parameterization
 from resalign.core.problem import MAX_FT_LOSS_GROWTH, SimulationData, simulate
-from resalign.core.split import ONE_PROCESS, SOURCE, SimulationSplit, StepCache
+from resalign.core.split import ONE_PROCESS, SimulationSplit, StepCache, source_of
 from resalign.errors import ConfigError, SolverError
 
 
@@ -336,8 +336,10 @@ class ResAlign:
         mine: list[tuple[int, dict[str, Any]]] = []
         h_of: dict[int, Params] = {}
         configs = [self.pool.sample(seeds.rng(s.seed, step, j, "config")) for j in range(s.J)]
-        owners, order = split.assign([self.simulation_cost(c) for c in configs])
-        cache = StepCache(split, source_owner=owners[SOURCE])
+        costs = [self.simulation_cost(c) for c in configs]
+        owners, order = split.assign(costs)
+        source = source_of(costs)
+        cache = StepCache(split, source=source, source_owner=owners[source])
         for j in order:
             config = configs[j]
             data = self.simulation_data(step, j, config, harm)

@@ -12,8 +12,8 @@ paper's stress tests:
   given), the less harmful half of the harmful data (ranked by the harm scorer), all harmful data
   (App. C.1, Fig. 7).
 
-Presets: ``paper`` is App. B.4 (200 steps, lr 1e-5 for full fine-tuning, the reference scripts' lr for
-the other methods, evaluation every 50 steps). ``toy`` keeps the protocol and scales the learning
+Presets (:data:`resalign.settings.presets.PRESETS`): ``sd`` (``paper``) is App. B.4 (200 steps, lr
+1e-5 for full fine-tuning, the reference scripts' lr for the other methods, evaluation every 50 steps). ``toy`` keeps the protocol and scales the learning
 rates to the toy model: the evaluation lr of SD v1.4 is a tenth of its pretraining lr (1e-5 vs 1e-4),
 and the toy model was pretrained at 1e-3, so its evaluation lr is 1e-4 (and likewise ×10 for each
 method).
@@ -32,25 +32,13 @@ from resalign.errors import ConfigError, DataError
 from resalign.eval.finetune import FinetuneSpec, Stage, adapter_class, reference_lr, uses_prior
 from resalign.eval.pairs import Pairs, contaminate
 from resalign.eval.presets import preset_name
+from resalign.settings.presets import AttackPreset, preset_named
 
 
-@dataclass(frozen=True)
-class AttackPreset:
-    """Fine-tuning defaults of a preset: steps, evaluation interval, learning-rate scale, set size."""
+def preset_lr(preset: AttackPreset, adapt: str) -> float:
+    """The fine-tuning learning rate of ``adapt`` under ``preset``: its scale times the method's reference."""
+    return preset.lr_scale * reference_lr(adapt)
 
-    steps: int
-    eval_every: int
-    lr_scale: float = 1.0  # times each method's reference learning rate (its adapter's paper_lr)
-    toy_data_size: int = 100
-
-    def lr_for(self, adapt: str) -> float:
-        return self.lr_scale * reference_lr(adapt)
-
-
-ATTACK_PRESETS: dict[str, AttackPreset] = {
-    "paper": AttackPreset(steps=200, eval_every=50),
-    "toy": AttackPreset(steps=200, eval_every=50, lr_scale=10.0),
-}
 
 #: Toy image-caption sets ``--data`` may name (``toy-images:NAME``) instead of a folder, and the seed each
 #: is drawn with (the toy generators' own defaults), so a name means the same pairs everywhere.
@@ -142,8 +130,8 @@ def plan_attack(cfg: Any, bundle: Any, preset: str) -> Plan:
     adapter_class(cfg.adapt)
     if cfg.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
-    p = ATTACK_PRESETS[preset]
-    steps = cfg.ft_steps if cfg.ft_steps is not None else p.steps
+    p = preset_named(preset).attack
+    steps = cfg.ft_steps if cfg.ft_steps is not None else p.ft_steps
     eval_every = cfg.eval_every if cfg.eval_every is not None else p.eval_every
     if eval_every < 0:
         raise ConfigError(f"--eval-every must be >= 0, got {eval_every}")
@@ -151,7 +139,7 @@ def plan_attack(cfg: Any, bundle: Any, preset: str) -> Plan:
     spec = FinetuneSpec(
         adapt=cfg.adapt,
         steps=steps,
-        lr=cfg.lr if cfg.lr is not None else p.lr_for(cfg.adapt),
+        lr=cfg.lr if cfg.lr is not None else preset_lr(p, cfg.adapt),
         optimizer=cfg.optimizer,
         batch_size=cfg.batch_size,
         lora_rank=cfg.lora_rank,

@@ -24,7 +24,7 @@ import numpy as np
 
 from resalign.components import ScoreResult
 from resalign.errors import ConfigError
-from resalign.eval.presets import GENERATION_PRESETS
+from resalign.settings.presets import preset_named
 from resalign.eval.report import TidyReport
 from resalign.eval.scoring import create_scorer, scorer_metric, warm_up, write_per_image
 from resalign.eval.sets import EvalSet, check_scorer_options
@@ -61,10 +61,10 @@ class Generation:
 
 
 def resolve_generation(preset: str, images_per_prompt=None, steps=None, guidance=None, batch_size=64) -> Generation:
-    p = GENERATION_PRESETS[preset]
+    p = preset_named(preset).evaluate
     return Generation(
         images_per_prompt if images_per_prompt is not None else p.images_per_prompt,
-        steps if steps is not None else p.steps,
+        steps if steps is not None else p.sample_steps,
         guidance if guidance is not None else p.guidance,
         batch_size,
     ).validate()

@@ -14,7 +14,8 @@ from typing import Any
 
 from resalign.data.prompts import PromptSet, read_prompts
 from resalign.errors import ConfigError
-from resalign.eval.presets import DEFAULT_SCORERS, GENERATION_PRESETS, default_scorers
+from resalign.eval.presets import default_scorers
+from resalign.settings.presets import PRESETS
 
 #: Roles of prompt sets: "harmful" sets measure the harmful rate, "benign" ones also utility.
 ROLES = ("harmful", "benign")
@@ -88,14 +89,14 @@ def build_sets(
         raise ConfigError("--prompts FILE is required for a model outside the toy world (e.g. an I2P CSV)")
     if categories:
         raise ConfigError("--category filters a CSV prompt file's 'categories' column: pass --prompts FILE")
-    n = toy_prompts or GENERATION_PRESETS["toy"].prompts_per_set
+    n = toy_prompts or PRESETS["toy"].evaluate.prompts_per_set
     out = []
     for name, (ps, set_role) in toy_prompt_sets(n).items():
         if only and name not in only:
             continue
         if limit is not None:
             ps = ps.subset(range(min(limit, len(ps))))
-        names = list(scorers) if scorers else list(DEFAULT_SCORERS["toy"][set_role])
+        names = list(scorers) if scorers else list(PRESETS["toy"].evaluate.scorers[set_role])
         out.append(EvalSet(name, ps, names, set_role))
     if only:
         unknown = sorted(set(only) - {s.name for s in out})

@@ -41,22 +41,17 @@ def model_folder(spec: str | Path | None) -> Path | None:
 
 
 def load_model(spec: str | Path | None, *, device: str = "cpu", dtype: str = "fp32") -> LoadedModel:
-    """Load a model folder, a run directory's model or (None) the shipped toy model, with its loader."""
+    """Load a model folder, a run directory's model or (None) the shipped toy model, with the loader
+    :func:`~resalign.models.loaders.choose_loader` picks."""
+    from resalign.models.loaders import choose_loader
     from resalign.registry import get_registry
 
     folder = model_folder(spec)
-    reg = get_registry()
-    loaders = [i for i in reg.infos("model")]
-    # The most specific loader first: any that claims the folder before the generic diffusers one.
-    loaders.sort(key=lambda i: i.name == "diffusers")
     arg = None if folder is None else str(folder)
-    for info in loaders:
-        loader = reg.create("model", info.name)
-        if loader.can_load(arg):
-            bundle = loader.load(arg, device=device, dtype=dtype)
-            if folder is None:
-                label = "toy-base"
-            else:
-                label = Path(spec).name if folder.name == "model" else folder.name
-            return LoadedModel(bundle, label, arg, info.name)
-    raise ModelLoadError(f"no model loader can load {arg or 'the default model'!r}")
+    name, loader = choose_loader(get_registry(), arg)
+    bundle = loader.load(arg, device=device, dtype=dtype)
+    if folder is None:
+        label = "toy-base"
+    else:
+        label = Path(spec).name if folder.name == "model" else folder.name
+    return LoadedModel(bundle, label, arg, name)

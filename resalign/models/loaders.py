@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from resalign.components import Component
 from resalign.hookspecs import hookimpl
@@ -45,24 +45,22 @@ def register_models(register):
     register("toy", ToyModel)
 
 
+def choose_loader(registry, model: str | None) -> tuple[str, Any]:
+    """The name and an instance of the first registered ``model`` loader that claims ``model`` (None:
+    the embedded toy model): every plugin's loader before the generic diffusers one."""
+    from resalign.errors import ModelLoadError
+
+    for name in sorted(registry.names("model"), key=lambda n: n == "diffusers"):
+        candidate = registry.create("model", name)
+        if candidate.can_load(model):
+            return name, candidate
+    raise ModelLoadError(f"model: no loader can read {model or 'the embedded toy model'!r}")
+
+
 def load_bundle(registry, model: str | None, device: str) -> T2IBundle:
-    """``model`` (None: the embedded toy model) through the first registered loader that claims it,
-    every plugin's included and the generic diffusers one last.
+    """``model`` (None: the embedded toy model) through :func:`choose_loader`.
 
     fp32 throughout: a run's ``dtype`` is the autocast dtype of the UNet passes (the master weights stay
     fp32); the frozen text encoder and VAE run once per dataset, and the saved model keeps their dtype.
     """
-    from resalign.errors import ModelLoadError
-
-    loader = None
-    if model is None:
-        loader = registry.create("model", "toy")
-    else:
-        for name in sorted(registry.names("model"), key=lambda n: n == "diffusers"):
-            candidate = registry.create("model", name)
-            if candidate.can_load(model):
-                loader = candidate
-                break
-        if loader is None:
-            raise ModelLoadError(f"model: no loader can read {model!r}")
-    return loader.load(model, device=device, dtype="fp32")
+    return choose_loader(registry, model)[1].load(model, device=device, dtype="fp32")

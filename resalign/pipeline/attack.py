@@ -7,7 +7,7 @@ repeated over independent seeds and reported as mean ± SEM. The paper's stress 
 ``--contaminate R --harmful-data DIR`` (Fig. 4, App. B.2), ``--escape p=2,lambda=0.5`` (App. C.1,
 Tab. 11) and ``--progressive`` (App. C.1, Fig. 7).
 
-The plan (presets ``paper`` and ``toy``, data, stages) is :mod:`resalign.eval.attack`'s; the preset
+The plan (presets ``sd`` (``paper``) and ``toy``, data, stages) is :mod:`resalign.eval.attack`'s; the preset
 follows the model unless ``--preset`` names one.
 """
 
@@ -24,11 +24,11 @@ import numpy as np
 
 from resalign import distributed
 from resalign.cells import Cell, Outcome, Sweep
-from resalign.errors import ConfigError
-from resalign.eval.attack import ATTACK_PRESETS, check_data_spec, parse_escape, plan_attack
+from resalign.eval.attack import check_data_spec, parse_escape, plan_attack
 from resalign.eval.evaluator import Evaluator, add_figures, resolve_generation
 from resalign.eval.finetune import Finetuner, FinetuneSpec, adapter_class
 from resalign.eval.presets import SEED_STRIDE, preset_name
+from resalign.settings.presets import preset_named
 from resalign.eval.report import MarkdownTable, TidyReport
 from resalign.eval.sets import EvaluationSettings, check_scorer_options, harmful_and_benign_sets, options_for
 from resalign.models.load import load_model, model_folder
@@ -72,8 +72,8 @@ def check_attack_config(cfg: AttackConfig) -> None:
     from resalign.validation import check_int, check_number
 
     adapter_class(cfg.adapt)
-    if cfg.preset is not None and cfg.preset not in ATTACK_PRESETS:
-        raise ConfigError(f"--preset {cfg.preset!r}: expected one of {', '.join(ATTACK_PRESETS)}")
+    if cfg.preset is not None:
+        preset_named(cfg.preset)
     check_int(cfg.ft_steps, "--ft-steps", ge=0, optional=True)
     check_number(cfg.lr, "--lr", gt=0, optional=True)
     check_int(cfg.batch_size, "--batch-size", ge=1)
@@ -111,9 +111,7 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, res
     distributed.init(cfg.device)
     set_threads(cfg.threads)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    preset = cfg.preset or preset_name(model.bundle)
-    if preset not in ATTACK_PRESETS:
-        raise ConfigError(f"--preset {preset!r}: expected one of {', '.join(ATTACK_PRESETS)}")
+    preset = preset_named(cfg.preset).name if cfg.preset else preset_name(model.bundle)
     gen_preset = preset_name(model.bundle)
     plan = plan_attack(cfg, model.bundle, preset)
     curve_sets, utility_sets = harmful_and_benign_sets(

@@ -43,30 +43,16 @@ from resalign.eval.comparison import Comparison
 from resalign.eval.finetune import FinetuneSpec
 from resalign.eval.matching import candidate_runs
 from resalign.eval.report import TidyReport
-from resalign.eval.attack import ATTACK_PRESETS, load_pairs
+from resalign.eval.attack import load_pairs, preset_lr
 from resalign.eval.evaluator import resolve_generation
 from resalign.eval.presets import preset_name
+from resalign.settings.presets import preset_named
 from resalign.eval.sets import EvaluationSettings, harmful_and_benign_sets
 from resalign.models.load import load_model
 from resalign.pipeline.evaluate import set_threads
 from resalign.progress import Bars
 
 DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
-
-
-@dataclass(frozen=True)
-class ComparePreset:
-    """Evaluation sizes and fine-tuning datasets of a preset."""
-
-    datasets: tuple[str, ...]
-    prompts_per_set: int | None
-    sample_steps: int | None
-
-
-COMPARE_PRESETS: dict[str, ComparePreset] = {
-    "toy": ComparePreset(datasets=("toy-images:benign-a", "toy-images:benign-b"), prompts_per_set=40, sample_steps=10),
-    "paper": ComparePreset(datasets=(), prompts_per_set=None, sample_steps=None),
-}
 
 
 @dataclass
@@ -111,13 +97,13 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
     check_comparison(cfg, made_from=lambda run_dir: run_config_of(run_dir).model)
     base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     gen_preset = preset_name(base.bundle)
-    cp, ap = COMPARE_PRESETS[gen_preset], ATTACK_PRESETS[gen_preset]
+    cp, ap = preset_named(gen_preset).compare, preset_named(gen_preset).attack
     datasets = list(cfg.datasets) or list(cp.datasets)
     if not datasets:
         raise ConfigError("--dataset DIR (twice, the two benign fine-tuning sets) is required outside the toy world")
     ft_data = [load_pairs(d, size=base.bundle.image_size, toy_size=ap.toy_data_size) for d in datasets]
-    spec = FinetuneSpec(adapt=cfg.adapt, steps=cfg.ft_steps if cfg.ft_steps is not None else ap.steps,
-                        lr=cfg.lr if cfg.lr is not None else ap.lr_for(cfg.adapt), optimizer=cfg.optimizer).validate()
+    spec = FinetuneSpec(adapt=cfg.adapt, steps=cfg.ft_steps if cfg.ft_steps is not None else ap.ft_steps,
+                        lr=cfg.lr if cfg.lr is not None else preset_lr(ap, cfg.adapt), optimizer=cfg.optimizer).validate()
     harm_sets, benign_sets = harmful_and_benign_sets(
         gen_preset, prompts=cfg.prompts, benign_prompts=cfg.benign_prompts, categories=cfg.category,
         limit=cfg.limit, scorers=cfg.scorers, toy_prompts=cfg.toy_prompts or cp.prompts_per_set)

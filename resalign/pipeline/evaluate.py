@@ -26,7 +26,8 @@ from resalign import distributed
 from resalign.data.prompts import read_prompts
 from resalign.errors import ConfigError
 from resalign.eval.evaluator import Evaluator, Figure, add_figures, config_of, resolve_generation, save_set
-from resalign.eval.presets import GENERATION_PRESETS, SEED_STRIDE, preset_name
+from resalign.eval.presets import SEED_STRIDE, preset_name
+from resalign.settings.presets import preset_named
 from resalign.eval.report import MarkdownTable, TidyReport
 from resalign.eval.scoring import create_scorer, warm_up, write_per_image
 from resalign.eval.sets import build_sets
@@ -99,8 +100,8 @@ def check_eval_config(cfg: EvalConfig) -> None:
                  categories=cfg.category, steps_flag="--sample-steps")
     if cfg.category and not cfg.prompts:
         raise ConfigError("--category filters a CSV prompt file's 'categories' column: pass --prompts FILE")
-    if cfg.preset is not None and cfg.preset not in GENERATION_PRESETS:
-        raise ConfigError(f"--preset {cfg.preset!r}: expected one of {', '.join(GENERATION_PRESETS)}")
+    if cfg.preset is not None:
+        preset_named(cfg.preset)
     model_folder(cfg.model)
 
 
@@ -122,7 +123,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
     distributed.init(cfg.device)
     set_threads(cfg.threads)
     model = load_model(cfg.model, device=distributed.local_device(cfg.device), dtype=cfg.dtype)
-    preset = cfg.preset or preset_name(model.bundle)
+    preset = preset_named(cfg.preset).name if cfg.preset else preset_name(model.bundle)
     sets = build_sets(
         preset,
         prompts_file=cfg.prompts,

@@ -23,7 +23,7 @@ from resalign.core.meta import ConfigPool, MethodSettings
 from resalign.core.params import ParamsOptions
 from resalign.core.problem import MAX_FT_LOSS_GROWTH
 from resalign.errors import ConfigError, ModelLoadError
-from resalign.settings.presets import PRESET_NAMES, PRESETS
+from resalign.settings.presets import PRESET_ALIASES, PRESET_NAMES, PRESETS
 
 #: Prompts per role of the quick evaluation that ends ``resalign run`` unless its settings say otherwise.
 RUN_QUICK_EVAL = 32
@@ -123,6 +123,7 @@ class RunConfig:
 
 
 def preset_of(model: str | None, preset: str = "auto") -> str:
+    preset = PRESET_ALIASES.get(preset, preset)
     if preset not in PRESET_NAMES:
         raise ConfigError(f"preset {preset!r}: expected one of {', '.join(PRESET_NAMES)}")
     if preset != "auto":
@@ -153,7 +154,7 @@ def _with_preset(d: dict[str, Any]) -> dict[str, Any]:
         if d.get(key) is not None and not isinstance(d[key], str):
             raise ConfigError(f"config.{key}: expected a string, got {d[key]!r}")
     name = preset_of(d.get("model"), d.get("preset", "auto"))
-    preset = dict(PRESETS[name])
+    preset = dict(PRESETS[name].run)
     loss = d.get("loss") or preset["loss"]
     preset["loss_options"] = dict(preset["loss_options"].get(loss, {}))
     return deep_merge(preset, d)
@@ -162,7 +163,7 @@ def _with_preset(d: dict[str, Any]) -> dict[str, Any]:
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill the settings left None from the preset; ``adapt`` narrows the pool's adapters."""
     name = preset_of(cfg.model, cfg.preset)
-    preset = PRESETS[name]
+    preset = PRESETS[name].run
     updates: dict[str, Any] = {"preset": name}
     loss = cfg.loss if cfg.loss is not None else preset["loss"]
     for f in dataclasses.fields(RunConfig):
@@ -184,7 +185,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
 def is_resolved(cfg: RunConfig) -> bool:
     """Whether ``cfg`` came out of :func:`resolve`: a named preset, and none of its settings left None."""
-    return cfg.preset in PRESETS and all(getattr(cfg, k) is not None for k in PRESETS[cfg.preset])
+    return cfg.preset in PRESETS and all(getattr(cfg, k) is not None for k in PRESETS[cfg.preset].run)
 
 
 def require_resolved(cfg: RunConfig, who: str) -> None:
