@@ -183,7 +183,7 @@ def child(args) -> None:
 
     ctx = DiffusionContext(model, model.base_params(), schedule, torch.randn(1, 77, 768, generator=g))
     data = TrainingData(harmful=pairs(8), preserve=pairs(8), finetune=pairs(8))
-    sd = PRESETS["sd"]
+    sd = PRESETS["sd"].run
     extra = {"curvature_samples": sd["curvature_samples"]} if "curvature_samples" in sd else {}
     settings = MethodSettings(beta=sd["beta"], alpha=sd["alpha"], J=args.J, outer_lr=sd["outer_lr"],
                               harm_batch=sd["harm_batch"], preserve_batch=sd["preserve_batch"], ft_size=sd["ft_size"],

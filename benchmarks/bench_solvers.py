@@ -66,7 +66,7 @@ def main() -> None:
 
     data = TrainingData(harmful=pairs(toy.contamination_pool(64)), preserve=pairs(toy.benign_dataset_b(64)),
                         finetune=pairs(toy.make_dataset(64, seed=5)))
-    preset = PRESETS["toy"]
+    preset = PRESETS["toy"].run
     reg = get_registry()
     names = [s.strip() for s in args.solvers.split(",") if s.strip()]
     trainers = {}

@@ -99,7 +99,7 @@ def main() -> None:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    preset = PRESETS["sd"]
+    preset = PRESETS["sd"].run
     fields = {f.name for f in dataclasses.fields(MethodSettings)}
     settings = MethodSettings(**{k: v for k, v in preset.items() if k in fields})
     if args.J is not None:
