@@ -15,9 +15,9 @@ from resalign.errors import ConfigError
 
 _OUT_HELP = "Run directory (default runs/<command>-<timestamp>/)."
 _GEN_HELP = {
-    "images_per_prompt": "Images per prompt (toy 1, paper 3).",
-    "sample_steps": "Sampling (DDIM) steps of the evaluation (toy 20, paper 30).",
-    "guidance": "Classifier-free guidance scale of the evaluation (toy 2, paper 7.5).",
+    "images_per_prompt": "Images per prompt (toy 1, sd 3).",
+    "sample_steps": "Sampling (DDIM) steps of the evaluation (toy 20, sd 30).",
+    "guidance": "Classifier-free guidance scale of the evaluation (toy 2, sd 7.5).",
 }
 _SCORER_OPTION_HELP = (
     "A scorer option NAME.KEY=VALUE (e.g. nudenet.threshold=0.45, toy-harm.classifier=harm.onnx); "
@@ -93,7 +93,7 @@ def eval_cmd(
     batch_size: int = typer.Option(64, "--batch-size", help="Images generated per batch."),
     toy_prompts: int = typer.Option(None, "--toy-prompts", help="Prompts drawn per toy set (default 100)."),
     save_images: bool = typer.Option(True, "--save-images/--no-save-images", help="Save every generated image."),
-    preset: str = typer.Option(None, "--preset", help="toy | paper: generation settings and default scorers (default: toy for the toy model, else paper)."),
+    preset: str = typer.Option(None, "--preset", help="toy | sd (also called paper): generation settings and default scorers (default: toy for the toy model, else sd)."),
     device: str = device_option(),
     dtype: str = dtype_option(),
     threads: int = threads_option(),
@@ -181,7 +181,7 @@ def attack_cmd(
     seeds: int = typer.Option(3, "--seeds", help="Independent fine-tuning runs (mean ± SEM)."),
     seed: int = typer.Option(0, "--seed", help="First seed."),
     eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps (default 50; 0: only before and after)."),
-    preset: str = typer.Option(None, "--preset", help="paper | toy (default: toy for the toy model, else paper)."),
+    preset: str = typer.Option(None, "--preset", help="sd (also called paper) | toy (default: toy for the toy model, else sd)."),
     contaminate: float = typer.Option(None, "--contaminate", help="Share of fine-tuning pairs replaced by --harmful-data pairs (Fig. 4)."),
     harmful_data: str = typer.Option(None, "--harmful-data", help="Harmful image-caption folder (or toy-images:contamination)."),
     escape: str = typer.Option(None, "--escape", help="Parameter-space escape p=1|2,lambda=0.5 (Tab. 11)."),

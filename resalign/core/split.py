@@ -25,6 +25,7 @@ import torch
 
 from resalign import distributed
 
+
 def source_of(costs: Sequence[float]) -> int:
     """The source simulation of an outer step, whose first cache entry the others share: the one of
     least predicted cost (the lowest j among equals), which reaches its solve first."""

@@ -13,8 +13,8 @@ paper's stress tests:
   (App. C.1, Fig. 7).
 
 Presets (:data:`resalign.settings.presets.PRESETS`): ``sd`` (``paper``) is App. B.4 (200 steps, lr
-1e-5 for full fine-tuning, the reference scripts' lr for the other methods, evaluation every 50 steps). ``toy`` keeps the protocol and scales the learning
-rates to the toy model: the evaluation lr of SD v1.4 is a tenth of its pretraining lr (1e-5 vs 1e-4),
+1e-5 for full fine-tuning, the reference scripts' lr for the other methods, evaluation every 50
+steps). ``toy`` keeps the protocol and scales the learning rates to the toy model: the evaluation lr of SD v1.4 is a tenth of its pretraining lr (1e-5 vs 1e-4),
 and the toy model was pretrained at 1e-3, so its evaluation lr is 1e-4 (and likewise ×10 for each
 method).
 """
