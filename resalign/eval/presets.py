@@ -35,5 +35,8 @@ def default_scorers(preset: str, role: str, scorer_options: Mapping[str, Any] | 
     return names
 
 
-def preset_name(bundle: Any) -> str:
+def preset_name(bundle: Any, named: str | None = None) -> str:
+    """The preset of a command: the one it names (``named``, an alias resolved), else the model's."""
+    if named:
+        return preset_named(named).name
     return "toy" if getattr(bundle, "kind", "") == "toy" else "sd"

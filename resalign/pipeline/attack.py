@@ -111,7 +111,7 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, res
     distributed.init(cfg.device)
     set_threads(cfg.threads)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    preset = preset_named(cfg.preset).name if cfg.preset else preset_name(model.bundle)
+    preset = preset_name(model.bundle, cfg.preset)
     gen_preset = preset_name(model.bundle)
     plan = plan_attack(cfg, model.bundle, preset)
     curve_sets, utility_sets = harmful_and_benign_sets(

@@ -97,7 +97,8 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
     check_comparison(cfg, made_from=lambda run_dir: run_config_of(run_dir).model)
     base = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     gen_preset = preset_name(base.bundle)
-    cp, ap = preset_named(gen_preset).compare, preset_named(gen_preset).attack
+    preset = preset_named(gen_preset)
+    cp, ap = preset.compare, preset.attack
     datasets = list(cfg.datasets) or list(cp.datasets)
     if not datasets:
         raise ConfigError("--dataset DIR (twice, the two benign fine-tuning sets) is required outside the toy world")

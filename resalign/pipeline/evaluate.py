@@ -123,7 +123,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tupl
     distributed.init(cfg.device)
     set_threads(cfg.threads)
     model = load_model(cfg.model, device=distributed.local_device(cfg.device), dtype=cfg.dtype)
-    preset = preset_named(cfg.preset).name if cfg.preset else preset_name(model.bundle)
+    preset = preset_name(model.bundle, cfg.preset)
     sets = build_sets(
         preset,
         prompts_file=cfg.prompts,
