@@ -179,10 +179,17 @@ def test_an_outlier_simulation_is_dropped_from_the_mean(monkeypatch):
         return h, info
 
     monkeypatch.setattr(meta, "simulate", inflated)
-    tr = _trainer(tiny_context(), beta=0.6, solver="first-order", J=2)
+    tr = _trainer(tiny_context(), beta=0.6, solver="first-order", J=2, settings={"outlier_factor": 10.0})
     grads, metrics = tr.gradient()
     assert metrics["dropped"] == 1 and metrics["simulations"][1]["dropped"].startswith("outlier")
     assert metrics["hypergrad_norm"] == pytest.approx(tree.norm(calls[0]), rel=1e-6)
+    # by default a large rebound that did not diverge is kept: it is what Eq. 3 penalises
+    calls.clear()
+    tr = _trainer(tiny_context(), beta=0.6, solver="first-order", J=2)
+    grads, metrics = tr.gradient()
+    assert metrics["dropped"] == 0 and not any("dropped" in s for s in metrics["simulations"])
+    mean = tree.scale(tree.add(calls[0], calls[1]), 0.5)
+    assert metrics["hypergrad_norm"] == pytest.approx(tree.norm(mean), rel=1e-6)
 
 
 def test_gamma_rule_reach_gives_each_simulation_gamma_times_its_steps_times_lr(monkeypatch):

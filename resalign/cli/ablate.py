@@ -196,3 +196,50 @@ def components_cmd(
                {"stage": "after_ft", "metric": "harmful_rate"})
         _print(report, "unlearning time (s)", ("setting",), {"metric": "train_seconds"})
     console.print(f"report: {run_dir / 'report.md'}")
+
+
+@ablate_app.command("directions")
+def directions_cmd(
+    target: Path = typer.Argument(..., help="A run directory (θ at its last checkpoint) or a model folder."),
+    directions: str = typer.Option("resalign,twin,harm,h:richardson,h:first-order,random", "--directions",
+                                   help="Candidate directions: resalign (−G), twin (−G at β = 0), harm (−∇L_harm), "
+                                        "h:SOLVER (−hypergradient term), random."),
+    step_sizes: str = typer.Option("0.3", "--step-sizes", help="Step norms ε in θ-space, comma-separated."),
+    attack_seeds: int = typer.Option(3, "--attack-seeds", help="Attack seeds (each pairs every direction with θ)."),
+    J: int = typer.Option(4, "-J", "--J", help="Simulations per hypergradient estimate."),
+    beta: float = typer.Option(0.8, "--beta", help="β of the resalign direction when the run's own β is 0."),
+    eval_pairs: int = typer.Option(32, "--eval-pairs", help="Harmful pairs of the fixed evaluation batch."),
+    ft_steps: int = typer.Option(None, "--ft-steps", help="Attack steps (default: the preset's)."),
+    data: str = typer.Option(None, "--data", help="Attack data (default: toy-images:benign-a)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random direction."),
+    threads: int = threads_option(),
+    set_: list[str] = set_option("the run settings of the probe (e.g. pool, data.finetune)", "J=4"),
+    out: Path = out_option("Output directory (default runs/ablate-directions-<timestamp>/)."),
+    quiet: bool = quiet_option(),
+) -> None:
+    """How a small step along each candidate direction changes the harmful loss after the downstream attack."""
+    import torch
+
+    from resalign.eval.probes import ProbeSettings
+    from resalign.pipeline.probe import execute
+
+    check_int(attack_seeds, "--attack-seeds", ge=2)
+    check_int(J, "--J", ge=1)
+    check_int(eval_pairs, "--eval-pairs", ge=1)
+    check_int(threads, "--threads", ge=0)
+    check_seed(seed, "--seed")
+    if ft_steps is not None:
+        check_int(ft_steps, "--ft-steps", ge=1)
+    if not math.isfinite(beta) or not 0 < beta <= 1:
+        raise ConfigError(f"--beta {beta!r}: expected a number in (0, 1]")
+    eps = _floats(step_sizes, "--step-sizes")
+    if not eps or not all(math.isfinite(e) and e > 0 for e in eps):
+        raise ConfigError(f"--step-sizes {step_sizes!r}: expected positive numbers, e.g. 0.1,0.3")
+    if threads:
+        torch.set_num_threads(threads)
+    settings = ProbeSettings(directions=_names(directions), step_sizes=eps, attack_seeds=attack_seeds, J=J, beta=beta,
+                             eval_pairs=eval_pairs, seed=seed)
+    out = sweep_out(out, "ablate-directions", False)
+    execute(target, out, settings, ft_data=data, ft_steps=ft_steps, overrides=apply_set_items({}, set_),
+            progress=not quiet)
+    console.print(f"report: {out / 'report.md'}")

@@ -10,10 +10,17 @@ plain unlearning objective (Eq. 2) with everything else identical. The hypergrad
 in the UNet weight space W and pulled back to θ by one vector-Jacobian product of W(θ).
 
 Only sound simulations enter the mean of line 10. A simulation is dropped, with its reason in the
-step's metrics, when its fine-tuning diverged (:func:`resalign.core.problem.check_health`), when the
-solver failed, or when it is an outlier of its outer step: |L_harm(θ_FT,j)| above ``outlier_factor``
-times the median of |L_harm(θ_i)| and the step's |L_harm(θ_FT,j')| (with J = 2 the no-fine-tuning
-value keeps the median meaningful). The mean is over the simulations kept.
+step's metrics, when its fine-tuning diverged (:func:`resalign.core.problem.check_health`: non-finite
+values, or L_FT grown past ``max_ft_loss_growth``) or when the solver failed. A large rebound is *kept*:
+it is exactly what Eq. 3 penalises. (``outlier_factor`` > 0 restores the former rule, dropping
+|L_harm(θ_FT,j)| above that many times the median of |L_harm(θ_i)| and the step's |L_harm(θ_FT,j')|.)
+The mean is over the simulations kept.
+
+``common_noise``: L_harm(θ_FT,j) of every simulation is taken on the outer step's harmful pairs,
+timesteps and noise, those of L_harm(θ_i) (common random numbers), so the rebound
+L_harm(θ_FT,j) − L_harm(θ_i) carries no sampling noise of its own. ``val_sims`` > 0 holds ``val_pairs``
+pairs out of the D_FT pool and measures the validation meta-objective on them every ``val_every``
+outer steps (:mod:`resalign.core.heldout`).
 
 The simulations may be divided between processes (:mod:`resalign.core.split`): each computes its
 share, all J diagnostics are gathered so every process drops the same ones, and the kept
@@ -119,8 +126,16 @@ class MethodSettings:
     curvature_samples: int = 0
     #: a simulation whose L_FT grew by more than this factor diverged (None: only finiteness checks)
     max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH
-    #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
-    outlier_factor: float = 10.0
+    #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off,
+    #: only a diverged fine-tuning is dropped)
+    outlier_factor: float = 0.0
+    #: L_harm(θ_FT,j) on the outer step's harmful pairs and noise (common random numbers)
+    common_noise: bool = False
+    #: validation simulations of the meta-objective (0: none), measured every val_every outer steps on
+    #: val_pairs D_FT pairs held out of training (resalign.core.heldout)
+    val_sims: int = 0
+    val_every: int = 5
+    val_pairs: int = 16
     #: keep the outer AdamW moments (two copies of W) in host memory between updates, so that the
     #: simulations of an outer step have the accelerator's memory without them
     offload_outer_state: bool = False
@@ -214,6 +229,7 @@ class ResAlign:
         self.ctx, self.param, self.data, self.settings = ctx, parameterization, data, settings
         self.harmful_loss, self.regularizer, self.solver, self.pool = harmful_loss, regularizer, solver, pool
         self.registry, self.split = registry, split
+        self.validation = None
         self.theta: Params = {k: v.requires_grad_(True) for k, v in parameterization.init().items()}
         # foreach=False: one tensor at a time, so the update needs no temporary copy of all of W
         self.optimizer = torch.optim.AdamW(list(self.theta.values()), lr=settings.outer_lr,
@@ -224,6 +240,12 @@ class ResAlign:
             pool.configs()  # fail early on an empty pool
             for c in pool.configs():
                 self.adapter(c), self.finetune_loss(c)
+        if settings.val_sims > 0:
+            from resalign.core.heldout import ValidationSet, hold_out
+
+            train, held = hold_out(data.finetune, settings.val_pairs, settings.seed)
+            self.data = TrainingData(harmful=data.harmful, preserve=data.preserve, finetune=train)
+            self.validation = ValidationSet(self, held, settings.val_sims)
 
     # ------------------------------------------------------------------ components by name
     def adapter(self, c: FinetuneConfig):
@@ -260,8 +282,11 @@ class ResAlign:
     def outer_step(self) -> dict[str, Any]:
         """One iteration of Alg. 2 (lines 4-11): update θ in place, return the step's metrics."""
         t0 = time.perf_counter()
-        grads, metrics = self.gradient()
         s, step = self.settings, self.step
+        initial = None
+        if self.validation is not None and step == 0:
+            initial = self.validation.measure(self.param.weights(self.theta), 0)
+        grads, metrics = self.gradient()
         grad_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
         if not math.isfinite(grad_norm):
             raise SolverError(f"non-finite outer gradient at step {step + 1} (lower outer_lr or check the losses)")
@@ -279,6 +304,10 @@ class ResAlign:
             _move_optimizer_state(self.optimizer, to_host=True)
         self.step += 1
         metrics.update(grad_norm=grad_norm, clip_scale=clip, time_s=time.perf_counter() - t0)
+        if initial is not None:
+            metrics["validation_initial"] = initial
+        if self.validation is not None and (self.step % max(s.val_every, 1) == 0 or self.step == s.outer_steps):
+            metrics["validation"] = self.validation.measure(self.param.weights(self.theta), self.step)
         return metrics
 
     def gradient(self) -> tuple[Params, dict[str, Any]]:
@@ -351,6 +380,7 @@ class ResAlign:
                     solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.proximity(config),
                     curvature=s.curvature, cache=cache.view(j), max_ft_loss_growth=s.max_ft_loss_growth,
                     curvature_samples=s.curvature_samples,
+                    harm_noise=(s.seed, step, "harm-noise") if s.common_noise else None,
                 )
                 if not tree.all_finite(h):
                     raise SolverError("non-finite hypergradient")

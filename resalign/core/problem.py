@@ -133,6 +133,7 @@ def build_hypergrad_problem(
     cache: dict[str, Any] | None = None,
     max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH,
     curvature_samples: int = 0,
+    harm_noise: tuple | None = None,
 ) -> tuple[HypergradProblem, dict[str, Any]]:
     """The hypergradient problem of one sampled configuration C at θ (W-space parameters).
 
@@ -141,7 +142,8 @@ def build_hypergrad_problem(
     (:func:`check_health`; ``max_ft_loss_growth = None`` keeps only the finiteness checks).
     ``curvature_samples`` > 0 evaluates the curvature on that many pairs of D_FT
     (:meth:`FinetuneObjective.curvature_loss`): the graph every product reuses, and each product's
-    cost, shrink in proportion.
+    cost, shrink in proportion. ``harm_noise`` (seed parts) draws L_harm's timesteps and noise as the
+    caller's L_harm(θ) does (common random numbers); None: the simulation's own.
     """
     theta = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     objective = FinetuneObjective(ctx, finetune_loss, data.ft, config.batch_size, seed, curvature_samples)
@@ -153,7 +155,8 @@ def build_hypergrad_problem(
         ft_after = float(objective.full(theta_ft)) if tree.all_finite(theta_ft) else float("nan")
 
     def harm_loss(p: Params) -> torch.Tensor:
-        return harmful_loss(ctx, p, data.harm, seeds.generator(seed, "harm-noise"))
+        gen = seeds.generator(*harm_noise) if harm_noise is not None else seeds.generator(seed, "harm-noise")
+        return harmful_loss(ctx, p, data.harm, gen)
 
     at_ft = {k: v.detach().requires_grad_(True) for k, v in theta_ft.items()}
     loss_ft = harm_loss(at_ft)

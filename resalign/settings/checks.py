@@ -77,11 +77,11 @@ def _check_numbers(cfg: RunConfig) -> None:
     check_number(cfg.outer_lr, "outer_lr", gt=0)
     check_number(cfg.weight_decay, "weight_decay", ge=0)
     check_number(cfg.max_grad_norm, "max_grad_norm", gt=0, optional=True)
-    for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints", "curvature_samples"):
+    for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints", "curvature_samples", "val_sims"):
         check_int(getattr(cfg, name), name, ge=0)
     check_int(cfg.threads, "threads", ge=0, le=4096)
     check_int(cfg.quick_eval, "quick_eval", ge=0, optional=True)
-    for name in ("harm_batch", "preserve_batch", "ft_size"):
+    for name in ("harm_batch", "preserve_batch", "ft_size", "val_every", "val_pairs"):
         check_int(getattr(cfg, name), name, ge=1)
     check_seed(cfg.seed, "seed")
     pool = cfg.pool

@@ -85,6 +85,9 @@ _TOY_RUN: dict[str, Any] = {
     "curvature": "gauss-newton",
     # the curvature of one D_FT pair: products 8x cheaper, fidelity unchanged (docs/performance.md)
     "curvature_samples": 1,
+    # the validation meta-objective (resalign.core.heldout): 4 held-out simulations every 5 steps
+    "val_sims": 4,
+    "common_noise": True,
     "beta": 0.8,
     "alpha": 1.0,
     "alpha_schedule": "constant",
@@ -135,6 +138,8 @@ _SD_RUN: dict[str, Any] = {
     # the curvature's graph at 64x64 latents holds about twice a training step's activations per
     # pair: one pair keeps the products' memory and time at one training step's scale (docs/performance.md)
     "curvature_samples": 1,
+    "val_sims": 0,
+    "common_noise": True,
     "beta": 0.8,
     "alpha": 1.6,
     "alpha_schedule": "sigmoid",

@@ -92,8 +92,17 @@ class RunConfig:
     gamma_rule: str = "fixed"
     #: a simulation whose fine-tuning loss grew by more than this factor is dropped as diverged
     max_ft_loss_growth: float | None = MAX_FT_LOSS_GROWTH
-    #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off)
-    outlier_factor: float = 10.0
+    #: drop a simulation whose |L_harm(θ_FT)| exceeds this many times its outer step's median (0: off,
+    #: only a diverged fine-tuning is dropped: a large rebound is what Eq. 3 penalises)
+    outlier_factor: float = 0.0
+    #: L_harm(θ_FT) of each simulation on the outer step's harmful pairs and noise (common random
+    #: numbers; None: the preset's)
+    common_noise: bool | None = None
+    #: validation simulations of the meta-objective (resalign.core.heldout; 0: none; None: the preset's),
+    #: measured every val_every outer steps on val_pairs D_FT pairs held out of training
+    val_sims: int | None = None
+    val_every: int = 5
+    val_pairs: int = 16
     J: int | None = None
     outer_steps: int | None = None
     outer_lr: float | None = None
@@ -224,5 +233,6 @@ def method_settings(cfg: RunConfig) -> MethodSettings:
         ft_size=cfg.ft_size, seed=cfg.seed, fixed_ft_data=cfg.fixed_ft_data, curvature=cfg.curvature,
         gamma_rule=cfg.gamma_rule, curvature_samples=cfg.curvature_samples,
         max_ft_loss_growth=cfg.max_ft_loss_growth, outlier_factor=cfg.outlier_factor,
+        common_noise=cfg.common_noise, val_sims=cfg.val_sims, val_every=cfg.val_every, val_pairs=cfg.val_pairs,
         offload_outer_state=cfg.offload_outer_state,
     )
