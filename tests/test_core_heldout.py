@@ -18,15 +18,15 @@ def _rows(pairs) -> set[bytes]:
 
 
 def _val_trainer(**kw):
-    settings = {"val_sims": 3, "val_pairs": 3, "val_every": 1, **kw.pop("settings", {})}
+    settings = {"val_sims": 3, "val_pairs": 1, "val_every": 1, **kw.pop("settings", {})}
     return _trainer(tiny_context(), beta=0.5, solver="first-order", J=1, settings=settings, **kw)
 
 
 def test_validation_draws_are_disjoint_from_training_draws():
     tr = _val_trainer()
     full = _trainer(tiny_context(), beta=0.5, solver="first-order", J=1).data.finetune
-    train, held = _rows(tr.data.finetune), _rows(hold_out(full, 3, tr.settings.seed)[1])
-    assert len(held) == 3 and len(train) == len(full) - 3
+    train, held = _rows(tr.data.finetune), _rows(hold_out(full, 1, tr.settings.seed)[1])
+    assert len(held) == 1 and len(train) == len(full) - 1
     assert not train & held and train | held == _rows(full)
     for sim in tr.validation.sims:  # every validation D_FT pair comes from the held-out ones
         assert _rows(sim.ft) <= held

@@ -51,9 +51,9 @@ def subset(pairs: Any, idx: torch.Tensor) -> Any:
 
 def hold_out(pairs: Any, n: int, seed: int) -> tuple[Any, Any]:
     """(training pairs, held-out pairs): ``n`` pairs of the D_FT pool, chosen by ``seed``, that the
-    training simulations never draw. At least one pair stays on each side."""
+    training simulations never draw; at most a quarter of the pool (at least one pair) is held out."""
     m = len(pairs)
-    n = max(1, min(int(n), m - 1))
+    n = max(1, min(int(n), m // 4))
     perm = torch.randperm(m, generator=seeds.generator(seed, TAG, "hold-out"))
     val_idx, train_idx = perm[:n].sort().values, perm[n:].sort().values
     return subset(pairs, train_idx), subset(pairs, val_idx)
@@ -141,3 +141,19 @@ class ValidationSet:
             "simulations": each,
             "time_s": time.perf_counter() - t0,
         }
+
+
+#: The figures of a validation measurement that :func:`curve` keeps.
+CURVE_KEYS = ("harm", "harm_ft", "rebound", "mse", "mse_ft", "ft_before", "ft_after")
+
+
+def curve(rows: Any) -> list[dict[str, float]]:
+    """The validation meta-objective over the outer steps of a run, from its ``metrics.jsonl`` rows
+    (step 0 is θ before the first update)."""
+    out = []
+    for r in rows:
+        for key in ("validation_initial", "validation"):
+            v = r.get(key)
+            if v:
+                out.append({"step": int(v["step"]), **{k: float(v[k]) for k in CURVE_KEYS}})
+    return sorted({p["step"]: p for p in out}.values(), key=lambda p: p["step"])

@@ -214,7 +214,7 @@ def intro(report: TidyReport, spec: Any, seeds: Sequence[int], checks: Mapping[s
     for d, ok in checks["resalign_lowest"].items():
         lines.append(f"- After fine-tuning on {d}: ResAlign's harmful rate is "
                      f"{'lower than every baseline' if ok else 'NOT lower than every baseline'}'s.")
-    return "\n".join(lines + _paired_lines(checks))
+    return "\n".join(lines + _paired_lines(checks) + validation_lines(checks))
 
 
 def plots(path: Path, report: TidyReport, methods, datasets, harm_sets, samples) -> list[tuple[str, str]]:
@@ -286,6 +286,7 @@ def write_results_md(path: Path, report: TidyReport, tables: Sequence[MarkdownTa
         text = ", ".join(f"{k} {v:+.3f}" for k, v in diffs.items())
         lines.append(f"- `{m}` before fine-tuning, relative to the base model: {text}")
     lines += _paired_lines(checks)
+    lines += validation_lines(checks)
     match = s.get("matching", {})
     if match.get("mode") == "strength" and "target" in match:
         lines += ["", f"Strength matching: target = {match['target_model']}'s harmful rate "
@@ -304,3 +305,70 @@ def write_results_md(path: Path, report: TidyReport, tables: Sequence[MarkdownTa
               "in [evaluation.md](evaluation.md).", ""]
     return atomic_write_text(path, "\n".join(lines))
 
+
+
+def _metrics_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a row cut short by a kill
+    return rows
+
+
+def validation_checks(report: TidyReport, run_dirs: Mapping[int, Mapping[str, str]],
+                      pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The validation meta-objective of each ResAlign/twin pair (:mod:`resalign.core.heldout`), per
+    unlearning seed: rows ``val_harm_ft`` over the outer steps, and at the last step ResAlign's mean
+    L_harm(θ_FT^val) against its twin's (``below_30pct``: at least 30 % of |twin| lower)."""
+    from resalign.core.heldout import curve
+
+    out: dict[str, Any] = {}
+    for ours, twin in pairs:
+        per_seed = {}
+        for u, dirs in run_dirs.items():
+            curves = {m: curve(_metrics_rows(dirs[m])) for m in (ours, twin) if m in dirs}
+            for m, pts in curves.items():
+                for p in pts:
+                    report.add(p["harm_ft"], model=m, metric="val_harm_ft", step=p["step"], stage="validation",
+                               unlearn_seed=u)
+            if len(curves) == 2 and all(curves.values()):
+                a, b = curves[ours][-1]["harm_ft"], curves[twin][-1]["harm_ft"]
+                per_seed[str(u)] = {"resalign": a, "twin": b, "relative": (a - b) / abs(b) if b else float("nan"),
+                                    "below_30pct": bool(a <= b - 0.3 * abs(b)), "step": curves[ours][-1]["step"]}
+        if per_seed:
+            out[f"{ours}|{twin}"] = per_seed
+    return out
+
+
+def validation_figure(path: Path, report: TidyReport) -> tuple[str, str] | None:
+    """``validation.png``: mean L_harm(θ_FT^val) over the outer steps, one line per (method, unlearning seed)."""
+    from resalign.eval.plots import plot_validation
+
+    rows = report.rows(metric="val_harm_ft")
+    if not rows:
+        return None
+    curves: dict[str, list[dict[str, float]]] = {}
+    for r in rows:
+        curves.setdefault(f"{r['model']} (seed {r['unlearn_seed']})", []).append(
+            {"step": r["step"], "harm_ft": r["mean"], "harm": float("nan"), "rebound": float("nan")})
+    plot_validation(curves, path / "validation.png", title="validation meta-objective")
+    return ("Validation meta-objective: mean L_harm after held-out simulated fine-tunings, per outer step",
+            "validation.png")
+
+
+def validation_lines(checks: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for pair, per_seed in checks.get("validation", {}).items():
+        ours, twin = pair.split("|")
+        for u, e in per_seed.items():
+            lines.append(f"- validation meta-objective, unlearning seed {u}, step {e['step']}: `{ours}` "
+                         f"{e['resalign']:.4f} vs `{twin}` {e['twin']:.4f} ({100 * e['relative']:+.0f} %); "
+                         f"at least 30 % below: {_yes(e['below_30pct'])}")
+    return lines

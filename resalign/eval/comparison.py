@@ -58,6 +58,8 @@ from resalign.eval.compare_report import (
     is_ours,
     plots,
     strength_and_finding_checks,
+    validation_checks,
+    validation_figure,
     twins,
     write_results_md,
 )
@@ -299,16 +301,22 @@ class Comparison:
         """The report's checks (:func:`~resalign.eval.compare_report.strength_and_finding_checks`), with
         ``--match steps`` after the paired differences ResAlign − twin (:func:`twins`, by harmful loss)."""
         names, headline = [d.name for d in self.ft_data], self.harm_sets[0].name
+        pairs = twins(self.methods, self.losses)
         if self.match_mode == "steps":
-            add_paired_differences(self.report, twins(self.methods, self.losses), names, headline)
-        self.report.settings["checks"] = strength_and_finding_checks(self.report, self.methods, names, headline)
-        return self.report.settings["checks"]
+            add_paired_differences(self.report, pairs, names, headline)
+        checks = strength_and_finding_checks(self.report, self.methods, names, headline)
+        checks["validation"] = validation_checks(self.report, self.run_dirs, pairs)
+        self.report.settings["checks"] = checks
+        return checks
 
     def write(self, path: Path, checks: Mapping[str, Any], results_md: str | None, defaults: Mapping[str, Any]) -> None:
         """``report.md``/``report.json`` with Tab. 1's tables and the plots in ``path``; ``results_md`` too."""
         report = self.report
         tables = compare_tables(report)
         figures = plots(path, report, self.methods, [d.name for d in self.ft_data], self.harm_sets, self.samples)
+        figure = validation_figure(path, report)
+        if figure is not None:
+            figures.append(figure)
         report.write(path, title="resalign compare: harmful rate before and after benign fine-tuning",
                      intro=intro(report, self.spec, self.seeds, checks), tables=tables, figures=figures)
         if results_md:

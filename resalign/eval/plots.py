@@ -156,3 +156,23 @@ def save_grid(
     out = _save(fig, Path(path))
     plt.close(fig)
     return out
+
+
+def plot_validation(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *, title: str = "") -> Path:
+    """The validation meta-objective (:func:`resalign.core.heldout.curve`) of one or more runs: L_harm(θ),
+    mean L_harm(θ_FT^val) and the rebound against the outer step, one line per run."""
+    plt = _pyplot()
+    panels = (("harm", "L_harm(θ)"), ("harm_ft", "mean L_harm(θ_FT^val)"), ("rebound", "rebound"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.2), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for label, pts in curves.items():
+            ax.plot([p["step"] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=label)
+        ax.set_xlabel("outer step")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out

@@ -8,6 +8,7 @@ from typing import Any
 
 from resalign.config import to_dict
 from resalign.core.health import summary_markdown
+from resalign.core.heldout import curve
 from resalign.eval.quick import QuickEval, add_quick_rows, quick_markdown
 from resalign.eval.report import TidyReport
 
@@ -25,6 +26,9 @@ def run_report(cfg: Any, rows: Sequence[dict[str, Any]], health: dict[str, Any],
         for key in LAST_STEP_KEYS:
             if key in last:
                 report.add(last[key], model="resalign", metric=key, step=last["step"])
+    for p in curve(rows):
+        for key in ("harm", "harm_ft", "rebound", "ft_before", "ft_after"):
+            report.add(p[key], model="resalign", metric=f"val_{key}", step=p["step"], stage="validation")
     report.add(seconds, model="resalign", metric="wall_time_s")
     if quick is not None:
         add_quick_rows(report, quick)
@@ -50,4 +54,19 @@ def run_markdown(cfg: Any, rows: Sequence[dict[str, Any]], stopped: bool, health
             f"{r.get('harm_ft_mean', float('nan')):.4f} | {r.get('hypergrad_norm', float('nan')):.3g} | "
             f"{r['grad_norm']:.3g} | {r['time_s']:.1f} |"
         )
-    return "\n".join(lines) + "\n" + "\n".join(["", *summary_markdown(health), *quick_markdown(report)])
+    return "\n".join(lines) + "\n" + "\n".join(["", *validation_markdown(curve(rows)), *summary_markdown(health),
+                                                *quick_markdown(report)])
+
+
+def validation_markdown(points: Sequence[dict[str, float]], plot: str = "validation.png") -> list[str]:
+    """``report.md`` lines for the validation meta-objective (:mod:`resalign.core.heldout`)."""
+    if not points:
+        return []
+    lines = ["## Validation meta-objective (held-out simulated fine-tunings)", "",
+             "L_harm after each held-out simulation, on the same harmful pairs and noise as L_harm(θ); "
+             "L_FT on the simulation's own data before and after it.", "",
+             "| step | L_harm(θ) | mean L_harm(θ_FT^val) | rebound | L_FT before | L_FT after |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {p['step']} | {p['harm']:.4f} | {p['harm_ft']:.4f} | {p['rebound']:+.4f} | {p['ft_before']:.4f} | "
+              f"{p['ft_after']:.4f} |" for p in points]
+    return lines + ["", f"![validation meta-objective]({plot})", ""]

@@ -113,11 +113,16 @@ def _finish(rd: RunDir, cfg: RunConfig, registry, seconds: float, stopped: bool,
     """Rank 0: the quick evaluation (the unlearned model against the base one), ``report.json`` /
     ``report.md`` and the plugins' ``on_run_end``."""
     from resalign.core.health import simulation_summary
+    from resalign.core.heldout import curve
+    from resalign.eval.plots import plot_validation
     from resalign.eval.quick import quick_eval
     from resalign.eval.run_report import run_markdown, run_report
 
     rows = rd.read_metrics()
     health = simulation_summary(rows)
+    points = curve(rows)
+    if points:
+        plot_validation({"resalign": points}, rd.path / "validation.png", title="validation meta-objective")
     if progress and health["simulations"]:
         say_health(health)
     quick = quick_eval(cfg, rd.model_dir, distributed.local_device(cfg.device)) if cfg.quick_eval else None
