@@ -88,3 +88,52 @@ def test_common_random_numbers_give_a_zero_rebound_when_fine_tuning_does_not_mov
     # and a fine-tuning that moves θ changes it under common noise
     harm_ft, at_theta = _problem((0, 0, "harm-noise"), lr=1e-1)
     assert harm_ft != at_theta
+
+
+def test_halving_shrinks_only_that_simulations_beta_part(monkeypatch):
+    """The authors' safeguard: h_j enters with weight 2^-k after k halvings; a fallback is dropped."""
+    import resalign.core.meta as meta
+    from resalign.core import tree
+    from resalign.core.problem import simulate
+
+    calls = []
+
+    def marked(*args, **kwargs):
+        h, info = simulate(*args, **kwargs)
+        calls.append(h)
+        info.update(halvings=2 if len(calls) == 1 else 0, fallback=len(calls) == 3)
+        return h, info
+
+    monkeypatch.setattr(meta, "simulate", marked)
+    tr = _trainer(tiny_context(), beta=0.6, solver="first-order", J=3, settings={"halving_shrinks_beta": True})
+    _, metrics = tr.gradient()
+    dropped = [s["dropped"] for s in metrics["simulations"] if "dropped" in s]
+    assert metrics["dropped"] == 1 and "β part dropped" in dropped[0]
+    expected = tree.scale(tree.add(tree.scale(calls[0], 0.25), calls[1]), 0.5)  # calls in run order
+    assert abs(metrics["hypergrad_norm"] - tree.norm(expected)) < 1e-6 * tree.norm(expected)
+
+
+def test_soft_cap_bounds_gradient_ascent_smoothly():
+    from resalign.losses.harmful import GradientAscent
+
+    ctx = tiny_context()
+    tr = _trainer(ctx, beta=0.5, solver="first-order", J=1)
+    theta = {k: v.detach().requires_grad_(True) for k, v in ctx.theta0.items()}
+    batch = tr.data.harmful.sample(2, seeds.generator(0, "b"))
+    plain = float(GradientAscent.make({})(ctx, theta, batch, seeds.generator(0, "n")))
+    cap = abs(plain) / 4  # well below the samples' error: the hard cap is flat there, the soft one is not
+    hard = GradientAscent.make({"cap": cap})(ctx, theta, batch, seeds.generator(0, "n"))
+    soft = GradientAscent.make({"cap": cap, "soft": True})(ctx, theta, batch, seeds.generator(0, "n"))
+    assert -cap <= float(soft) < 0 and float(hard) >= -cap - 1e-12
+    g_hard = torch.autograd.grad(hard, list(theta.values()), allow_unused=True)
+    g_soft = torch.autograd.grad(soft, list(theta.values()), allow_unused=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in g_hard)
+    assert any(g is not None and float(g.abs().max()) > 0 for g in g_soft)
+
+
+def test_late_sigmoid_alpha_starts_at_half_and_is_centred_at_three_quarters():
+    from resalign.core.meta import MethodSettings
+
+    s = MethodSettings(alpha=1.6, alpha_end=2.0, alpha_schedule="late-sigmoid", outer_steps=100)
+    assert s.alpha_at(0) == s.alpha_at(49) == 1.6
+    assert abs(s.alpha_at(75) - 1.8) < 1e-12 and abs(s.alpha_at(100) - 2.0) < 0.01

@@ -58,3 +58,39 @@ def test_probe_pairs_each_direction_with_the_attack_of_theta_under_the_same_seed
         g = torch.Generator().manual_seed(s)
         walk = torch.randn(2, generator=g)
         assert abs(post - (float(((w + walk) ** 2).sum()) - base["harm_attacked"][s])) < 1e-5
+
+
+def test_init_warm_starts_theta_from_an_unlearned_model_and_refuses_one_that_differs_outside_theta(
+        tiny_toy_dir, tmp_path):
+    from resalign.errors import ConfigError
+    from resalign.models.bundle import T2IBundle
+    from resalign.pipeline.prepare import prepare
+    from resalign.settings.run import load_run_config
+    from test_run_cli import SMALL
+
+    assert run(tiny_toy_dir, tmp_path / "twin", "--outer-steps", "1", "--beta", "0") == 0
+    from resalign.cli.run import apply_set_items
+
+    sets = apply_set_items({}, [item for i, item in enumerate(SMALL) if i and SMALL[i - 1] == "--set"])
+    raw = {"model": str(tiny_toy_dir), "init": str(tmp_path / "twin"), "params": "xattn", "J": 1}
+    cfg = load_run_config({**sets, **raw})
+    trainer = prepare(cfg, tmp_path / "data").trainer
+    twin = T2IBundle.load(tmp_path / "twin" / "model").unet.state_dict()
+    base = T2IBundle.load(tiny_toy_dir).unet.state_dict()
+    moved = [k for k in trainer.theta if not torch.equal(twin[k], base[k])]
+    assert moved and all(torch.equal(trainer.theta[k].detach(), twin[k].float()) for k in trainer.theta)
+    # a model that differs from the base outside θ cannot start a cross-attention θ
+    import dataclasses
+
+    from resalign.pipeline.prepare import warm_start
+
+    other = T2IBundle.load(tmp_path / "twin" / "model")
+    with torch.no_grad():
+        next(p for n, p in other.unet.named_parameters() if n not in trainer.theta).add_(1.0)
+    try:
+        warm_start(trainer, other, "other")
+    except ConfigError as exc:
+        assert "outside θ" in str(exc)
+    else:
+        raise AssertionError("a model differing outside θ was accepted")
+    assert dataclasses.is_dataclass(cfg)

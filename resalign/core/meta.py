@@ -104,7 +104,9 @@ class MethodSettings:
 
     beta: float = 0.8
     alpha: float = 1.0
-    alpha_schedule: str = "constant"  # constant | sigmoid (the authors' ramp to alpha_end after 50%)
+    #: constant | sigmoid (to alpha_end, centred at 50 %) | late-sigmoid (the authors' ramp: from 50 % of
+    #: training, centred at 75 %)
+    alpha_schedule: str = "constant"
     alpha_end: float | None = None
     J: int = 2
     gamma: float = 1.0
@@ -136,6 +138,9 @@ class MethodSettings:
     val_sims: int = 0
     val_every: int = 5
     val_pairs: int = 16
+    #: the authors' safeguard: a simulation whose solve halved its step k times enters the mean with
+    #: weight 2^-k (only its β part shrinks), and one that fell back to first-order is dropped
+    halving_shrinks_beta: bool = False
     #: keep the outer AdamW moments (two copies of W) in host memory between updates, so that the
     #: simulations of an outer step have the accelerator's memory without them
     offload_outer_state: bool = False
@@ -157,10 +162,14 @@ class MethodSettings:
     def alpha_at(self, step: int) -> float:
         if self.alpha_schedule == "constant" or self.alpha_end is None:
             return self.alpha
+        p = step / max(self.outer_steps, 1)
         if self.alpha_schedule == "sigmoid":
-            s = 1.0 / (1.0 + math.exp(-10.0 * (step / max(self.outer_steps, 1) - 0.5)))
+            s = 1.0 / (1.0 + math.exp(-10.0 * (p - 0.5)))
             return self.alpha + (self.alpha_end - self.alpha) * s
-        raise ConfigError(f"alpha_schedule {self.alpha_schedule!r}: expected constant or sigmoid")
+        if self.alpha_schedule == "late-sigmoid":
+            s = 0.0 if p < 0.5 else 1.0 / (1.0 + math.exp(-20.0 * (p - 0.75)))
+            return self.alpha + (self.alpha_end - self.alpha) * s
+        raise ConfigError(f"alpha_schedule {self.alpha_schedule!r}: expected constant, sigmoid or late-sigmoid")
 
 
 @dataclass
@@ -384,6 +393,11 @@ class ResAlign:
                 )
                 if not tree.all_finite(h):
                     raise SolverError("non-finite hypergradient")
+                if s.halving_shrinks_beta:
+                    if info.get("fallback"):
+                        raise SolverError("the fixed point failed its checks after every halving: β part dropped")
+                    if info.get("halvings", 0):
+                        h = tree.scale(h, 0.5 ** int(info["halvings"]))
                 h_of[j] = tree.to_host(h)  # a finished h_j waits in host memory
             except SolverError as exc:
                 info = {"config": config.label(), "dropped": str(exc)}

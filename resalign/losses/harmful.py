@@ -16,7 +16,9 @@ class GradientAscent(Component):
 
     Unbounded below: ascending it quickly destroys the model. ``cap`` clips each sample's ascended
     loss at a ceiling, −E[w_t min(‖ε_θ − ε‖², cap)], so a sample that is already "unlearned" past the
-    cap stops contributing gradient while the others continue.
+    cap stops contributing gradient while the others continue. ``soft = true`` bounds it smoothly,
+    −E[w_t · cap · tanh(‖ε_θ − ε‖² / cap)]: the same ceiling, but a sample past it still has a (shrinking)
+    gradient, so L_harm(θ) and L_harm(θ_FT) stay comparable when θ sits at the cap.
     """
 
     name: ClassVar[str] = "ga"
@@ -24,15 +26,20 @@ class GradientAscent(Component):
     @dataclass
     class Config:
         cap: float | None = None
+        soft: bool = False
 
         def __post_init__(self):
             if self.cap is not None and self.cap <= 0:
                 raise ValueError(f"cap must be > 0, got {self.cap}")
+            if self.soft and self.cap is None:
+                raise ValueError("soft = true bounds the loss at cap: give cap too")
 
     def __call__(self, ctx: DiffusionContext, params: Params, batch: DenoiseBatch, generator: Any = None):
         x_t, noise, t, w = noised(ctx, batch, generator)
         mse = per_sample_mse(ctx.model(params, x_t, t, batch.cond), noise)
-        if self.config.cap is not None:
+        if self.config.cap is not None and self.config.soft:
+            mse = self.config.cap * torch.tanh(mse / self.config.cap)
+        elif self.config.cap is not None:
             mse = torch.clamp(mse, max=self.config.cap)
         return -(w * mse).mean()
 

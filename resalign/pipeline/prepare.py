@@ -11,6 +11,7 @@ import torch
 
 from resalign.core.meta import MethodSettings, ResAlign
 from resalign.core.split import Ranks
+from resalign.errors import ConfigError
 from resalign.settings.checks import validate
 from resalign.settings.run import RunConfig, method_settings, require_resolved
 
@@ -65,4 +66,35 @@ def prepare(cfg: RunConfig, data_dir: Path | None, *, registry=None, components:
         solver=components["solver"], pool=cfg.pool, data=data, settings=settings, registry=registry,
         split=Ranks(),
     )
+    if cfg.init:
+        warm_start(trainer, load_bundle(registry, _model_of(cfg.init), cfg.device), cfg.init)
     return Prepared(bundle, ctx, data, settings, parameterization, components, trainer)
+
+
+def _model_of(path: str) -> str:
+    """A model folder, or the ``model/`` of a run directory."""
+    p = Path(path)
+    return str(p / "model") if (p / "model" / "model_index.json").is_file() else str(p)
+
+
+def warm_start(trainer: ResAlign, init_bundle: Any, where: str) -> None:
+    """θ starts at ``init_bundle``'s UNet (``--set init=DIR``): the run hardens that model, while the base
+    model stays the regularizer's reference. Outside θ the two models must agree (params = xattn keeps
+    the base weights there)."""
+    weights = {k: v.detach().float() for k, v in init_bundle.unet.state_dict().items()}
+    param = trainer.param
+    if param.kind == "lora":
+        raise ConfigError(f"init {where!r}: a warm start sets θ to a model's weights; params = lora has none "
+                          "(use params = xattn or full)")
+    base = trainer.ctx.theta0
+    missing = [k for k in trainer.theta if k not in weights]
+    if missing or set(weights) != set(base):
+        raise ConfigError(f"init {where!r}: its UNet does not have the base model's parameters "
+                          f"({len(missing)} of θ missing)")
+    outside = [k for k in base if k not in trainer.theta and not torch.allclose(weights[k], base[k].float())]
+    if outside:
+        raise ConfigError(f"init {where!r}: differs from the base model outside θ (params = {param.kind}) in "
+                          f"{len(outside)} tensors, e.g. {outside[0]}; use params = full")
+    with torch.no_grad():
+        for k, v in trainer.theta.items():
+            v.copy_(weights[k].to(v))

@@ -24,11 +24,19 @@ def validate(cfg: RunConfig, registry) -> dict[str, Any]:
     check_device(cfg.device, "device")
     check_dtype(cfg.dtype, cfg.device, "dtype")
     _check_numbers(cfg)
-    check_choice(cfg.alpha_schedule, "alpha_schedule", ("constant", "sigmoid"))
+    check_choice(cfg.alpha_schedule, "alpha_schedule", ("constant", "sigmoid", "late-sigmoid"))
     from resalign.core.curvature import CURVATURES
 
     check_choice(cfg.gamma_rule, "gamma_rule", GAMMA_RULES)
     check_choice(cfg.curvature, "curvature", CURVATURES)
+    if cfg.init is not None:
+        init = Path(cfg.init)
+        if not ((init / "model_index.json").is_file() or (init / "model" / "model_index.json").is_file()):
+            raise ModelLoadError(f"init: {cfg.init!r} is neither a model folder (model_index.json) nor a run "
+                                 "directory with model/")
+        if cfg.params == "lora":
+            raise ConfigError("init: a warm start sets θ to a model's weights; params = lora has none "
+                              "(use params = xattn or full)")
     if cfg.model is not None:
         path = Path(cfg.model)
         if not path.is_dir():

@@ -103,6 +103,11 @@ class RunConfig:
     val_sims: int | None = None
     val_every: int = 5
     val_pairs: int = 16
+    #: a simulation whose Richardson solve halved ω k times enters with weight 2^-k; a fallback is dropped
+    halving_shrinks_beta: bool = False
+    #: a model folder (or run directory) whose UNet starts θ (a warm start: harden an unlearned model);
+    #: the base model stays the regularizer's reference and generates the data
+    init: str | None = None
     J: int | None = None
     outer_steps: int | None = None
     outer_lr: float | None = None
@@ -234,5 +239,6 @@ def method_settings(cfg: RunConfig) -> MethodSettings:
         gamma_rule=cfg.gamma_rule, curvature_samples=cfg.curvature_samples,
         max_ft_loss_growth=cfg.max_ft_loss_growth, outlier_factor=cfg.outlier_factor,
         common_noise=cfg.common_noise, val_sims=cfg.val_sims, val_every=cfg.val_every, val_pairs=cfg.val_pairs,
+        halving_shrinks_beta=cfg.halving_shrinks_beta,
         offload_outer_state=cfg.offload_outer_state,
     )
