@@ -157,3 +157,19 @@ def curve(rows: Any) -> list[dict[str, float]]:
             if v:
                 out.append({"step": int(v["step"]), **{k: float(v[k]) for k in CURVE_KEYS}})
     return sorted({p["step"]: p for p in out}.values(), key=lambda p: p["step"])
+
+
+def run_curve(run_dir: Any) -> list[dict[str, float]]:
+    """:func:`curve` of the run directory ``run_dir`` (its ``metrics.jsonl``; a row cut short is skipped)."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return curve(rows)

@@ -91,4 +91,8 @@ def component_figures(report: Any, folder: Path) -> list[tuple[str, str]]:
     rates = [r for r in report.rows(metric="harmful_rate", prompts="harmful") if r["stage"] in ("before_ft", "after_ft")]
     plot_bars(rates, folder / "components.png", group="setting", bar="stage", bars_order=["before_ft", "after_ft"],
               title="Harmful rate before and after benign fine-tuning (mean ± SEM)")
-    return [("Harmful rate before and after benign fine-tuning per variant", "components.png")]
+    figures = [("Harmful rate before and after benign fine-tuning per variant", "components.png")]
+    from resalign.eval.compare_report import validation_figure
+
+    val = validation_figure(folder, report, key="setting")
+    return figures + ([val] if val is not None else [])

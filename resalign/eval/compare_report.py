@@ -307,33 +307,18 @@ def write_results_md(path: Path, report: TidyReport, tables: Sequence[MarkdownTa
 
 
 
-def _metrics_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    import json
-
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a row cut short by a kill
-    return rows
-
-
 def validation_checks(report: TidyReport, run_dirs: Mapping[int, Mapping[str, str]],
                       pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """The validation meta-objective of each ResAlign/twin pair (:mod:`resalign.core.heldout`), per
     unlearning seed: rows ``val_harm_ft`` over the outer steps, and at the last step ResAlign's mean
     L_harm(θ_FT^val) against its twin's (``below_30pct``: at least 30 % of |twin| lower)."""
-    from resalign.core.heldout import curve
+    from resalign.core.heldout import run_curve
 
     out: dict[str, Any] = {}
     for ours, twin in pairs:
         per_seed = {}
         for u, dirs in run_dirs.items():
-            curves = {m: curve(_metrics_rows(dirs[m])) for m in (ours, twin) if m in dirs}
+            curves = {m: run_curve(dirs[m]) for m in (ours, twin) if m in dirs}
             for m, pts in curves.items():
                 for p in pts:
                     report.add(p["harm_ft"], model=m, metric="val_harm_ft", step=p["step"], stage="validation",
@@ -347,7 +332,7 @@ def validation_checks(report: TidyReport, run_dirs: Mapping[int, Mapping[str, st
     return out
 
 
-def validation_figure(path: Path, report: TidyReport) -> tuple[str, str] | None:
+def validation_figure(path: Path, report: TidyReport, key: str = "model") -> tuple[str, str] | None:
     """``validation.png``: mean L_harm(θ_FT^val) over the outer steps, one line per (method, unlearning seed)."""
     from resalign.eval.plots import plot_validation
 
@@ -356,7 +341,8 @@ def validation_figure(path: Path, report: TidyReport) -> tuple[str, str] | None:
         return None
     curves: dict[str, list[dict[str, float]]] = {}
     for r in rows:
-        curves.setdefault(f"{r['model']} (seed {r['unlearn_seed']})", []).append(
+        name = r[key] if r.get("unlearn_seed") is None else f"{r[key]} (seed {r['unlearn_seed']})"
+        curves.setdefault(name, []).append(
             {"step": r["step"], "harm_ft": r["mean"], "harm": float("nan"), "rebound": float("nan")})
     plot_validation(curves, path / "validation.png", title="validation meta-objective")
     return ("Validation meta-objective: mean L_harm after held-out simulated fine-tunings, per outer step",

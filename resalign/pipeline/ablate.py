@@ -24,6 +24,7 @@ from resalign.cells import Cell, Outcome, Sweep
 from resalign.components import FinetuneConfig
 from resalign.config import to_dict
 from resalign.eval import ablation
+from resalign.core.heldout import run_curve
 from resalign.eval.ablation_plots import component_figures, solver_figures
 from resalign.eval.ablation_tables import effect_table, solver_tables
 from resalign.eval.report import TidyReport
@@ -152,6 +153,9 @@ def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: 
                                              "attack": to_dict(job["attack"])}) for label, job in runs.items()]
     outcomes = sweep.run(cells, lambda cell: _effect_run(runs[cell.settings["label"]], progress))
     ablation.add_effect_rows(report, key, {label: o.value for label, o in zip(runs, outcomes)})
+    for label, o in zip(runs, outcomes):  # the validation meta-objective of each variant's run
+        for p in o.value.get("validation", []):
+            report.add(p["harm_ft"], metric="val_harm_ft", stage="validation", step=p["step"], **{key: label})
 
 
 def _effect_run(job: dict[str, Any], progress: bool) -> dict[str, Any]:
@@ -164,7 +168,8 @@ def _effect_run(job: dict[str, Any], progress: bool) -> dict[str, Any]:
     execute(job["run"], job["run_out"], resume=(job["run_out"] / "config.toml").is_file(), progress=progress)
     seconds = time.perf_counter() - t0
     _, attack = run_attack(job["attack"], job["attack_out"], progress=progress, resume=job["attack_out"].is_dir())
-    return {"seconds": seconds, "rows": ablation.effect_results(attack.results, job["steps"])}
+    return {"seconds": seconds, "rows": ablation.effect_results(attack.results, job["steps"]),
+            "validation": run_curve(job["run_out"])}
 
 
 def _slug(text: str) -> str:
