@@ -35,3 +35,16 @@ def test_validation_curves_and_the_30_percent_check_per_unlearning_seed(tmp_path
     assert validation_figure(tmp_path, report)[1] == "validation.png" and (tmp_path / "validation.png").is_file()
     lines = validation_lines({"validation": {"resalign|ca": checks}})
     assert len(lines) == 2 and "at least 30 % below: yes" in lines[0] and "no" in lines[1]
+
+
+def test_a_partial_data_table_of_the_unlearning_runs_keeps_the_presets_other_sets():
+    from resalign.pipeline.compare import method_run_config
+    from resalign.settings.presets import PRESETS
+    from resalign.settings.run import resolve
+
+    finetune = [{"source": "toy:preservation", "n": 64, "seed": 2}]
+    cfg = resolve(method_run_config("resalign-ga", None, 1, {"data": {"finetune": finetune}, "J": 4}, "cpu", "fp32"))
+    preset = PRESETS["toy"].run["data"]
+    assert [s.source for s in cfg.data.finetune] == ["toy:preservation"] and cfg.J == 4 and cfg.seed == 1
+    assert [s.source for s in cfg.data.harmful] == [s["source"] for s in preset["harmful"]]
+    assert cfg.data.concept == preset["concept"] and cfg.loss == "ga"

@@ -84,9 +84,10 @@ class CompareConfig(EvaluationSettings):
 
 def method_run_config(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str, dtype: str):
     """The :class:`RunConfig` that unlearns ``method``: a β = 0 baseline or ResAlign (``resalign[-LOSS]``)."""
-    from resalign.settings.run import RunConfig
+    from resalign.settings.run import RunConfig, with_preset_tables
 
-    return from_dict(RunConfig, method_settings(method, model, seed, overrides, device, dtype), where="--unlearn-option")
+    settings = with_preset_tables(method_settings(method, model, seed, overrides, device, dtype))
+    return from_dict(RunConfig, settings, where="--unlearn-option")
 
 
 def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison, Sweep, dict[int, dict[str, Any]]]:

@@ -163,6 +163,14 @@ def load_run_config(raw: dict[str, Any], config_file: str | Path | None = None) 
     return resolve(from_dict(RunConfig, _with_preset(merged), where="config"))
 
 
+def with_preset_tables(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with its partial tables (``data``, ``pool``) completed key by key from its preset, as
+    :func:`load_run_config` merges them; the scalars left out stay unset (resolved later)."""
+    name = preset_of(d.get("model"), d.get("preset", "auto"))
+    preset = PRESETS[name].run
+    return {**d, **{k: deep_merge(preset[k], d[k]) for k in ("data", "pool") if isinstance(d.get(k), dict)}}
+
+
 def _with_preset(d: dict[str, Any]) -> dict[str, Any]:
     for key in ("model", "preset", "loss"):
         if d.get(key) is not None and not isinstance(d[key], str):
