@@ -61,7 +61,7 @@ def scorer_options(items: list[str] | None, scorers: list[str], fallback: str | 
 
 
 def _print_rows(report, keys: tuple[str, ...], title: str) -> None:
-    from resalign.eval.report import fmt_mean_sem
+    from resalign.eval.reports.tidy import fmt_mean_sem
 
     table = Table(title=title)
     for k in keys:
@@ -302,7 +302,7 @@ def compare_cmd(
     if not quiet:
         from rich.markdown import Markdown
 
-        from resalign.eval.compare_report import compare_tables
+        from resalign.eval.reports.compare import compare_tables
 
         for table in compare_tables(report):
             console.print(Markdown(table.render()))
@@ -312,11 +312,11 @@ def compare_cmd(
 def _check_compare(cfg) -> None:
     """The settings of ``resalign compare`` checked before the base model is loaded, and each unlearning
     run's configuration validated as ``resalign run`` would."""
-    from resalign.eval.attack import check_data_spec
+    from resalign.eval.protocol.attack import check_data_spec
     from resalign.models.load import model_folder
     from resalign.pipeline.compare import method_run_config
     from resalign.pipeline.evaluate import check_common
-    from resalign.eval.finetune import FinetuneSpec
+    from resalign.eval.protocol.finetune import FinetuneSpec
     from resalign.settings.checks import validate
     from resalign.settings.run import resolve as resolve_run
     from resalign.registry import get_registry

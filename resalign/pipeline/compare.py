@@ -13,9 +13,9 @@ For the base model, plain-unlearning baselines and ResAlign:
 The base model is only measured before fine-tuning, as in Tab. 1. Every figure is the mean ± SEM over
 the seeds (3 by default; Sec. 4.1).
 
-Measurements, unlearning seeds, report layout and paired differences: :mod:`resalign.eval.comparison`;
-matched unlearning strength (``--match strength|steps``): :mod:`resalign.eval.matching`; tables, checks,
-plots: :mod:`resalign.eval.compare_report`. Here: the run directory, unlearning runs and cells, by rank.
+Measurements, unlearning seeds, report layout and paired differences: :mod:`resalign.eval.protocol.comparison`;
+matched unlearning strength (``--match strength|steps``): :mod:`resalign.eval.protocol.matching`; tables, checks,
+plots: :mod:`resalign.eval.reports.compare`. Here: the run directory, unlearning runs and cells, by rank.
 
 The toy defaults are budgeted to finish on two CPU cores in under 20 minutes: 40 prompts per set and
 seed (120 images per figure over 3 seeds), 10 DDIM steps for the evaluation images, 200 fine-tuning
@@ -37,17 +37,17 @@ from resalign.checkpoints import run_config_of
 from resalign.data.training import shared_data
 from resalign.config import from_dict, to_dict
 from resalign.errors import ConfigError
-from resalign.eval.compare_report import is_ours
-from resalign.eval.compare_methods import check_comparison, describe_run, method_settings
-from resalign.eval.comparison import Comparison
-from resalign.eval.finetune import FinetuneSpec
-from resalign.eval.matching import candidate_runs
-from resalign.eval.report import TidyReport
-from resalign.eval.attack import load_pairs, preset_lr
-from resalign.eval.evaluator import resolve_generation
-from resalign.eval.presets import preset_name
+from resalign.eval.reports.compare import is_ours
+from resalign.eval.protocol.methods import check_comparison, describe_run, method_settings
+from resalign.eval.protocol.comparison import Comparison
+from resalign.eval.protocol.finetune import FinetuneSpec
+from resalign.eval.protocol.matching import candidate_runs
+from resalign.eval.reports.tidy import TidyReport
+from resalign.eval.protocol.attack import load_pairs, preset_lr
+from resalign.eval.scoring.evaluator import resolve_generation
+from resalign.eval.scoring.presets import preset_name
 from resalign.settings.presets import preset_named
-from resalign.eval.sets import EvaluationSettings, harmful_and_benign_sets
+from resalign.eval.scoring.sets import EvaluationSettings, harmful_and_benign_sets
 from resalign.models.load import load_model
 from resalign.pipeline.evaluate import set_threads
 from resalign.progress import Bars
@@ -58,7 +58,7 @@ DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
 @dataclass
 class CompareConfig(EvaluationSettings):
     """Settings of ``resalign compare`` (None: the preset's value); the evaluation's are
-    :class:`~resalign.eval.sets.EvaluationSettings`."""
+    :class:`~resalign.eval.scoring.sets.EvaluationSettings`."""
 
     model: str | None = None
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from resalign.components import ScoreResult
-from resalign.eval.evaluator import Figure
+from resalign.eval.scoring.evaluator import Figure
 
 
 def figures_value(figs: Sequence[Figure]) -> list[dict[str, Any]]:

@@ -19,10 +19,10 @@ from typing import Any
 from resalign import distributed
 from resalign.data.prompts import PromptSet
 from resalign.errors import ResAlignError
-from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
-from resalign.eval.evaluator import Evaluator, add_figures, resolve_generation
-from resalign.eval.presets import default_scorers, preset_name
-from resalign.eval.sets import EvalSet, harmful_and_benign_sets
+from resalign.eval.reports.tidy import MarkdownTable, TidyReport, fmt_mean_sem
+from resalign.eval.scoring.evaluator import Evaluator, add_figures, resolve_generation
+from resalign.eval.scoring.presets import default_scorers, preset_name
+from resalign.eval.scoring.sets import EvalSet, harmful_and_benign_sets
 from resalign.models.load import load_model
 
 #: DDIM steps of the quick evaluation's images.

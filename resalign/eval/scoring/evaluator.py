@@ -25,9 +25,9 @@ import numpy as np
 from resalign.components import ScoreResult
 from resalign.errors import ConfigError
 from resalign.settings.presets import preset_named
-from resalign.eval.report import TidyReport
-from resalign.eval.scoring import create_scorer, scorer_metric, warm_up, write_per_image
-from resalign.eval.sets import EvalSet, check_scorer_options
+from resalign.eval.reports.tidy import TidyReport
+from resalign.eval.scoring.run import create_scorer, scorer_metric, warm_up, write_per_image
+from resalign.eval.scoring.sets import EvalSet, check_scorer_options
 
 
 @dataclass
@@ -124,7 +124,7 @@ class Evaluator:
         }
 
     def generate(self, s: EvalSet, *, bundle=None, params=None, seed: int = 0, progress=None) -> np.ndarray:
-        from resalign.eval.generate import generate
+        from resalign.eval.scoring.generate import generate
 
         ps = s.prompts
         seeds: int | list[int] = seed if ps.seeds is None else [x + seed for x in ps.seeds]

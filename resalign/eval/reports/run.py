@@ -1,5 +1,5 @@
 """The report of ``resalign run``: the last outer step's terms of Eq. 4, the simulations' health, the
-wall time and the quick evaluation (:mod:`resalign.eval.quick`), as ``report.json`` and ``report.md``."""
+wall time and the quick evaluation (:mod:`resalign.eval.scoring.quick`), as ``report.json`` and ``report.md``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 from resalign.config import to_dict
 from resalign.core.health import summary_markdown
-from resalign.eval.quick import QuickEval, add_quick_rows, quick_markdown
-from resalign.eval.report import TidyReport
+from resalign.eval.scoring.quick import QuickEval, add_quick_rows, quick_markdown
+from resalign.eval.reports.tidy import TidyReport
 
 #: The metrics of the last outer step that the report carries.
 LAST_STEP_KEYS = ("loss_harm", "loss_reg", "harm_ft_mean", "hypergrad_norm", "objective")
