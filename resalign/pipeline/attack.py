@@ -25,7 +25,7 @@ import numpy as np
 from resalign import distributed
 from resalign.cells import Cell, Outcome, Sweep
 from resalign.eval.protocol.attack import check_data_spec, parse_escape, plan_attack
-from resalign.eval.scoring.evaluator import Evaluator, add_figures, resolve_generation
+from resalign.eval.scoring.evaluator import Evaluator, resolve_generation
 from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, adapter_class
 from resalign.eval.scoring.presets import SEED_STRIDE, preset_name
 from resalign.settings.presets import preset_named
@@ -34,7 +34,7 @@ from resalign.eval.scoring.sets import EvaluationSettings, check_scorer_options,
 from resalign.models.load import load_model, model_folder
 from resalign.pipeline.evaluate import check_common, set_threads
 from resalign.progress import Bars
-from resalign.eval.reports.records import attack_records, figures_value, samples_arrays
+from resalign.eval.reports.records import add_figures, attack_records, figures_value, samples_arrays
 
 
 @dataclass

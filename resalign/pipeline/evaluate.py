@@ -25,7 +25,8 @@ import numpy as np
 from resalign import distributed
 from resalign.data.prompts import read_prompts
 from resalign.errors import ConfigError
-from resalign.eval.scoring.evaluator import Evaluator, Figure, add_figures, config_of, resolve_generation, save_set
+from resalign.eval.reports.records import Figure, add_figures
+from resalign.eval.scoring.evaluator import Evaluator, config_of, resolve_generation, save_set
 from resalign.eval.scoring.presets import SEED_STRIDE, preset_name
 from resalign.settings.presets import preset_named
 from resalign.eval.reports.tidy import MarkdownTable, TidyReport

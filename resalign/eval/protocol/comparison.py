@@ -64,12 +64,12 @@ from resalign.eval.reports.compare import (
 from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
 from resalign.eval.protocol.matching import RULE, earliest_as_strong
 from resalign.eval.reports.tidy import TidyReport
-from resalign.eval.scoring.evaluator import Evaluator, Figure, add_figures
+from resalign.eval.scoring.evaluator import Evaluator
 from resalign.eval.scoring.presets import SEED_STRIDE
 from resalign.eval.scoring.sets import options_for
 from resalign.models.load import load_model
 from resalign.progress import Bars
-from resalign.eval.reports.records import figures_of, figures_value, samples_arrays, samples_of
+from resalign.eval.reports.records import Figure, add_figures, figures_of, figures_value, samples_arrays, samples_of
 
 
 @dataclass
