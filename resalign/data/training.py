@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from resalign import distributed
+from resalign.components import PairSet, TrainingData
 from resalign.core import seeds
-from resalign.core.meta import PairSet, TrainingData
 from resalign.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
