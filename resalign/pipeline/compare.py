@@ -43,13 +43,13 @@ from resalign.eval.protocol.comparison import Comparison
 from resalign.eval.protocol.finetune import FinetuneSpec
 from resalign.eval.protocol.matching import candidate_runs
 from resalign.eval.reports.tidy import TidyReport
-from resalign.eval.protocol.attack import load_pairs, preset_lr
+from resalign.eval.protocol.attack import check_data_spec, load_pairs, preset_lr
 from resalign.eval.scoring.evaluator import resolve_generation
 from resalign.eval.scoring.presets import preset_name
 from resalign.settings.presets import preset_named
 from resalign.eval.scoring.sets import EvaluationSettings, harmful_and_benign_sets
-from resalign.models.load import load_model
-from resalign.pipeline.evaluate import set_threads
+from resalign.models.load import load_model, model_folder
+from resalign.pipeline.evaluate import check_common, set_threads
 from resalign.progress import Bars
 
 DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
@@ -87,6 +87,35 @@ def method_run_config(method: str, model: str | None, seed: int, overrides: Mapp
     from resalign.settings.run import RunConfig
 
     return from_dict(RunConfig, method_settings(method, model, seed, overrides, device, dtype), where="--unlearn-option")
+
+
+def check_compare_config(cfg: CompareConfig) -> None:
+    """The settings of ``resalign compare`` checked before the base model is loaded, and each unlearning
+    run's configuration validated as ``resalign run`` would."""
+    from resalign.settings.checks import validate
+    from resalign.settings.run import resolve as resolve_run
+    from resalign.registry import get_registry
+    from resalign.validation import check_int, check_number
+
+    check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
+                 images_per_prompt=cfg.images_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
+                 toy_prompts=cfg.toy_prompts, scorers=cfg.scorers,
+                 prompt_files=[("--prompts", cfg.prompts), ("--benign-prompts", cfg.benign_prompts)],
+                 categories=cfg.category)
+    check_int(cfg.seeds, "--seeds", ge=1)
+    check_int(cfg.ft_steps, "--ft-steps", ge=0, optional=True)
+    check_number(cfg.lr, "--lr", gt=0, optional=True)
+    check_int(cfg.match_every, "--match-every", ge=1)
+    FinetuneSpec(adapt=cfg.adapt, lr=cfg.lr, optimizer=cfg.optimizer).validate()
+    for spec in cfg.datasets:
+        check_data_spec(spec, "--dataset")
+    model_folder(cfg.model)
+    registry = get_registry()
+    for method in cfg.methods:
+        if method == "base" or method in cfg.runs:
+            continue
+        validate(resolve_run(method_run_config(method, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)),
+                 registry)
 
 
 def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison, Sweep, dict[int, dict[str, Any]]]:
