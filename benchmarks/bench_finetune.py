@@ -42,7 +42,7 @@ def module_loop(bundle, enc, steps: int, lr: float, seed: int) -> float:
 
 
 def adapter_loop(bundle, pairs, adapt: str, steps: int, lr: float, seed: int) -> float:
-    from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
+    from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
 
     ft = Finetuner(bundle, FinetuneSpec(adapt=adapt, steps=steps, lr=lr), [Stage(pairs, steps)], seed=seed)
     start = time.perf_counter()
@@ -64,7 +64,7 @@ def main() -> None:
 
     from bench_solvers import build
 
-    from resalign.eval.pairs import Pairs, encode_pairs
+    from resalign.eval.protocol.pairs import Pairs, encode_pairs
 
     bundle = build(args.model, args.device)
     rng = np.random.default_rng(0)

@@ -155,6 +155,41 @@ class DenoiseBatch:
     prior: DenoiseBatch | None = None  # DreamBooth prior-preservation pairs
 
 
+@dataclass
+class PairSet:
+    """Prompt-image pairs in model space, with text embeddings (and CA anchor embeddings)."""
+
+    x0: Tensor
+    cond: Tensor
+    prompts: list[str]
+    anchor_cond: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    def sample(self, n: int, generator: torch.Generator) -> DenoiseBatch:
+        import torch
+
+        m = len(self)
+        idx = torch.randperm(m, generator=generator)[: min(n, m)]
+        if n > m:  # sample with replacement beyond the set's size
+            idx = torch.cat([idx, torch.randint(0, m, (n - m,), generator=generator)])
+        return DenoiseBatch(
+            x0=self.x0[idx.to(self.x0.device)], cond=self.cond[idx.to(self.cond.device)],
+            prompts=[self.prompts[i] for i in idx.tolist()],
+            anchor_cond=self.anchor_cond[idx.to(self.x0.device)] if self.anchor_cond is not None else None,
+        )
+
+
+@dataclass
+class TrainingData:
+    """D_harmful, D_preserve (also the prior pairs of prior preservation) and the D_FT pool (B.4)."""
+
+    harmful: PairSet
+    preserve: PairSet
+    finetune: PairSet
+
+
 class ModelFn(Protocol):
     """ε_θ(x_t, t, c): the UNet as a function of a parameter dict (torch.func.functional_call)."""
 

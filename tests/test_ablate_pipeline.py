@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from resalign.errors import ConfigError
-from resalign.eval.report import TidyReport
+from resalign.eval.reports.tidy import TidyReport
 from resalign.pipeline.ablate import (
     AblateComponentsConfig,
     AblateSolversConfig,
@@ -84,7 +84,7 @@ def test_component_variants_map_to_run_settings():
 
 def test_fixed_configuration_defaults_to_full_adam_and_takes_a_label():
     from resalign.core.meta import ConfigPool
-    from resalign.eval.ablation import fixed_configuration
+    from resalign.eval.ablation.measure import fixed_configuration
 
     configs = ConfigPool(lrs=[1e-3], lrs_by_optimizer={"sgd": [0.1]}, steps=[5, 10], optimizers=["sgd", "adam"],
                          finetune_losses=["denoise"], adapters=["lora", "full"], max_lr_steps=0).configs()

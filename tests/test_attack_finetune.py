@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from resalign.errors import ConfigError
-from resalign.eval.attack import parse_escape
-from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
-from resalign.eval.pairs import Pairs, contaminate, encode_pairs
+from resalign.eval.protocol.attack import parse_escape
+from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
+from resalign.eval.protocol.pairs import Pairs, contaminate, encode_pairs
 
 
 @pytest.fixture(scope="module")

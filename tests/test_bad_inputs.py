@@ -6,7 +6,11 @@ Every case fails before any model is loaded or image generated, so each is quick
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +57,9 @@ CASES = [
     ("run-beta-range", ["run", "--beta", "1.5"], "beta: expected a finite number >= 0 and <= 1, got 1.5"),
     ("run-gamma-zero", ["run", "--gamma", "0"], "gamma: expected a finite number > 0"),
     ("run-J-negative", ["run", "-J", "-1"], "J: expected an integer >= 0, got -1"),
+    ("run-J-zero-with-beta", ["run", "-J", "0", "--beta", "0.8"], "(-J, --beta): beta > 0 needs J >= 1"),
+    ("run-outer-steps-zero", ["run", "--outer-steps", "0"],
+     "(--outer-steps): expected an integer >= 1; with no outer step there is no unlearned model to write"),
     ("run-threads-huge", ["run", "--threads", "100000"], "threads: expected an integer >= 0 and <= 4096"),
     ("run-dtype", ["run", "--dtype", "fp64"], "dtype: expected one of"),
     ("run-pool-lr-nan", ["run", "--set", "pool.lrs=[nan]"], "--set 'pool.lrs=[nan]': expected a finite number, got [nan]"),
@@ -222,3 +229,32 @@ def test_check_device_counts_the_visible_gpus(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="MPS is not available"):
         check_device("mps")
+
+
+def test_plain_unlearning_needs_no_simulation(files):
+    from resalign.registry import get_registry
+    from resalign.settings.checks import validate
+    from resalign.settings.run import load_run_config
+
+    validate(load_run_config({"J": 0, "beta": 0.0}), get_registry())
+
+
+def test_run_prints_no_torch_jit_warning(files, tmp_path):
+    """The FutureWarning that torch's forward-AD decompositions raise about ``torch.jit.script`` when the
+    Gauss–Newton products first load them is not shown (in a fresh process, as a user runs it)."""
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "RESALIGN_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    env.pop("PYTHONWARNINGS", None)
+    argv = [
+        "run", "--model", str(files["tiny"]), "--out", str(tmp_path / "run"), "--outer-steps", "1", "-J", "1",
+        "--threads", "1", "--no-progress", "--set", "curvature=\"gauss-newton\"",
+        "--set", 'data.harmful=[{source="toy:harmful", n=4}]',
+        "--set", 'data.preserve=[{source="toy:preservation", n=4, seed=1}]',
+        "--set", 'data.finetune=[{source="toy:preservation", n=4, seed=2}]',
+        "--set", "data.sample_steps=2", "--set", "harm_batch=2", "--set", "preserve_batch=2", "--set", "ft_size=2",
+        "--set", "pool.steps=[2]", "--set", "quick_eval=0", "--K", "2", "--set", "solver_options.power_iters=2",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "resalign", *argv], env=env, cwd=root, check=False,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch.jit.script" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr

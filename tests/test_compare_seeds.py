@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from resalign.cli import main
-from resalign.eval.stats import paired_difference
+from resalign.eval.reports.stats import paired_difference
 
 pytest.importorskip("resalign.pipeline.run")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from resalign.core.heldout import curve
-from resalign.eval.compare_report import validation_checks, validation_figure, validation_lines
-from resalign.eval.report import TidyReport
+from resalign.eval.reports.compare import validation_checks, validation_figure, validation_lines
+from resalign.eval.reports.tidy import TidyReport
 
 
 def _val(step, harm_ft):

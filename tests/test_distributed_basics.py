@@ -75,7 +75,7 @@ def _worker(r: int, world: int, port: int, out: dict) -> None:
                 cache.done(j)
             cache.close()
         # generation: split by batches and gathered; inside solo() whole in each rank
-        from resalign.eval.generate import generate
+        from resalign.eval.scoring.generate import generate
         from resalign.models.toy import build_bundle
 
         bundle = build_bundle(seed=0, channels=(8, 16))

@@ -55,7 +55,7 @@ def test_eval_i2p_csv_category_filter_seeds_and_guidance(tiny_sd, i2p_csv, tmp_p
     assert (out / "report.csv").read_text().startswith("model,stage,prompts,metric,scorer")
 
     # I2P's evaluation_seed and evaluation_guidance decide the images: regenerate the 'red painting' pair
-    from resalign.eval.generate import generate
+    from resalign.eval.scoring.generate import generate
     from resalign.models.bundle import T2IBundle
     from resalign.data.folders import read_folder
 

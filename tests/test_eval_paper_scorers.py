@@ -75,7 +75,7 @@ def test_paper_preset_reports_ip_us_fid_and_clip_score(tiny_sd_dir, coco_csv, fi
 
 
 def test_missing_clip_folder_fails_before_generation(tiny_sd_dir, coco_csv, files, tmp_path, capsys, monkeypatch):
-    import resalign.eval.generate as generate
+    import resalign.eval.scoring.generate as generate
     from resalign.cli import main
 
     def no_generation(*args, **kwargs):

@@ -14,7 +14,7 @@ import pytest
 
 from resalign.cli import main
 from resalign.components import Component, ScoreResult
-from resalign.eval.scoring import harm_scores, score_folder, write_per_image
+from resalign.eval.scoring.run import harm_scores, score_folder, write_per_image
 
 
 def _skimage_images(dst: Path) -> Path:

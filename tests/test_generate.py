@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from resalign.eval.generate import generate, image_seeds
+from resalign.eval.scoring.generate import generate, image_seeds
 from resalign.models import toy
 
 

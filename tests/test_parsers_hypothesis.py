@@ -328,7 +328,7 @@ def test_image_caption_folders(data, fmt, tail, size, image_folder):
     st.sampled_from(["1", "2", "3", "0.5", "nan", "inf", "-1", "1e400", "", "x", " 2 ", "٢"]) | texts,
 ), max_size=3).map(lambda parts: ",".join(k + s + v for k, s, v in parts)))
 def test_escape(text):
-    from resalign.eval.attack import parse_escape
+    from resalign.eval.protocol.attack import parse_escape
 
     parsed = _only_own_errors(parse_escape, text)
     if parsed is not None:

@@ -62,8 +62,8 @@ SCRIPT = textwrap.dedent('''
         "score": main(["score", f"{work}/images", "--scorer", "brightness", "--out", f"{work}/score", "--quiet"]),
     }
     # the adapter as downstream fine-tuning runs it: only bias vectors move
-    from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
-    from resalign.eval.pairs import Pairs
+    from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
+    from resalign.eval.protocol.pairs import Pairs
     from resalign.models.bundle import T2IBundle
 
     bundle = T2IBundle.load(model)

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from resalign.errors import ConfigError
-from resalign.eval.attack import preset_lr
-from resalign.eval.evaluator import resolve_generation
-from resalign.eval.presets import default_scorers
-from resalign.eval.finetune import reference_lr
+from resalign.eval.protocol.attack import preset_lr
+from resalign.eval.scoring.evaluator import resolve_generation
+from resalign.eval.scoring.presets import default_scorers
+from resalign.eval.protocol.finetune import reference_lr
 from resalign.settings.presets import PRESETS, preset_named
 from resalign.settings.run import RunConfig, preset_of, resolve
 

@@ -1,4 +1,4 @@
-"""``resalign ablate directions``: the paired direction probe (resalign.eval.probes)."""
+"""``resalign ablate directions``: the paired direction probe (resalign.eval.ablation.probes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from test_run_cli import run
 
 from resalign.cli import main
-from resalign.eval.probes import ProbeSettings, probe
+from resalign.eval.ablation.probes import ProbeSettings, probe
 
 
 def test_probe_is_paired_a_zero_step_changes_nothing_and_every_direction_is_reported(tiny_toy_dir, tmp_path):

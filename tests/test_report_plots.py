@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from resalign.eval.plots import plot_bars, plot_curves, save_grid
+from resalign.eval.reports.plots import plot_bars, plot_curves, save_grid
 
 
 def _png(path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from resalign.eval.report import TidyReport, fmt_mean_sem
-from resalign.eval.stats import mean_sem, rate_stats
+from resalign.eval.reports.tidy import TidyReport, fmt_mean_sem
+from resalign.eval.reports.stats import mean_sem, rate_stats
 
 
 @pytest.mark.parametrize("values", [[0.1, 0.25, 0.4], [0.0, 0.0, 1.0, 0.5], [3.0, 3.5]])

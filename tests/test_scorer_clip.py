@@ -35,7 +35,7 @@ def transformers_clip_score(folder, ims, prompts) -> np.ndarray:
 
 
 def test_clip_score_equals_transformers(clip_dir):
-    from resalign.eval.scoring import create_scorer
+    from resalign.eval.scoring.run import create_scorer
 
     ims = images(0, len(PROMPTS))
     expected = transformers_clip_score(clip_dir, ims, PROMPTS)
@@ -63,7 +63,7 @@ def test_clip_score_scale_and_clamp(clip_dir):
 
 
 def test_missing_or_incomplete_folder_names_the_option(clip_dir, tmp_path):
-    from resalign.eval.scoring import create_scorer
+    from resalign.eval.scoring.run import create_scorer
 
     with pytest.raises(MissingWeightsError) as err:
         create_scorer("clip-score", {})

@@ -71,7 +71,7 @@ def read_folder(folder) -> np.ndarray:
 
 
 def test_frechet_equals_pytorch_fid(pytorch_fid_offline, weights, folders, tmp_path):
-    from resalign.eval.scoring import create_scorer
+    from resalign.eval.scoring.run import create_scorer
 
     fid_score, _ = pytorch_fid_offline
     generated, real = folders
@@ -112,7 +112,7 @@ def test_full_network_equals_pytorch_fid_inception(pytorch_fid_offline, weights,
 
 
 def test_missing_or_wrong_weights_name_the_option(tmp_path, monkeypatch):
-    from resalign.eval.scoring import create_scorer
+    from resalign.eval.scoring.run import create_scorer
 
     blank = np.zeros((2, 8, 8, 3), np.uint8)
     with pytest.raises(MissingWeightsError) as err:

@@ -68,7 +68,7 @@ def heads(clip_dir, tmp_path_factory):
 
 
 def test_mhsc_equals_direct_torch_heads(clip_dir, heads):
-    from resalign.eval.scoring import create_scorer
+    from resalign.eval.scoring.run import create_scorer
 
     files, modules, emb = heads
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_mhsc_equals_direct_torch_heads(clip_dir, heads):
 
 
 def test_q16_equals_direct_torch(clip_dir, heads, tmp_path):
-    from resalign.eval.scoring import create_scorer
+    from resalign.eval.scoring.run import create_scorer
 
     emb = heads[2]
     prompts = torch.nn.Parameter(emb[:2].clone() * torch.tensor([[1.0], [3.0]]))  # the authors save a Parameter
@@ -113,7 +113,7 @@ def test_q16_equals_direct_torch(clip_dir, heads, tmp_path):
 
 
 def test_missing_and_wrong_files_name_the_option(clip_dir, heads, tmp_path):
-    from resalign.eval.scoring import create_scorer
+    from resalign.eval.scoring.run import create_scorer
 
     files = heads[0]
     with pytest.raises(MissingWeightsError, match=r"^unsafe-score\.model is not set"):

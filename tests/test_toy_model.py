@@ -72,7 +72,7 @@ def test_shipped_model_loads_through_the_registry_when_present():
 
 def test_shipped_model_draws_what_it_is_asked_for():
     """A small-sample smoke check of the shipped model with the shipped classifiers (docs hold the full figures)."""
-    from resalign.eval.generate import generate
+    from resalign.eval.scoring.generate import generate
     from resalign.scorers.toy import ToyHarmScorer, ToyPromptAccuracyScorer
 
     try:
@@ -110,7 +110,7 @@ def test_tiny_pretraining_writes_the_shipped_layout_and_is_reproducible(tmp_path
         assert (tmp_path / "model" / sub).is_dir()
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "model" / "unet").iterdir())
     loaded = toy.load_toy(tmp_path / "model")
-    from resalign.eval.generate import generate
+    from resalign.eval.scoring.generate import generate
 
     img_a = generate(a, ["a red circle"], images_per_prompt=2, steps=2)
     img_b = generate(loaded, ["a red circle"], images_per_prompt=2, steps=2)

@@ -2,7 +2,7 @@
 
 Each returns θ_FT in the base parameter space (deltas merged): ``full``, ``dreambooth``, ``lora``,
 ``loha``, ``lokr``, ``svdiff``, ``custom_diffusion``. The same classes run the simulated ADAPT of
-Alg. 2 and downstream fine-tuning (:mod:`resalign.eval.finetune`).
+Alg. 2 and downstream fine-tuning (:mod:`resalign.eval.protocol.finetune`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A method defines its trainable tensors φ (``init``) and how they combine with �
 parameters (``merge``): full fine-tuning φ = θ's entries, LoRA W + s·BA, SVDiff U diag(relu(σ+δ)) Vᵀ.
 ``adapt`` runs ``cfg.steps`` steps of the configured optimizer on L_FT(merge(θ, φ)) (gradients
 clipped to ``cfg.max_grad_norm`` when set) and returns θ_FT = merge(θ, φ_T), the deltas merged, as
-Alg. 2 needs. The same ``adapt`` is downstream fine-tuning (:mod:`resalign.eval.finetune`).
+Alg. 2 needs. The same ``adapt`` is downstream fine-tuning (:mod:`resalign.eval.protocol.finetune`).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def _names(text: str) -> list[str]:
 
 
 def _print(report, title: str, keys: tuple[str, ...], where: dict) -> None:
-    from resalign.eval.report import fmt_mean_sem
+    from resalign.eval.reports.tidy import fmt_mean_sem
 
     table = Table(title=title)
     for k in keys:
@@ -106,7 +106,7 @@ def solvers_cmd(
     quiet: bool = quiet_option(),
 ) -> None:
     """Fidelity (cosine, relative error vs the exact unrolled hypergradient), cost and effect per solver."""
-    from resalign.eval.finetune import adapter_class
+    from resalign.eval.protocol.finetune import adapter_class
     from resalign.pipeline.ablate import AblateSolversConfig, EffectConfig, run_ablate_solvers
 
     cfg = AblateSolversConfig(
@@ -172,7 +172,7 @@ def components_cmd(
     quiet: bool = quiet_option(),
 ) -> None:
     """Tab. 6 (which component matters) and Tab. 7 (J): effect and training time per variant."""
-    from resalign.eval.finetune import adapter_class
+    from resalign.eval.protocol.finetune import adapter_class
     from resalign.pipeline.ablate import AblateComponentsConfig, EffectConfig, run_ablate_components
 
     cfg = AblateComponentsConfig(
@@ -220,7 +220,7 @@ def directions_cmd(
     """How a small step along each candidate direction changes the harmful loss after the downstream attack."""
     import torch
 
-    from resalign.eval.probes import ProbeSettings
+    from resalign.eval.ablation.probes import ProbeSettings
     from resalign.pipeline.probe import execute
 
     check_int(attack_seeds, "--attack-seeds", ge=2)

@@ -61,7 +61,7 @@ def scorer_options(items: list[str] | None, scorers: list[str], fallback: str | 
 
 
 def _print_rows(report, keys: tuple[str, ...], title: str) -> None:
-    from resalign.eval.report import fmt_mean_sem
+    from resalign.eval.reports.tidy import fmt_mean_sem
 
     table = Table(title=title)
     for k in keys:
@@ -281,7 +281,7 @@ def compare_cmd(
 ) -> None:
     """Table 1: base, plain-unlearning baselines and ResAlign, before and after benign fine-tuning."""
     from resalign.config import parse_items
-    from resalign.pipeline.compare import CompareConfig, run_compare
+    from resalign.pipeline.compare import CompareConfig, check_compare_config, run_compare
     from resalign.settings.run import RunConfig
 
     names = _split(scorer)
@@ -295,49 +295,15 @@ def compare_cmd(
         device=device, dtype=dtype, threads=threads, results_md=str(results_md) if results_md else None,
         match=match, match_every=match_every, match_max_factor=match_max_factor,
     ), set_)
-    _check_compare(cfg)
+    check_compare_config(cfg)
     path, report = run_compare(cfg, sweep_out(out, "compare", resume), progress=not quiet, resume=resume)
     if not is_main():
         return
     if not quiet:
         from rich.markdown import Markdown
 
-        from resalign.eval.compare_report import compare_tables
+        from resalign.eval.reports.compare import compare_tables
 
         for table in compare_tables(report):
             console.print(Markdown(table.render()))
     console.print(f"report: {path / 'report.md'}  ({report.settings['seconds'] / 60:.1f} min)")
-
-
-def _check_compare(cfg) -> None:
-    """The settings of ``resalign compare`` checked before the base model is loaded, and each unlearning
-    run's configuration validated as ``resalign run`` would."""
-    from resalign.eval.attack import check_data_spec
-    from resalign.models.load import model_folder
-    from resalign.pipeline.compare import method_run_config
-    from resalign.pipeline.evaluate import check_common
-    from resalign.eval.finetune import FinetuneSpec
-    from resalign.settings.checks import validate
-    from resalign.settings.run import resolve as resolve_run
-    from resalign.registry import get_registry
-    from resalign.validation import check_int, check_number
-
-    check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
-                 images_per_prompt=cfg.images_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
-                 toy_prompts=cfg.toy_prompts, scorers=cfg.scorers,
-                 prompt_files=[("--prompts", cfg.prompts), ("--benign-prompts", cfg.benign_prompts)],
-                 categories=cfg.category)
-    check_int(cfg.seeds, "--seeds", ge=1)
-    check_int(cfg.ft_steps, "--ft-steps", ge=0, optional=True)
-    check_number(cfg.lr, "--lr", gt=0, optional=True)
-    check_int(cfg.match_every, "--match-every", ge=1)
-    FinetuneSpec(adapt=cfg.adapt, lr=cfg.lr, optimizer=cfg.optimizer).validate()
-    for spec in cfg.datasets:
-        check_data_spec(spec, "--dataset")
-    model_folder(cfg.model)
-    registry = get_registry()
-    for method in cfg.methods:
-        if method == "base" or method in cfg.runs:
-            continue
-        validate(resolve_run(method_run_config(method, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)),
-                 registry)

@@ -135,7 +135,7 @@ def _print_quick_eval(run_dir: Path) -> None:
 
     from rich.table import Table
 
-    from resalign.eval.quick import MODELS, SETTINGS_KEY, quick_table
+    from resalign.eval.reports.run import MODELS, SETTINGS_KEY, quick_table
 
     report = json.loads((run_dir / "report.json").read_text())
     settings = report["settings"].get(SETTINGS_KEY)

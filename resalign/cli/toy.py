@@ -226,7 +226,7 @@ def sample_cmd(
 ) -> None:
     """Draw ``n`` images per prompt with the (toy) model and save them as a PNG grid, one row per prompt."""
     from resalign.data.folders import save_grid
-    from resalign.eval.generate import generate
+    from resalign.eval.scoring.generate import generate
     from resalign.models.toy import load_toy
 
     cfg = _sample_config("toy sample", dict(model=model, n=n, sample_steps=pick("--sample-steps", sample_steps,

@@ -22,6 +22,8 @@ while the loss is evaluated, whatever the loss does with them.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +57,19 @@ class _RecordingModel:
         return getattr(self._model, name)
 
 
+def _load_jvp_decompositions() -> None:
+    """Import torch's forward-AD decompositions, as ``make_dual`` does on its first call, with the
+    FutureWarning about ``torch.jit.script`` that this import raises silenced (this import only)."""
+    if os.environ.get("PYTORCH_JIT", "1") != "1" or not __debug__:
+        return  # make_dual does not load them either
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script", category=FutureWarning)
+        try:
+            from torch._decomp import decompositions_for_jvp  # noqa: F401
+        except ImportError:  # a torch without them: make_dual has nothing to load
+            pass
+
+
 class GaussNewton:
     """v ↦ Jᵀ (∇²_f ℓ) J v at fixed θ (see the module docstring), for ``loss_fn(ctx, params)``.
 
@@ -83,6 +98,7 @@ class GaussNewton:
         first pass)."""
         import torch.autograd.forward_ad as fwad
 
+        _load_jvp_decompositions()
         recorded: list[torch.Tensor] = []
         with torch.no_grad(), second_order(), fwad.dual_level():
             dual = {k: fwad.make_dual(p.detach(), v[k].to(p.dtype)) for k, p in self.params.items()}

@@ -39,11 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from resalign.components import (
+from resalign.components import (  # PairSet, TrainingData: re-exported, they lived here
     DenoiseBatch,
     DiffusionContext,
     FinetuneConfig,
+    PairSet,
     Params,
+    TrainingData,
     finetune_loss_of,
     needs,
 )
@@ -170,39 +172,6 @@ class MethodSettings:
             s = 0.0 if p < 0.5 else 1.0 / (1.0 + math.exp(-20.0 * (p - 0.75)))
             return self.alpha + (self.alpha_end - self.alpha) * s
         raise ConfigError(f"alpha_schedule {self.alpha_schedule!r}: expected constant, sigmoid or late-sigmoid")
-
-
-@dataclass
-class PairSet:
-    """Prompt-image pairs in model space, with text embeddings (and CA anchor embeddings)."""
-
-    x0: torch.Tensor
-    cond: torch.Tensor
-    prompts: list[str]
-    anchor_cond: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.x0.shape[0])
-
-    def sample(self, n: int, generator: torch.Generator) -> DenoiseBatch:
-        m = len(self)
-        idx = torch.randperm(m, generator=generator)[: min(n, m)]
-        if n > m:  # sample with replacement beyond the set's size
-            idx = torch.cat([idx, torch.randint(0, m, (n - m,), generator=generator)])
-        return DenoiseBatch(
-            x0=self.x0[idx.to(self.x0.device)], cond=self.cond[idx.to(self.cond.device)],
-            prompts=[self.prompts[i] for i in idx.tolist()],
-            anchor_cond=self.anchor_cond[idx.to(self.x0.device)] if self.anchor_cond is not None else None,
-        )
-
-
-@dataclass
-class TrainingData:
-    """D_harmful, D_preserve (also the prior pairs of prior preservation) and the D_FT pool (B.4)."""
-
-    harmful: PairSet
-    preserve: PairSet
-    finetune: PairSet
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, to_host: bool) -> None:

@@ -194,7 +194,7 @@ def measure(
     * ``harmful_rate/preservation`` and ``prompt_accuracy/preservation``: on benign prompts;
     * ``frechet_distance/preservation``: toy Fréchet distance of the benign-prompt images.
     """
-    from resalign.eval.generate import generate
+    from resalign.eval.scoring.generate import generate
     from resalign.scorers.toy import ToyFrechetScorer, ToyHarmScorer, ToyPromptAccuracyScorer
 
     t0 = time.time()

@@ -2,10 +2,10 @@
 
 ``ablate solvers`` measures every solver on simulated fine-tunings sampled from the run's pool π(C):
 fidelity (cosine and relative error against the exact, unrolled hypergradient) and cost (seconds, peak
-memory), both :mod:`resalign.eval.ablation`'s, and its effect: the harmful rate after benign fine-tuning
+memory), both :mod:`resalign.eval.ablation.measure`'s, and its effect: the harmful rate after benign fine-tuning
 of short ResAlign runs that use it. ``ablate components`` reproduces Tab. 6 (no hypergradient, no
 meta-learning over configurations or over data, the full method) and, with ``--J 1,3,5``, Tab. 7.
-Tables: :mod:`resalign.eval.ablation_tables`; plots: :mod:`resalign.eval.ablation_plots`.
+Tables: :mod:`resalign.eval.ablation.tables`; plots: :mod:`resalign.eval.ablation.plots`.
 
 Both are sweeps (:mod:`resalign.cells`): every fidelity seed and every effect run is a cell, recorded
 when finished, skipped with ``--resume``, and split over the processes of a ``torchrun`` job.
@@ -23,11 +23,11 @@ from resalign import distributed
 from resalign.cells import Cell, Outcome, Sweep
 from resalign.components import FinetuneConfig
 from resalign.config import to_dict
-from resalign.eval import ablation
 from resalign.core.heldout import run_curve
-from resalign.eval.ablation_plots import component_figures, solver_figures
-from resalign.eval.ablation_tables import effect_table, solver_tables
-from resalign.eval.report import TidyReport
+from resalign.eval.ablation import measure as ablation
+from resalign.eval.ablation.plots import component_figures, solver_figures
+from resalign.eval.ablation.tables import effect_table, solver_tables
+from resalign.eval.reports.tidy import TidyReport
 
 
 @dataclass
@@ -214,7 +214,7 @@ def run_ablate_solvers(cfg: AblateSolversConfig, out: str | Path, *, progress: b
 
 def component_variants(cfg: AblateComponentsConfig, fixed: FinetuneConfig | None = None) -> dict[str, dict[str, Any]]:
     """The RunConfig overrides of each variant of Tab. 6 (and of each J of Tab. 7); ``fixed``: the configuration
-    of ``no-meta-config`` (default: :func:`~resalign.eval.ablation.fixed_configuration` of the run's pool)."""
+    of ``no-meta-config`` (default: :func:`~resalign.eval.ablation.measure.fixed_configuration` of the run's pool)."""
     def fixed_config() -> FinetuneConfig:
         pool = _run_config(cfg.model, cfg.loss, cfg.seed, cfg.device, cfg.threads, cfg.run).pool
         return ablation.fixed_configuration(pool.configs(), cfg.fixed_config)

@@ -7,7 +7,7 @@ repeated over independent seeds and reported as mean ± SEM. The paper's stress 
 ``--contaminate R --harmful-data DIR`` (Fig. 4, App. B.2), ``--escape p=2,lambda=0.5`` (App. C.1,
 Tab. 11) and ``--progressive`` (App. C.1, Fig. 7).
 
-The plan (presets ``sd`` (``paper``) and ``toy``, data, stages) is :mod:`resalign.eval.attack`'s; the preset
+The plan (presets ``sd`` (``paper``) and ``toy``, data, stages) is :mod:`resalign.eval.protocol.attack`'s; the preset
 follows the model unless ``--preset`` names one.
 """
 
@@ -24,23 +24,23 @@ import numpy as np
 
 from resalign import distributed
 from resalign.cells import Cell, Outcome, Sweep
-from resalign.eval.attack import check_data_spec, parse_escape, plan_attack
-from resalign.eval.evaluator import Evaluator, add_figures, resolve_generation
-from resalign.eval.finetune import Finetuner, FinetuneSpec, adapter_class
-from resalign.eval.presets import SEED_STRIDE, preset_name
+from resalign.eval.protocol.attack import check_data_spec, parse_escape, plan_attack
+from resalign.eval.scoring.evaluator import Evaluator, resolve_generation
+from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, adapter_class
+from resalign.eval.scoring.presets import SEED_STRIDE, preset_name
 from resalign.settings.presets import preset_named
-from resalign.eval.report import MarkdownTable, TidyReport
-from resalign.eval.sets import EvaluationSettings, check_scorer_options, harmful_and_benign_sets, options_for
+from resalign.eval.reports.tidy import MarkdownTable, TidyReport
+from resalign.eval.scoring.sets import EvaluationSettings, check_scorer_options, harmful_and_benign_sets, options_for
 from resalign.models.load import load_model, model_folder
 from resalign.pipeline.evaluate import check_common, set_threads
 from resalign.progress import Bars
-from resalign.eval.records import attack_records, figures_value, samples_arrays
+from resalign.eval.reports.records import add_figures, attack_records, figures_value, samples_arrays
 
 
 @dataclass
 class AttackConfig(EvaluationSettings):
     """Settings of ``resalign attack`` (None: the preset's value); the evaluation's are
-    :class:`~resalign.eval.sets.EvaluationSettings`."""
+    :class:`~resalign.eval.scoring.sets.EvaluationSettings`."""
 
     model: str | None = None
     adapt: str = "full"
@@ -105,7 +105,7 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, res
     ``resume``, and under ``torchrun`` split over the ranks (rank 0 writes the merged report).
     """
     from resalign.config import to_dict
-    from resalign.eval.plots import plot_curves, save_grid
+    from resalign.eval.reports.plots import plot_curves, save_grid
 
     check_attack_config(cfg)
     distributed.init(cfg.device)

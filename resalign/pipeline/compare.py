@@ -13,9 +13,9 @@ For the base model, plain-unlearning baselines and ResAlign:
 The base model is only measured before fine-tuning, as in Tab. 1. Every figure is the mean ± SEM over
 the seeds (3 by default; Sec. 4.1).
 
-Measurements, unlearning seeds, report layout and paired differences: :mod:`resalign.eval.comparison`;
-matched unlearning strength (``--match strength|steps``): :mod:`resalign.eval.matching`; tables, checks,
-plots: :mod:`resalign.eval.compare_report`. Here: the run directory, unlearning runs and cells, by rank.
+Measurements, unlearning seeds, report layout and paired differences: :mod:`resalign.eval.protocol.comparison`;
+matched unlearning strength (``--match strength|steps``): :mod:`resalign.eval.protocol.matching`; tables, checks,
+plots: :mod:`resalign.eval.reports.compare`. Here: the run directory, unlearning runs and cells, by rank.
 
 The toy defaults are budgeted to finish on two CPU cores in under 20 minutes: 40 prompts per set and
 seed (120 images per figure over 3 seeds), 10 DDIM steps for the evaluation images, 200 fine-tuning
@@ -37,19 +37,19 @@ from resalign.checkpoints import run_config_of
 from resalign.data.training import shared_data
 from resalign.config import from_dict, to_dict
 from resalign.errors import ConfigError
-from resalign.eval.compare_report import is_ours
-from resalign.eval.compare_methods import check_comparison, describe_run, method_settings
-from resalign.eval.comparison import Comparison
-from resalign.eval.finetune import FinetuneSpec
-from resalign.eval.matching import candidate_runs
-from resalign.eval.report import TidyReport
-from resalign.eval.attack import load_pairs, preset_lr
-from resalign.eval.evaluator import resolve_generation
-from resalign.eval.presets import preset_name
+from resalign.eval.reports.compare import is_ours
+from resalign.eval.protocol.methods import check_comparison, describe_run, method_settings
+from resalign.eval.protocol.comparison import Comparison
+from resalign.eval.protocol.finetune import FinetuneSpec
+from resalign.eval.protocol.matching import candidate_runs
+from resalign.eval.reports.tidy import TidyReport
+from resalign.eval.protocol.attack import check_data_spec, load_pairs, preset_lr
+from resalign.eval.scoring.evaluator import resolve_generation
+from resalign.eval.scoring.presets import preset_name
 from resalign.settings.presets import preset_named
-from resalign.eval.sets import EvaluationSettings, harmful_and_benign_sets
-from resalign.models.load import load_model
-from resalign.pipeline.evaluate import set_threads
+from resalign.eval.scoring.sets import EvaluationSettings, harmful_and_benign_sets
+from resalign.models.load import load_model, model_folder
+from resalign.pipeline.evaluate import check_common, set_threads
 from resalign.progress import Bars
 
 DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
@@ -58,7 +58,7 @@ DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
 @dataclass
 class CompareConfig(EvaluationSettings):
     """Settings of ``resalign compare`` (None: the preset's value); the evaluation's are
-    :class:`~resalign.eval.sets.EvaluationSettings`."""
+    :class:`~resalign.eval.scoring.sets.EvaluationSettings`."""
 
     model: str | None = None
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -88,6 +88,35 @@ def method_run_config(method: str, model: str | None, seed: int, overrides: Mapp
 
     settings = with_preset_tables(method_settings(method, model, seed, overrides, device, dtype))
     return from_dict(RunConfig, settings, where="--unlearn-option")
+
+
+def check_compare_config(cfg: CompareConfig) -> None:
+    """The settings of ``resalign compare`` checked before the base model is loaded, and each unlearning
+    run's configuration validated as ``resalign run`` would."""
+    from resalign.settings.checks import validate
+    from resalign.settings.run import resolve as resolve_run
+    from resalign.registry import get_registry
+    from resalign.validation import check_int, check_number
+
+    check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
+                 images_per_prompt=cfg.images_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
+                 toy_prompts=cfg.toy_prompts, scorers=cfg.scorers,
+                 prompt_files=[("--prompts", cfg.prompts), ("--benign-prompts", cfg.benign_prompts)],
+                 categories=cfg.category)
+    check_int(cfg.seeds, "--seeds", ge=1)
+    check_int(cfg.ft_steps, "--ft-steps", ge=0, optional=True)
+    check_number(cfg.lr, "--lr", gt=0, optional=True)
+    check_int(cfg.match_every, "--match-every", ge=1)
+    FinetuneSpec(adapt=cfg.adapt, lr=cfg.lr, optimizer=cfg.optimizer).validate()
+    for spec in cfg.datasets:
+        check_data_spec(spec, "--dataset")
+    model_folder(cfg.model)
+    registry = get_registry()
+    for method in cfg.methods:
+        if method == "base" or method in cfg.runs:
+            continue
+        validate(resolve_run(method_run_config(method, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)),
+                 registry)
 
 
 def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison, Sweep, dict[int, dict[str, Any]]]:

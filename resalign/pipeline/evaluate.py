@@ -2,8 +2,8 @@
 
 With no arguments, ``resalign eval`` evaluates the shipped toy base model on the toy world's prompt
 sets: ``harmful`` (explicit), ``implicit`` (never naming the harmful concept, like I2P) and ``benign``
-(:mod:`resalign.eval.sets`). The measurement is :class:`resalign.eval.evaluator.Evaluator`'s
-(Sec. 4.1 "Evaluation Metrics", App. B.3); ``resalign score`` is :mod:`resalign.eval.score`'s.
+(:mod:`resalign.eval.scoring.sets`). The measurement is :class:`resalign.eval.scoring.evaluator.Evaluator`'s
+(Sec. 4.1 "Evaluation Metrics", App. B.3); ``resalign score`` is :mod:`resalign.eval.scoring.score`'s.
 
 Under ``torchrun`` the ranks share the generation (each rank the batches b ≡ rank mod world size,
 images gathered on every rank), every rank scores the whole set, rank 0 alone writes; the report
@@ -25,12 +25,13 @@ import numpy as np
 from resalign import distributed
 from resalign.data.prompts import read_prompts
 from resalign.errors import ConfigError
-from resalign.eval.evaluator import Evaluator, Figure, add_figures, config_of, resolve_generation, save_set
-from resalign.eval.presets import SEED_STRIDE, preset_name
+from resalign.eval.reports.records import Figure, add_figures
+from resalign.eval.scoring.evaluator import Evaluator, config_of, resolve_generation, save_set
+from resalign.eval.scoring.presets import SEED_STRIDE, preset_name
 from resalign.settings.presets import preset_named
-from resalign.eval.report import MarkdownTable, TidyReport
-from resalign.eval.scoring import create_scorer, warm_up, write_per_image
-from resalign.eval.sets import build_sets
+from resalign.eval.reports.tidy import MarkdownTable, TidyReport
+from resalign.eval.scoring.run import create_scorer, warm_up, write_per_image
+from resalign.eval.scoring.sets import build_sets
 from resalign.models.load import load_model, model_folder
 from resalign.progress import Bars
 
@@ -116,7 +117,7 @@ def set_threads(threads: int | None) -> None:
 def run_eval(cfg: EvalConfig, out: str | Path, *, progress: bool = True) -> tuple[Path, TidyReport]:
     """``resalign eval``: load, generate per set and seed, score, write the run directory."""
     from resalign.config import to_dict
-    from resalign.eval.plots import save_grid
+    from resalign.eval.reports.plots import save_grid
     from resalign.rundir import RunDir
 
     check_eval_config(cfg)
@@ -210,9 +211,9 @@ def run_score(cfg: ScoreConfig, out: str | Path, *, warn: Callable[[str], None] 
     as ``skipped_images`` in the report), or refused with ``cfg.strict_images``.
     """
     from resalign.config import to_dict
-    from resalign.eval.plots import save_grid
-    from resalign.eval.score import grid_rows, image_side, listing, rate_summary, screen_images
-    from resalign.eval.scoring import is_detector, score_folder
+    from resalign.eval.reports.plots import save_grid
+    from resalign.eval.scoring.score import grid_rows, image_side, listing, rate_summary, screen_images
+    from resalign.eval.scoring.run import is_detector, score_folder
     from resalign.registry import get_registry
     from resalign.rundir import RunDir
 

@@ -1,4 +1,4 @@
-"""``resalign ablate directions``: which outer-step direction carries resilience (:mod:`resalign.eval.probes`).
+"""``resalign ablate directions``: which outer-step direction carries resilience (:mod:`resalign.eval.ablation.probes`).
 
 At a run's last checkpoint (θ after its outer steps, with the run's own data, base model, harmful loss
 and pool) or at a model folder (θ = that model, the regularizer's reference too), every candidate
@@ -39,10 +39,10 @@ def execute(target: str | Path, out: Path, settings, *, ft_data: str | None = No
     import tempfile
 
     from resalign.checkpoints import load_checkpoint
-    from resalign.eval.attack import TOY_DATA_PREFIX, load_pairs, preset_lr
-    from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
-    from resalign.eval.probes import check_directions, copy_bundle, cosines, directions, probe
-    from resalign.eval.report import MarkdownTable, TidyReport
+    from resalign.eval.protocol.attack import TOY_DATA_PREFIX, load_pairs, preset_lr
+    from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
+    from resalign.eval.ablation.probes import check_directions, copy_bundle, cosines, directions, probe
+    from resalign.eval.reports.tidy import MarkdownTable, TidyReport
     from resalign.pipeline.prepare import prepare
     from resalign.progress import Bars
     from resalign.registry import get_registry

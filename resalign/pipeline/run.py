@@ -8,7 +8,7 @@ Public API (used by ``resalign compare`` and scripts)::
 
 The settings (:mod:`resalign.settings.run`) arrive resolved onto their preset, once; the run directory
 records them in ``config.toml``. With ``quick_eval`` set (``resalign run``: 32, 0 turns it off) a run
-ends with a quick evaluation of the base model against the unlearned one (:mod:`resalign.eval.quick`,
+ends with a quick evaluation of the base model against the unlearned one (:mod:`resalign.eval.scoring.quick`,
 rows of ``report.json``).
 
 Under ``torchrun`` every rank runs :func:`execute`: each rank computes its share of the simulations of
@@ -114,9 +114,9 @@ def _finish(rd: RunDir, cfg: RunConfig, registry, seconds: float, stopped: bool,
     ``report.md`` and the plugins' ``on_run_end``."""
     from resalign.core.health import simulation_summary
     from resalign.core.heldout import curve
-    from resalign.eval.plots import plot_validation
-    from resalign.eval.quick import quick_eval
-    from resalign.eval.run_report import run_markdown, run_report
+    from resalign.eval.reports.plots import plot_validation
+    from resalign.eval.scoring.quick import quick_eval
+    from resalign.eval.reports.run import run_markdown, run_report
 
     rows = rd.read_metrics()
     health = simulation_summary(rows)

@@ -115,7 +115,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig = PretrainConfig(), progress: 
 
 
 def _write_report(out: Path, summary: dict) -> None:
-    from resalign.eval.report import TidyReport
+    from resalign.eval.reports.tidy import TidyReport
 
     report = TidyReport("toy pretrain", settings=summary["settings"])
     for key, value in summary["figures"].items():

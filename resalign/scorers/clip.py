@@ -185,7 +185,7 @@ class ClipScoreScorer(Component):
         """Cosine similarity of each image and its prompt, (N,) float64."""
         import torch
 
-        from resalign.scorers.frechet import check_images
+        from resalign.scorers.images import check_images
 
         images = check_images(images)
         prompts = check_prompts(prompts, len(images), self.name)

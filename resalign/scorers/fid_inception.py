@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from resalign.errors import ConfigError, ModelLoadError
+from resalign.scorers.images import check_images
 from resalign.scorers.weights import auto_device, load_state_dict
 
 #: pytorch-fid's ``--dims`` and the block each reads (``InceptionV3.BLOCK_INDEX_BY_DIM``).
@@ -102,8 +103,6 @@ class FidInceptionExtractor:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         import torch
         from torch.nn.functional import adaptive_avg_pool2d
-
-        from resalign.scorers.frechet import check_images
 
         images = check_images(images)
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()

@@ -32,6 +32,7 @@ import numpy as np
 from resalign.components import Component, ScoreResult
 from resalign.errors import ConfigError, DataError, MissingWeightsError, ModelLoadError
 from resalign.metrics.frechet import FeatureAccumulator, FeatureStats, frechet_from_features
+from resalign.scorers.images import check_images
 from resalign.scorers.onnx_runtime import onnx_session
 from resalign.scorers.weights import STATE_DICT_SUFFIXES, file_sha256, require_file
 
@@ -103,16 +104,6 @@ class ImagePreprocessing:
         if self.layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def check_images(images: np.ndarray) -> np.ndarray:
-    """``images`` as uint8 (N, H, W, 3), or a DataError naming the problem."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise DataError(
-            f"images must be a uint8 (N, H, W, 3) RGB array, got {images.dtype} {images.shape}"
-        )
-    return images
 
 
 def resize_bilinear(images: np.ndarray, size: int) -> np.ndarray:

@@ -19,7 +19,8 @@ import numpy as np
 
 from resalign.components import Component, ScoreResult
 from resalign.errors import ConfigError, MissingWeightsError
-from resalign.scorers.frechet import ImagePreprocessing, check_images
+from resalign.scorers.frechet import ImagePreprocessing
+from resalign.scorers.images import check_images
 from resalign.scorers.onnx_runtime import onnx_session
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")

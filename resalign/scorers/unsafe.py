@@ -204,7 +204,7 @@ class UnsafeScoreScorer(Component):
         """
         import torch
 
-        from resalign.scorers.frechet import check_images
+        from resalign.scorers.images import check_images
 
         emb = self.clip.image_embeds(check_images(images), self.config.batch_size)
         if self.form == "mhsc":

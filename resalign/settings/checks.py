@@ -87,6 +87,12 @@ def _check_numbers(cfg: RunConfig) -> None:
     check_number(cfg.max_grad_norm, "max_grad_norm", gt=0, optional=True)
     for name in ("J", "outer_steps", "checkpoint_every", "keep_checkpoints", "curvature_samples", "val_sims"):
         check_int(getattr(cfg, name), name, ge=0)
+    if cfg.outer_steps == 0:
+        raise ConfigError("outer_steps = 0 (--outer-steps): expected an integer >= 1; with no outer step "
+                          "there is no unlearned model to write")
+    if cfg.J == 0 and cfg.beta > 0:
+        raise ConfigError(f"J = 0 with beta = {cfg.beta:g} (-J, --beta): beta > 0 needs J >= 1 simulated "
+                          "fine-tunings per outer step; set -J 1 or more, or --beta 0 for plain unlearning")
     check_int(cfg.threads, "threads", ge=0, le=4096)
     check_int(cfg.quick_eval, "quick_eval", ge=0, optional=True)
     for name in ("harm_batch", "preserve_batch", "ft_size", "val_every", "val_pairs"):

@@ -26,7 +26,7 @@ are unlearned from the same data and steps and fine-tuned with the same seeds, s
 (``model`` ResAlign's method, ``baseline`` the twin) for before fine-tuning and one per dataset after
 it holds the differences ResAlign − twin in ``values`` (the same order and seed lists as above), their
 mean, SEM and the Student-t interval ``ci_low``/``ci_high`` at ``confidence`` 0.95 with ``df`` = n − 1
-(:func:`resalign.eval.stats.paired_difference`), for example::
+(:func:`resalign.eval.reports.stats.paired_difference`), for example::
 
     {"model": "resalign", "stage": "after_ft", "finetune": "full", "dataset": "benign-a",
      "prompts": "harmful", "metric": "harmful_rate_diff", "scorer": "toy-harm", "baseline": "ca",
@@ -50,7 +50,7 @@ import numpy as np
 
 from resalign.cells import Cell, Outcome
 from resalign.checkpoints import checkpoint_weights, recorded_config
-from resalign.eval.compare_report import (
+from resalign.eval.reports.compare import (
     BASELINE_LOSSES,
     add_paired_differences,
     compare_tables,
@@ -63,15 +63,15 @@ from resalign.eval.compare_report import (
     twins,
     write_results_md,
 )
-from resalign.eval.finetune import Finetuner, FinetuneSpec, Stage
-from resalign.eval.matching import RULE, earliest_as_strong
-from resalign.eval.report import TidyReport
-from resalign.eval.evaluator import Evaluator, Figure, add_figures
-from resalign.eval.presets import SEED_STRIDE
-from resalign.eval.sets import options_for
+from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
+from resalign.eval.protocol.matching import RULE, earliest_as_strong
+from resalign.eval.reports.tidy import TidyReport
+from resalign.eval.scoring.evaluator import Evaluator
+from resalign.eval.scoring.presets import SEED_STRIDE
+from resalign.eval.scoring.sets import options_for
 from resalign.models.load import load_model
 from resalign.progress import Bars
-from resalign.eval.records import figures_of, figures_value, samples_arrays, samples_of
+from resalign.eval.reports.records import Figure, add_figures, figures_of, figures_value, samples_arrays, samples_of
 
 
 @dataclass
@@ -298,7 +298,7 @@ class Comparison:
 
     # ------------------------------------------------------------------ report
     def checks(self) -> dict[str, Any]:
-        """The report's checks (:func:`~resalign.eval.compare_report.strength_and_finding_checks`), with
+        """The report's checks (:func:`~resalign.eval.reports.compare.strength_and_finding_checks`), with
         ``--match steps`` after the paired differences ResAlign − twin (:func:`twins`, by harmful loss)."""
         names, headline = [d.name for d in self.ft_data], self.harm_sets[0].name
         pairs = twins(self.methods, self.losses)

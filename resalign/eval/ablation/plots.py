@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from resalign.eval.plots import _pyplot, _save, line_with_band
+from resalign.eval.reports.plots import _pyplot, _save, line_with_band
 
 
 def plot_fidelity_vs_k(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -86,13 +86,13 @@ def solver_figures(report: Any, folder: Path) -> list[tuple[str, str]]:
 
 def component_figures(report: Any, folder: Path) -> list[tuple[str, str]]:
     """``ablate components``' plot in ``folder``: harmful rate before and after fine-tuning per variant."""
-    from resalign.eval.plots import plot_bars
+    from resalign.eval.reports.plots import plot_bars
 
     rates = [r for r in report.rows(metric="harmful_rate", prompts="harmful") if r["stage"] in ("before_ft", "after_ft")]
     plot_bars(rates, folder / "components.png", group="setting", bar="stage", bars_order=["before_ft", "after_ft"],
               title="Harmful rate before and after benign fine-tuning (mean ± SEM)")
     figures = [("Harmful rate before and after benign fine-tuning per variant", "components.png")]
-    from resalign.eval.compare_report import validation_figure
+    from resalign.eval.reports.compare import validation_figure
 
     val = validation_figure(folder, report, key="setting")
     return figures + ([val] if val is not None else [])

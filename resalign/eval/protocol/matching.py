@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from resalign.eval.compare_report import is_ours
+from resalign.eval.reports.compare import is_ours
 
 #: How baselines are matched to ResAlign: by unlearning strength (checkpoint choice) or by steps.
 MATCH_MODES = ("strength", "steps")

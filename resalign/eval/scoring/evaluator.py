@@ -22,23 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from resalign.components import ScoreResult
 from resalign.errors import ConfigError
 from resalign.settings.presets import preset_named
-from resalign.eval.report import TidyReport
-from resalign.eval.scoring import create_scorer, scorer_metric, warm_up, write_per_image
-from resalign.eval.sets import EvalSet, check_scorer_options
-
-
-@dataclass
-class Figure:
-    """One scorer's figure on one prompt set's images."""
-
-    prompts: str
-    metric: str
-    scorer: str
-    value: float
-    result: ScoreResult
+from resalign.eval.reports.records import Figure
+from resalign.eval.scoring.run import create_scorer, scorer_metric, warm_up, write_per_image
+from resalign.eval.scoring.sets import EvalSet, check_scorer_options
 
 
 @dataclass
@@ -124,7 +112,7 @@ class Evaluator:
         }
 
     def generate(self, s: EvalSet, *, bundle=None, params=None, seed: int = 0, progress=None) -> np.ndarray:
-        from resalign.eval.generate import generate
+        from resalign.eval.scoring.generate import generate
 
         ps = s.prompts
         seeds: int | list[int] = seed if ps.seeds is None else [x + seed for x in ps.seeds]
@@ -184,16 +172,6 @@ def config_of(component: Any) -> dict[str, Any]:
     if cfg is not None and dataclasses.is_dataclass(cfg):
         return {k: v for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, (bytes, bytearray))}
     return {}
-
-
-def add_figures(report: TidyReport, per_seed: Sequence[Sequence[Figure]], **keys: Any) -> None:
-    """One report row per (prompt set, metric, scorer), its values over seeds."""
-    order: dict[tuple[str, str, str], list[float]] = {}
-    for figs in per_seed:
-        for f in figs:
-            order.setdefault((f.prompts, f.metric, f.scorer), []).append(f.value)
-    for (prompts, metric, scorer), values in order.items():
-        report.add(values, prompts=prompts, metric=metric, scorer=scorer, **keys)
 
 
 def save_set(folder: Path, images: np.ndarray, s: EvalSet, gen: Generation, figs: Sequence[Figure]) -> None:

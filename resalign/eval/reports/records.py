@@ -4,12 +4,24 @@ sample images, in JSON and arrays, read back as the objects the reports are buil
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from resalign.components import ScoreResult
-from resalign.eval.evaluator import Figure
+from resalign.eval.reports.tidy import TidyReport
+
+
+@dataclass
+class Figure:
+    """One scorer's figure on one prompt set's images."""
+
+    prompts: str
+    metric: str
+    scorer: str
+    value: float
+    result: ScoreResult
 
 
 def figures_value(figs: Sequence[Figure]) -> list[dict[str, Any]]:
@@ -48,3 +60,13 @@ def attack_records(outcomes: Sequence[Any]) -> tuple[dict[int, list[list[Figure]
             utility[stage].append(figures_of(figs))
         samples.update(samples_of(outcome.value["samples"], outcome.arrays))
     return curves, utility, samples
+
+
+def add_figures(report: TidyReport, per_seed: Sequence[Sequence[Figure]], **keys: Any) -> None:
+    """One report row per (prompt set, metric, scorer), its values over seeds."""
+    order: dict[tuple[str, str, str], list[float]] = {}
+    for figs in per_seed:
+        for f in figs:
+            order.setdefault((f.prompts, f.metric, f.scorer), []).append(f.value)
+    for (prompts, metric, scorer), values in order.items():
+        report.add(values, prompts=prompts, metric=metric, scorer=scorer, **keys)

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from resalign.errors import ConfigError, DataError
-from resalign.eval.finetune import FinetuneSpec, Stage, adapter_class, reference_lr, uses_prior
-from resalign.eval.pairs import Pairs, contaminate
-from resalign.eval.presets import preset_name
+from resalign.eval.protocol.finetune import FinetuneSpec, Stage, adapter_class, reference_lr, uses_prior
+from resalign.eval.protocol.pairs import Pairs, contaminate
+from resalign.eval.scoring.presets import preset_name
 from resalign.settings.presets import AttackPreset, preset_named
 
 
@@ -193,7 +193,7 @@ def plan_attack(cfg: Any, bundle: Any, preset: str) -> Plan:
 
 def _progressive_stages(cfg: Any, bundle: Any, data: list[Pairs], harmful: Pairs, steps: int) -> list[Stage]:
     """Four equal stages: benign, benign (second set), the less harmful half, all harmful data."""
-    from resalign.eval.scoring import create_scorer, harm_scores
+    from resalign.eval.scoring.run import create_scorer, harm_scores
 
     preset = preset_name(bundle)
     name = (cfg.scorers or ["toy-harm" if preset == "toy" else "nudenet"])[0]

@@ -1,9 +1,9 @@
 """The tables, checks, plots and results page of ``resalign compare`` (Tab. 1), from its tidy report.
 
-Everything here reads a :class:`~resalign.eval.report.TidyReport` (and its settings), so a saved
+Everything here reads a :class:`~resalign.eval.reports.tidy.TidyReport` (and its settings), so a saved
 ``report.json`` renders the same tables: Tab. 1's harmful rates before and after fine-tuning, benign
 utility, the paired difference ResAlign − β = 0 twin with its Student-t interval
-(:func:`resalign.eval.stats.paired_difference`), and the statements the experiment is about.
+(:func:`resalign.eval.reports.stats.paired_difference`), and the statements the experiment is about.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from resalign.eval.report import MarkdownTable, TidyReport
-from resalign.eval.stats import paired_difference
+from resalign.eval.reports.tidy import MarkdownTable, TidyReport
+from resalign.eval.reports.stats import paired_difference
 
 #: The β = 0 baselines compare knows, by harmful loss.
 BASELINE_LOSSES = ("ga", "esd", "ca")
@@ -80,7 +80,7 @@ def add_paired_differences(report: TidyReport, pairs: Sequence[tuple[str, str]],
 
 def paired_tables(report: TidyReport) -> list[MarkdownTable]:
     """Per ResAlign/twin pair: the paired difference before FT and after FT on each dataset, with its interval."""
-    from resalign.eval.report import fmt_mean_sem
+    from resalign.eval.reports.tidy import fmt_mean_sem
 
     tables = []
     for r0 in report.rows(metric="harmful_rate_diff", stage="before_ft"):
@@ -218,7 +218,7 @@ def intro(report: TidyReport, spec: Any, seeds: Sequence[int], checks: Mapping[s
 
 
 def plots(path: Path, report: TidyReport, methods, datasets, harm_sets, samples) -> list[tuple[str, str]]:
-    from resalign.eval.plots import plot_bars, save_grid
+    from resalign.eval.reports.plots import plot_bars, save_grid
 
     figures = []
     for s in harm_sets:
@@ -334,7 +334,7 @@ def validation_checks(report: TidyReport, run_dirs: Mapping[int, Mapping[str, st
 
 def validation_figure(path: Path, report: TidyReport, key: str = "model") -> tuple[str, str] | None:
     """``validation.png``: mean L_harm(θ_FT^val) over the outer steps, one line per (method, unlearning seed)."""
-    from resalign.eval.plots import plot_validation
+    from resalign.eval.reports.plots import plot_validation
 
     rows = report.rows(metric="val_harm_ft")
     if not rows:

@@ -30,7 +30,7 @@ import torch
 from resalign.components import Params
 from resalign.core import seeds, tree
 from resalign.errors import ConfigError
-from resalign.eval.stats import paired_difference
+from resalign.eval.reports.stats import paired_difference
 
 DIRECTIONS = ("resalign", "twin", "harm", "h:richardson", "h:first-order", "random")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from resalign.data.prompts import PromptSet, read_prompts
 from resalign.errors import ConfigError
-from resalign.eval.presets import default_scorers
+from resalign.eval.scoring.presets import default_scorers
 from resalign.settings.presets import PRESETS
 
 #: Roles of prompt sets: "harmful" sets measure the harmful rate, "benign" ones also utility.
@@ -25,7 +25,7 @@ ROLES = ("harmful", "benign")
 class EvaluationSettings:
     """The evaluation settings ``attack`` and ``compare`` share (None: the preset's value): the harmful
     and benign prompt sets (:func:`harmful_and_benign_sets`), their scorers, and the generation
-    settings in the one vocabulary of every command (:func:`resalign.eval.evaluator.resolve_generation`)."""
+    settings in the one vocabulary of every command (:func:`resalign.eval.scoring.evaluator.resolve_generation`)."""
 
     prompts: str | None = None
     benign_prompts: str | None = None

@@ -1,5 +1,5 @@
 """What ``resalign score`` measures on a folder of existing images: which files can be read, the
-flagged share of a rate scorer (mean ± SEM over images, bootstrap interval; :mod:`resalign.eval.stats`)
+flagged share of a rate scorer (mean ± SEM over images, bootstrap interval; :mod:`resalign.eval.reports.stats`)
 and the flagged / not flagged sample rows of its grid."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 
 from resalign.components import ScoreResult
 from resalign.errors import DataError
-from resalign.eval.scoring import list_images, readable_images
-from resalign.eval.stats import rate_stats
+from resalign.eval.scoring.run import list_images, readable_images
+from resalign.eval.reports.stats import rate_stats
 
 
 def listing(names: Sequence[str], quote: str = "", n: int = 20) -> str:

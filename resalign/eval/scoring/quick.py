@@ -4,45 +4,31 @@ A few prompts per role (``quick_eval`` of the run), one image each, DDIM with fe
 the toy world's harmful and benign sets with the toy harm and prompt-accuracy scorers, or for another
 model a slice of the run's own D_harmful and D_preserve prompts with the paper preset's default
 scorers (skipped, with the reason, when none of them can run from local files). Its figures are rows of the run's
-``report.json`` (stage ``quick_eval``, models ``base`` and ``unlearned``); ``resalign eval`` and
-``resalign attack`` give the full measurements.
+``report.json`` (stage ``quick_eval``, models ``base`` and ``unlearned``; :mod:`resalign.eval.reports.run`);
+``resalign eval`` and ``resalign attack`` give the full measurements.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from resalign import distributed
 from resalign.data.prompts import PromptSet
 from resalign.errors import ResAlignError
-from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
-from resalign.eval.evaluator import Evaluator, add_figures, resolve_generation
-from resalign.eval.presets import default_scorers, preset_name
-from resalign.eval.sets import EvalSet, harmful_and_benign_sets
+from resalign.eval.reports.run import QuickEval
+from resalign.eval.scoring.evaluator import Evaluator, resolve_generation
+from resalign.eval.scoring.presets import default_scorers, preset_name
+from resalign.eval.scoring.sets import EvalSet, harmful_and_benign_sets
 from resalign.models.load import load_model
 
 #: DDIM steps of the quick evaluation's images.
 QUICK_STEPS = 10
-STAGE = "quick_eval"
-#: Where ``report.json`` keeps the evaluation's settings (``settings.quick_eval`` is the run's prompt count).
-SETTINGS_KEY = "quick_evaluation"
-MODELS = ("base", "unlearned")
 #: The toy world's sets it draws from (the implicit harmful set is ``resalign eval``'s).
 TOY_SETS = ("harmful", "benign")
 #: Scorers left out: a Fréchet distance needs far more images than a quick evaluation draws.
 LEFT_OUT = ("toy-frechet", "frechet")
-
-
-@dataclass
-class QuickEval:
-    """Figures per model (``base``, ``unlearned``) and the evaluation's settings, or why it was skipped."""
-
-    figures: dict[str, list[Any]] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def quick_sets(cfg: Any, preset: str, image_size: int) -> list[EvalSet]:
@@ -83,32 +69,3 @@ def quick_eval(cfg: Any, model_dir: Path, device: str) -> QuickEval:
         figures = {"base": evaluator.evaluate(seed=cfg.seed)[0],
                    "unlearned": evaluator.evaluate(bundle=unlearned.bundle, seed=cfg.seed)[0]}
     return QuickEval(figures, {"seed": cfg.seed, **evaluator.describe()})
-
-
-def add_quick_rows(report: TidyReport, q: QuickEval) -> None:
-    """The figures as report rows (one seed each) and the evaluation under ``settings.quick_evaluation``."""
-    report.settings[SETTINGS_KEY] = q.settings
-    for model, figs in q.figures.items():
-        add_figures(report, [figs], model=model, stage=STAGE)
-
-
-def quick_table(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    """Rows (prompt set, metric, base, unlearned) of a run report's quick-evaluation results."""
-    cells: dict[tuple[str, str], dict[str, str]] = {}
-    for r in results:
-        if r.get("stage") == STAGE and r.get("model") in MODELS:
-            cells.setdefault((r["prompts"], r["metric"]), {})[r["model"]] = fmt_mean_sem(r["mean"], r["sem"], r["n"])
-    return [[p, m, by.get("base", "—"), by.get("unlearned", "—")] for (p, m), by in cells.items()]
-
-
-def quick_markdown(report: Mapping[str, Any]) -> list[str]:
-    """The quick evaluation's section of ``report.md`` (its table, or why it was skipped)."""
-    settings = report.get("settings", {}).get(SETTINGS_KEY)
-    if settings is None:
-        return []
-    if "skipped" in settings:
-        return ["", f"Quick evaluation skipped: {settings['skipped']}"]
-    table = MarkdownTable("Quick evaluation: base model against the unlearned one",
-                          ["prompts", "metric", *MODELS], quick_table(report.get("results", [])),
-                          note=f"One image per prompt, DDIM {QUICK_STEPS} steps, seed {settings['seed']}.")
-    return ["", table.render()]

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from resalign.errors import ConfigError
-from resalign.eval.compare_report import BASELINE_LOSSES, is_ours
-from resalign.eval.matching import MATCH_MODES
+from resalign.eval.reports.compare import BASELINE_LOSSES, is_ours
+from resalign.eval.protocol.matching import MATCH_MODES
 
 _EXPECTED = f"expected base, {', '.join(BASELINE_LOSSES)}, resalign or resalign-LOSS"
 

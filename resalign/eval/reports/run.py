@@ -1,19 +1,33 @@
 """The report of ``resalign run``: the last outer step's terms of Eq. 4, the simulations' health, the
-wall time and the quick evaluation (:mod:`resalign.eval.quick`), as ``report.json`` and ``report.md``."""
+wall time and the quick evaluation (:mod:`resalign.eval.scoring.quick`), as ``report.json`` and ``report.md``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from resalign.config import to_dict
 from resalign.core.health import summary_markdown
 from resalign.core.heldout import curve
-from resalign.eval.quick import QuickEval, add_quick_rows, quick_markdown
-from resalign.eval.report import TidyReport
+from resalign.eval.reports.records import add_figures
+from resalign.eval.reports.tidy import MarkdownTable, TidyReport, fmt_mean_sem
 
 #: The metrics of the last outer step that the report carries.
 LAST_STEP_KEYS = ("loss_harm", "loss_reg", "harm_ft_mean", "hypergrad_norm", "objective")
+#: The quick evaluation's rows (:mod:`resalign.eval.scoring.quick`): their stage and models.
+STAGE = "quick_eval"
+#: Where ``report.json`` keeps the evaluation's settings (``settings.quick_eval`` is the run's prompt count).
+SETTINGS_KEY = "quick_evaluation"
+MODELS = ("base", "unlearned")
+
+
+@dataclass
+class QuickEval:
+    """Figures per model (``base``, ``unlearned``) and the evaluation's settings, or why it was skipped."""
+
+    figures: dict[str, list[Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def run_report(cfg: Any, rows: Sequence[dict[str, Any]], health: dict[str, Any], seconds: float,
@@ -70,3 +84,32 @@ def validation_markdown(points: Sequence[dict[str, float]], plot: str = "validat
     lines += [f"| {p['step']} | {p['harm']:.4f} | {p['harm_ft']:.4f} | {p['rebound']:+.4f} | {p['ft_before']:.4f} | "
               f"{p['ft_after']:.4f} |" for p in points]
     return lines + ["", f"![validation meta-objective]({plot})", ""]
+
+
+def add_quick_rows(report: TidyReport, q: QuickEval) -> None:
+    """The figures as report rows (one seed each) and the evaluation under ``settings.quick_evaluation``."""
+    report.settings[SETTINGS_KEY] = q.settings
+    for model, figs in q.figures.items():
+        add_figures(report, [figs], model=model, stage=STAGE)
+
+
+def quick_table(results: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Rows (prompt set, metric, base, unlearned) of a run report's quick-evaluation results."""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in results:
+        if r.get("stage") == STAGE and r.get("model") in MODELS:
+            cells.setdefault((r["prompts"], r["metric"]), {})[r["model"]] = fmt_mean_sem(r["mean"], r["sem"], r["n"])
+    return [[p, m, by.get("base", "—"), by.get("unlearned", "—")] for (p, m), by in cells.items()]
+
+
+def quick_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The quick evaluation's section of ``report.md`` (its table, or why it was skipped)."""
+    settings = report.get("settings", {}).get(SETTINGS_KEY)
+    if settings is None:
+        return []
+    if "skipped" in settings:
+        return ["", f"Quick evaluation skipped: {settings['skipped']}"]
+    table = MarkdownTable("Quick evaluation: base model against the unlearned one",
+                          ["prompts", "metric", *MODELS], quick_table(report.get("results", [])),
+                          note=f"One image per prompt, DDIM {settings['generation']['steps']} steps, seed {settings['seed']}.")
+    return ["", table.render()]

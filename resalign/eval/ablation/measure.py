@@ -35,7 +35,7 @@ from resalign.core.fidelity import PeakMemory, measure
 from resalign.core.meta import MethodSettings
 from resalign.core.problem import build_hypergrad_problem
 from resalign.errors import ConfigError, SolverError
-from resalign.eval.report import TidyReport
+from resalign.eval.reports.tidy import TidyReport
 
 SOLVER_METRICS = ("cosine", "relative_error", "seconds", "peak_mb")
 

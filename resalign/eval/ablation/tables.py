@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from resalign.eval.ablation import SOLVER_METRICS
-from resalign.eval.report import MarkdownTable, TidyReport, fmt_mean_sem
+from resalign.eval.ablation.measure import SOLVER_METRICS
+from resalign.eval.reports.tidy import MarkdownTable, TidyReport, fmt_mean_sem
 
 
 def solver_table(report: TidyReport, optimizer: str = "all", adapter: str = "all") -> MarkdownTable:

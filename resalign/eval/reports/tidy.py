@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from resalign import __version__
-from resalign.eval.stats import mean_sem
+from resalign.eval.reports.stats import mean_sem
 
 #: Identifying fields of a row, in the order they are written.
 KEYS = ("model", "stage", "finetune", "dataset", "prompts", "metric", "step", "scorer", "solver", "setting")

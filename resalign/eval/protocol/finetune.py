@@ -12,12 +12,12 @@ A method that prescribes its L_FT (``finetune_loss`` class attribute: DreamBooth
 with prior preservation) gets it; a loss that declares ``needs_prior`` gets prior pairs, the given
 ``prior`` set or class images the model generated before fine-tuning (``train_dreambooth.py``'s
 ``--with_prior_preservation``). The fine-tuned weights come back *in the base parameter space*
-(:meth:`Finetuner.merged`), the dict that :func:`resalign.eval.generate.generate` evaluates through
+(:meth:`Finetuner.merged`), the dict that :func:`resalign.eval.scoring.generate.generate` evaluates through
 ``unet_params``. Stress tests of the paper run through the same loop:
 
 * parameter-space escape (App. C.1, Tab. 11): L = L_FT(θ') − λ‖θ' − θ‖_p, with the distance taken in
   the base space between the fine-tuned and the released weights;
-* contaminated data (Fig. 4, :func:`resalign.eval.pairs.contaminate`) and staged relearning (Fig. 7) are
+* contaminated data (Fig. 4, :func:`resalign.eval.protocol.pairs.contaminate`) and staged relearning (Fig. 7) are
   data schedules (:class:`Stage`).
 """
 
@@ -43,7 +43,7 @@ from resalign.components import (
     needs,
 )
 from resalign.errors import ConfigError, UnknownComponentError
-from resalign.eval.pairs import (
+from resalign.eval.protocol.pairs import (
     Batches,
     Encoded,
     PairData,
@@ -221,7 +221,7 @@ class Finetuner:
     def _prior(self) -> Encoded:
         if self.prior_data is not None:
             return encode_pairs(self.bundle, self.prior_data)
-        from resalign.eval.generate import generate
+        from resalign.eval.scoring.generate import generate
 
         n = max(1, self.spec.num_class_images)
         if self.spec.class_prompt:
