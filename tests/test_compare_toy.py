@@ -44,7 +44,10 @@ def test_a_resalign_method_names_its_solver_after_an_at_sign():
     assert resolve(sam).solver == "sam" and resolve(sam).loss == "ca" and resolve(sam).beta == 0.8
     traj = method_run_config("resalign-ga@trajectory", None, 0, {"solver_options": {"stride": 5}}, "cpu", "fp32")
     assert (traj.loss, traj.solver, resolve(traj).solver_options) == ("ga", "trajectory", {"stride": 5})
-    assert method_run_config("ga", None, 0, {"solver": "sam"}, "cpu", "fp32").beta == 0.0
+    # the solver settings are ResAlign's: a β = 0 twin runs no simulation and keeps the preset's solver
+    twin = method_run_config("ca", None, 0, {"solver": "sam", "solver_options": {"rho": 0.05}}, "cpu", "fp32")
+    assert (twin.beta, twin.solver, twin.solver_options) == (0.0, "richardson", {})
+    assert resolve(twin).solver == "richardson"
     with pytest.raises(ConfigError, match="drop --unlearn-option solver"):
         method_run_config("resalign@sam", None, 0, {"solver": "trajectory"}, "cpu", "fp32")
     with pytest.raises(ConfigError, match="name a solver"):

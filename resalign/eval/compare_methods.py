@@ -21,8 +21,8 @@ _EXPECTED = f"expected base, {', '.join(BASELINE_LOSSES)}, resalign or resalign-
 def method_settings(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str,
                     dtype: str) -> dict[str, Any]:
     """The run settings (``RunConfig`` fields) that unlearn ``method``: ``overrides`` (``--unlearn-option``)
-    with the model, seed, device and dtype, and β = 0 and the baseline's loss, or ResAlign's ``LOSS``
-    and ``SOLVER``."""
+    with the model, seed, device and dtype, and β = 0 and the baseline's loss (without the solver
+    settings, which β = 0 never uses), or ResAlign's ``LOSS`` and ``SOLVER``."""
     kw: dict[str, Any] = dict(overrides)
     for key in ("model", "seed", "device", "dtype", "loss", "beta"):
         if key in kw:
@@ -31,6 +31,9 @@ def method_settings(method: str, model: str | None, seed: int, overrides: Mappin
         kw["model"] = model
     kw.update(seed=seed, device=device, dtype=dtype)
     if method in BASELINE_LOSSES:
+        # β = 0 runs no simulation: the solver settings are ResAlign's (e.g. rho for resalign@sam)
+        kw.pop("solver", None)
+        kw.pop("solver_options", None)
         kw.update(loss=method, beta=0.0)
     elif is_ours(method):
         name, _, solver = method.partition("@")

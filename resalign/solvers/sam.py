@@ -14,10 +14,13 @@ every solver). It ignores θ_FT, g = ∇L_harm(θ_FT) and the curvature: the sim
 built the problem only serves the health checks and the logged L_harm(θ_FT). Cost: two harmful
 gradients per simulation, no HVP.
 
-``rho`` (default 0.05, SAM's usual radius) is the L2 radius of the neighbourhood in W. On the toy
-model a simulated fine-tuning of the toy pool (Adam, lr 1e-4, 30–60 steps) moves W by 0.3–0.6, so
-0.05 probes about a tenth of that distance, where the first-order form of SAM still describes the
-loss; ``--set solver_options.rho=...`` sweeps it. ``rho = 0`` returns ∇L_harm(θ), the twin's gradient.
+``rho`` (default 0.03) is the L2 radius of the neighbourhood in W, set where the ascent step raises
+L_harm about as much as the toy pool's simulated fine-tuning does: at the first outer step of the toy
+default (J = 2; Adam, lr 1e-4, T = 60, which moves W by 0.62) L_harm(θ_FT) was 0.0195 and 0.0138 from
+L_harm(θ) = 0.0055 and 0.0033, and L_harm(θ + ρĝ) was 0.0113 / 0.0090 at ρ = 0.02, 0.0161 / 0.0148 at
+ρ = 0.03 and 0.029 / 0.032 at ρ = 0.05 (SAM's usual radius). It is a toy-world figure: another model
+or pool needs its own (``--set solver_options.rho=...``). ``rho = 0`` returns ∇L_harm(θ), the twin's
+gradient.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class SharpnessAware(Component):
     @dataclass
     class Config:
         #: L2 radius of the ascent step θ + ρ·g/‖g‖ in the weight space W
-        rho: float = 0.05
+        rho: float = 0.03
 
         def __post_init__(self) -> None:
             if not (math.isfinite(self.rho) and self.rho >= 0):
