@@ -249,7 +249,7 @@ def test_sam_is_the_harmful_gradient_at_the_ascent_point(rho):
                             hvp_ft=lambda v: v, harm_loss=quadratic_harm(a, b))
     res = solve("sam", prob, rho=rho)
     assert torch.allclose(res.hypergrad["w"], expected, atol=1e-12)
-    assert res.diagnostics["g_norm"] == pytest.approx(float(torch.linalg.norm(g)))
+    assert res.diagnostics["grad_theta_norm"] == pytest.approx(float(torch.linalg.norm(g)))
     # the loss rose by about ρ‖g‖ (first order) and θ itself was not moved
     assert res.diagnostics["harm_perturbed"] - res.diagnostics["harm_theta"] == pytest.approx(
         rho * float(torch.linalg.norm(g)), rel=0.2)

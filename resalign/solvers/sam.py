@@ -68,6 +68,6 @@ class SharpnessAware(Component):
         if not all_finite(h):
             raise SolverError("solver 'sam': the harmful gradient at θ + ρĝ is not finite")
         return HypergradResult(h, {
-            "solver": self.name, "rho": rho, "g_norm": g_norm, "harm_theta": float(loss.detach()),
+            "solver": self.name, "rho": rho, "grad_theta_norm": g_norm, "harm_theta": float(loss.detach()),
             "harm_perturbed": float(loss_p.detach()), "x_norm": norm(h), "hvps": 0,
         })

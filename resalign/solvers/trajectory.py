@@ -19,11 +19,11 @@ taken when the adapter reaches it, nothing stored. The term at θ_T is the probl
 already computed. Cost: T fine-tuning steps again (the replay) and |S| − 1 harmful gradients, no HVP;
 memory as a plain simulation plus one accumulator of the size of W. Recording the iterates during the
 first run instead would save the replay at (|S| − 1)·|W| of memory; the problem does not do that.
+The sum is accumulated in the parameters' dtype.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -81,5 +81,5 @@ class TrajectoryAccumulated(Component):
         gap = norm(add({k: theta_T[k] for k in keys}, {k: problem.theta_ft[k] for k in keys}, -1.0))
         return HypergradResult(total, {
             "solver": self.name, "stride": stride, "iterates": evaluated + [steps[0]], "harm_iterates": losses,
-            "replay_gap": gap if math.isfinite(gap) else float("nan"), "x_norm": norm(total), "hvps": 0,
+            "replay_gap": gap, "x_norm": norm(total), "hvps": 0,
         })
