@@ -334,6 +334,10 @@ class HypergradProblem:
     recomputes θ_FT(θ) with the adaptation graph kept (only built when the solver asks for it with
     ``needs_trajectory``); ``harm_loss(p)`` evaluates L_harm at parameters ``p``. ``cache`` is shared
     by the J problems of one outer step (e.g. a λ_max estimate that sets Richardson's relaxation).
+    ``replay(visit)`` re-runs the simulated fine-tuning without a graph (same batches, noise and
+    initialisation), calls ``visit(t, θ_t)`` at each iterate t = 0 … T−1 before its step and returns
+    θ_T (:func:`resalign.core.trajectory.replay_adapt`); it costs nothing until called, and a visitor
+    that keeps an iterate must copy it.
     """
 
     theta: Params
@@ -345,6 +349,7 @@ class HypergradProblem:
     unroll: Callable[[], Params] | None = None
     harm_loss: Callable[[Params], Tensor] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    replay: Callable[[Callable[[int, Params], None]], Params] | None = None
 
 
 @dataclass

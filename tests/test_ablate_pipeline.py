@@ -64,6 +64,23 @@ def test_fidelity_rows_on_a_tiny_model(tiny_toy_dir):
     assert subsets[("sgd", "all")] == subsets[("sgd", "full")]
 
 
+def test_the_reference_solvers_take_part_in_the_fidelity_ablation(tiny_toy_dir):
+    """``ablate solvers --solvers sam,trajectory``: measured once each (no K) against the exact hypergradient;
+    each has a cosine and a cost per problem."""
+    cfg = AblateSolversConfig(
+        model=str(tiny_toy_dir), solvers=["sam", "trajectory", "first-order", "unrolled"], K=[1], gamma=[1.0],
+        seeds=1, configs=1, max_steps=3, run={**TINY_RUN, "pool": {**TINY_RUN["pool"], "optimizers": ["adam"]}},
+        effect=EffectConfig(enabled=False),
+    )
+    report = TidyReport("ablate-solvers")
+    fidelity_rows(cfg, report)
+    for solver in ("sam", "trajectory"):
+        (row,) = report.rows(stage="fidelity", metric="cosine", solver=solver, optimizer="all", adapter="all")
+        assert row.get("K") is None and len(row["values"]) == 1 and -1.0 <= row["values"][0] <= 1.0
+        (secs,) = report.rows(stage="fidelity", metric="seconds", solver=solver, optimizer="all", adapter="all")
+        assert secs["values"][0] > 0
+
+
 def test_component_variants_map_to_run_settings():
     from resalign.components import FinetuneConfig
 

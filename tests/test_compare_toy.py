@@ -39,6 +39,21 @@ def test_methods_map_to_run_configs():
         method_run_config("sgd", None, 0, {}, "cpu", "fp32")
 
 
+def test_a_resalign_method_names_its_solver_after_an_at_sign():
+    sam = method_run_config("resalign@sam", None, 0, {}, "cpu", "fp32")
+    assert resolve(sam).solver == "sam" and resolve(sam).loss == "ca" and resolve(sam).beta == 0.8
+    traj = method_run_config("resalign-ga@trajectory", None, 0, {"solver_options": {"stride": 5}}, "cpu", "fp32")
+    assert (traj.loss, traj.solver, resolve(traj).solver_options) == ("ga", "trajectory", {"stride": 5})
+    # the solver settings are ResAlign's: a β = 0 twin runs no simulation and keeps the preset's solver
+    twin = method_run_config("ca", None, 0, {"solver": "sam", "solver_options": {"rho": 0.05}}, "cpu", "fp32")
+    assert (twin.beta, twin.solver, twin.solver_options) == (0.0, "richardson", {})
+    assert resolve(twin).solver == "richardson"
+    with pytest.raises(ConfigError, match="drop --unlearn-option solver"):
+        method_run_config("resalign@sam", None, 0, {"solver": "trajectory"}, "cpu", "fp32")
+    with pytest.raises(ConfigError, match="name a solver"):
+        method_run_config("resalign@", None, 0, {}, "cpu", "fp32")
+
+
 def test_compare_end_to_end_at_test_size(tmp_path):
     out, md = tmp_path / "cmp", tmp_path / "results.md"
     rc = main([
@@ -105,3 +120,5 @@ def test_compare_rejects_bad_methods(tmp_path, capsys):
     assert main(["compare", "--methods", "base,ga", "--run", f"esd={tmp_path}", "--out", str(tmp_path / "o"),
                  "--quiet"]) == 2
     assert "not among --methods" in capsys.readouterr().err
+    assert main(["compare", "--methods", "ca,resalign@samm", "--out", str(tmp_path / "o"), "--quiet"]) != 0
+    assert "unknown solver 'samm'; did you mean 'sam'?" in capsys.readouterr().err

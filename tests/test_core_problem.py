@@ -92,3 +92,39 @@ def test_curvature_samples_take_the_curvature_of_l_ft_on_the_first_pairs_only():
     hv = part.hvp_ft(v)
     assert tree.norm(tree.add(hv, reference(v), -1.0)) < 1e-10 * tree.norm(hv)
     assert tree.norm(tree.add(hv, full.hvp_ft(v), -1.0)) > 1e-3 * tree.norm(hv)  # the other pairs mattered
+
+
+@pytest.mark.parametrize("adapter, optimizer, lr", [("full", "sgd", 0.05), ("lora", "adam", 1e-2)])
+def test_replay_visits_the_iterates_of_the_first_run_and_trajectory_averages_their_gradients(adapter, optimizer, lr):
+    """θ_t of the replay equals ADAPT run for t steps (a prefix of the same fine-tuning), θ_T equals θ_FT,
+    and the ``trajectory`` solver is the mean of ∇L_harm over θ_1..θ_T."""
+    from resalign.core.problem import FinetuneObjective
+
+    T = 3
+    ctx, data, cfg, kw = _setup(adapter=adapter, optimizer=optimizer, lr=lr, steps=T)
+    theta = tree.detach(ctx.theta0)
+    problem, _ = build_hypergrad_problem(ctx, theta, cfg, data, **kw)
+    seen = {}
+    theta_T = problem.replay(lambda t, p: seen.setdefault(t, tree.detach({k: v.clone() for k, v in p.items()})))
+    assert sorted(seen) == list(range(T)) and tree.norm(tree.add(theta_T, problem.theta_ft, -1.0)) == 0.0
+
+    def prefix(t):  # the fine-tuning stopped after t steps, run from scratch
+        objective = FinetuneObjective(ctx, kw["finetune_loss"], data.ft, cfg.batch_size, kw["seed"])
+        short = FinetuneConfig(**{**cfg.__dict__, "steps": t})
+        return kw["adapter"].adapt(tree.leaves(theta), objective, short,
+                                   generator=seeds.generator(kw["seed"], "adapt-init")).theta_ft
+
+    grads = []
+    for t in range(1, T + 1):
+        p_t = tree.detach(prefix(t))
+        if t < T:
+            assert tree.norm(tree.add(seen[t], p_t, -1.0)) < 1e-12
+        at = tree.leaves(p_t)
+        g = torch.autograd.grad(problem.harm_loss(at), list(at.values()), allow_unused=True)
+        grads.append(tree.grads_or_zeros(g, at))
+    expected = tree.scale(grads[0], 0.0)
+    for g in grads:
+        expected = tree.add(expected, g, 1.0 / T)
+    h, info = simulate(ctx, theta, cfg, data, solver=get_registry().create("solver", "trajectory"), **kw)
+    assert info["iterates"] == [1, 2, 3]
+    assert tree.norm(tree.add(h, expected, -1.0)) < 1e-10 * tree.norm(expected)

@@ -194,6 +194,29 @@ def test_every_builtin_is_selectable_by_name(tiny_toy_dir, tmp_path, flags):
         assert "simulations" not in row
 
 
+@pytest.mark.parametrize("solver, option", [("sam", "rho=0.1"), ("trajectory", "stride=1")])
+def test_the_reference_solvers_run_by_name(tiny_toy_dir, tmp_path, solver, option):
+    """``run --solver sam`` / ``--solver trajectory``: the reference methods take the β term's place."""
+    out = tmp_path / "run"
+    assert run(tiny_toy_dir, out, "--outer-steps", "1", "--solver", solver, "--set", f"solver_options.{option}") == 0
+    cfg = tomllib.loads((out / "config.toml").read_text())
+    assert cfg["solver"] == solver
+    sims = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["simulations"]
+    kept = [s for s in sims if "dropped" not in s]
+    assert kept and all(s["solver"] == solver and s["hvps"] == 0 for s in kept)
+    if solver == "trajectory":  # pool.steps = [2]: θ_1 and θ_2 = θ_FT, replayed exactly
+        assert all(s["iterates"] == [1, 2] and s["replay_gap"] == 0.0 for s in kept)
+    else:
+        assert all(s["rho"] == 0.1 and s["harm_perturbed"] >= s["harm_theta"] for s in kept)
+
+
+def test_plugins_lists_the_reference_solvers_as_built_ins(capsys):
+    assert main(["plugins", "--json", "--kind", "solver"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["components"]}
+    assert rows["sam"]["module"] == "resalign.solvers.sam"
+    assert rows["trajectory"]["module"] == "resalign.solvers.trajectory"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--loss", "gaa"], "unknown harmful-loss 'gaa'; did you mean 'ga'?"),
     (["--adapt", "loraa"], "unknown adapter 'loraa'"),

@@ -224,3 +224,90 @@ def test_warm_start_at_omega_gamma_is_the_neumann_series_one_term_longer(K):
     res = solve("richardson", problem(h, g, gamma), K=K, omega=gamma, tol=0.0, max_halvings=0, x0="grad")
     assert torch.allclose(res.hypergrad["w"], neumann, atol=1e-12)
     assert res.diagnostics["hvps"] == K
+
+
+# --------------------------------------------------------------------------- reference methods: sam, trajectory
+
+
+def quadratic_harm(a, b):
+    """L_harm(θ) = ½ θᵀAθ + bᵀθ, whose gradient is Aθ + b."""
+    def l_harm(p):
+        w = p["w"]
+        return 0.5 * w @ a @ w + b @ w
+    return l_harm
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.3])
+def test_sam_is_the_harmful_gradient_at_the_ascent_point(rho):
+    a = spd(torch.linspace(-0.4, 3.0, D), seed=21)  # indefinite: the perturbed gradient is not a rescaling of g
+    b, w = vec(22), vec(23)
+    g = a @ w + b
+    perturbed = w + rho * g / torch.linalg.norm(g)  # ascent on the loss unlearning minimises
+    expected = a @ perturbed + b
+    theta = {"w": w.clone().requires_grad_(True)}
+    prob = HypergradProblem(theta=theta, theta_ft={"w": torch.full_like(w, 7.0)}, grad_harm={"w": torch.ones_like(w)},
+                            hvp_ft=lambda v: v, harm_loss=quadratic_harm(a, b))
+    res = solve("sam", prob, rho=rho)
+    assert torch.allclose(res.hypergrad["w"], expected, atol=1e-12)
+    assert res.diagnostics["grad_theta_norm"] == pytest.approx(float(torch.linalg.norm(g)))
+    # the loss rose by about ρ‖g‖ (first order) and θ itself was not moved
+    assert res.diagnostics["harm_perturbed"] - res.diagnostics["harm_theta"] == pytest.approx(
+        rho * float(torch.linalg.norm(g)), rel=0.2)
+    assert torch.equal(theta["w"].detach(), w)
+    # ρ = 0 is the plain harmful gradient at θ (the twin's)
+    assert torch.allclose(solve("sam", prob, rho=0.0).hypergrad["w"], g, atol=1e-12)
+
+
+def test_sam_and_trajectory_options_are_validated():
+    reg = get_registry()
+    with pytest.raises(ConfigError, match="rho"):
+        reg.create("solver", "sam", {"rho": -0.1})
+    with pytest.raises(ConfigError, match="stride"):
+        reg.create("solver", "trajectory", {"stride": 0})
+    with pytest.raises(ConfigError, match="stride"):
+        reg.create("solver", "trajectory", {"stride": 1.5})
+
+
+def _sgd_trajectory_problem(T, eta):
+    """L_FT(θ) = ½(θ − c)ᵀH(θ − c) fine-tuned by plain SGD through the real ``full`` adapter and
+    :func:`replay_adapt`; L_harm = ½θᵀAθ + bᵀθ. Returns the problem and the closed-form iterates
+    θ_t = c + (I − ηH)^t (θ_0 − c), t = 0..T."""
+    from resalign.core.trajectory import replay_adapt
+
+    h = spd(torch.linspace(0.2, 2.0, D), seed=31)
+    a = spd(torch.linspace(0.5, 4.0, D), seed=32)
+    b, c, w0 = vec(33), vec(34), vec(35)
+
+    def l_ft(p):
+        d = p["w"] - c
+        return 0.5 * d @ h @ d
+
+    step = torch.eye(D, dtype=torch.float64) - eta * h
+    iterates = [c + torch.linalg.matrix_power(step, t) @ (w0 - c) for t in range(T + 1)]
+    adapter = get_registry().create("adapter", "full")
+    cfg = FinetuneConfig(adapter="full", lr=eta, steps=T, optimizer="sgd")
+    theta = {"w": w0.clone().requires_grad_(True)}
+    w_T = iterates[-1]
+    prob = HypergradProblem(theta=theta, theta_ft={"w": w_T}, grad_harm={"w": a @ w_T + b},
+                            hvp_ft=lambda v: {"w": h @ v["w"]}, harm_loss=quadratic_harm(a, b),
+                            replay=lambda visit: replay_adapt(adapter, theta, l_ft, cfg, visit))
+    return prob, iterates, a, b
+
+
+@pytest.mark.parametrize("T, stride, used", [(6, 1, [1, 2, 3, 4, 5, 6]), (7, 3, [3, 6, 7]), (4, 4, [4]), (3, 10, [3])])
+def test_trajectory_is_the_mean_harmful_gradient_over_the_sgd_iterates(T, stride, used):
+    eta = 0.3
+    prob, iterates, a, b = _sgd_trajectory_problem(T, eta)
+    expected = sum(a @ iterates[t] + b for t in used) / len(used)
+    res = solve("trajectory", prob, stride=stride)
+    assert torch.allclose(res.hypergrad["w"], expected, atol=1e-10)
+    assert res.diagnostics["iterates"] == used
+    assert res.diagnostics["replay_gap"] < 1e-12  # the replay ended where the first run did
+    if used == [T]:  # stride >= T: the first-order estimate g
+        assert torch.allclose(res.hypergrad["w"], prob.grad_harm["w"], atol=0)
+
+
+def test_trajectory_needs_the_replay():
+    prob = problem(spd(torch.ones(D)), vec())
+    with pytest.raises(SolverError, match="replay"):
+        solve("trajectory", prob)

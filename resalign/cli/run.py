@@ -59,7 +59,7 @@ def run_cmd(
                               "\\[default: the embedded toy model]"),
     loss: str = typer.Option(None, "--loss", help="Harmful loss: ga | esd | ca | a plugin's " + _default("loss")),
     regularizer: str = typer.Option(None, "--regularizer", help="Regularizer R(θ) " + _default("regularizer")),
-    solver: str = typer.Option(None, "--solver", help="Hypergradient solver: richardson | first-order | unrolled | "
+    solver: str = typer.Option(None, "--solver", help="Hypergradient solver: richardson | first-order | unrolled | sam | trajectory | "
                                "a plugin's " + _default("solver")),
     adapt: list[str] = typer.Option(None, "--adapt", help="ADAPT methods of the pool π(C), repeatable or "
                                     "comma-separated: full, lora, svdiff, custom_diffusion " + _default("pool.adapters")),

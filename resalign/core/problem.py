@@ -40,6 +40,7 @@ from resalign.components import (
 from resalign.core import seeds, tree
 from resalign.core.curvature import make_curvature
 from resalign.core.functional import second_order
+from resalign.core.trajectory import replay_adapt
 from resalign.errors import SimulationDiverged
 
 #: Default bound on L_FT(θ_FT) / L_FT(θ) on the simulation's data before a simulation counts as diverged.
@@ -185,6 +186,7 @@ def build_hypergrad_problem(
         unroll=unroll if with_unroll else None,
         harm_loss=harm_loss,
         cache=cache if cache is not None else {},
+        replay=lambda visit: replay_adapt(adapter, theta, objective.fresh(), config, visit, seeds.generator(seed, "adapt-init")),
     )
     info = {
         "config": config.label(),

@@ -1,7 +1,8 @@
 """The methods ``resalign compare`` knows: ``base`` (the model as loaded), the plain-unlearning
 baselines (β = 0 in Eq. 3, i.e. Eq. 2's L_harm + α·R, each with its own harmful loss: GA, ESD, CA) and
-ResAlign (Alg. 2, ``resalign`` or ``resalign-LOSS``); the unlearning settings of each, and the checks
-of ``--methods`` and ``--run``.
+ResAlign (Alg. 2, ``resalign`` or ``resalign-LOSS``; ``@SOLVER`` picks its hypergradient solver, e.g.
+``resalign@sam`` or ``resalign-ga@trajectory``); the unlearning settings of each, and the checks of
+``--methods`` and ``--run``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from resalign.errors import ConfigError
 from resalign.eval.reports.compare import BASELINE_LOSSES, is_ours
 from resalign.eval.protocol.matching import MATCH_MODES
 
-_EXPECTED = f"expected base, {', '.join(BASELINE_LOSSES)}, resalign or resalign-LOSS"
+_EXPECTED = f"expected base, {', '.join(BASELINE_LOSSES)}, resalign or resalign-LOSS (either may end in @SOLVER)"
 
 
 def method_settings(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str,
                     dtype: str) -> dict[str, Any]:
     """The run settings (``RunConfig`` fields) that unlearn ``method``: ``overrides`` (``--unlearn-option``)
-    with the model, seed, device and dtype, and β = 0 and the baseline's loss, or ResAlign's ``LOSS``."""
+    with the model, seed, device and dtype, and β = 0 and the baseline's loss (without the solver
+    settings, which β = 0 never uses), or ResAlign's ``LOSS`` and ``SOLVER``."""
     kw: dict[str, Any] = dict(overrides)
     for key in ("model", "seed", "device", "dtype", "loss", "beta"):
         if key in kw:
@@ -29,10 +31,20 @@ def method_settings(method: str, model: str | None, seed: int, overrides: Mappin
         kw["model"] = model
     kw.update(seed=seed, device=device, dtype=dtype)
     if method in BASELINE_LOSSES:
+        # β = 0 runs no simulation: the solver settings are ResAlign's (e.g. rho for resalign@sam)
+        kw.pop("solver", None)
+        kw.pop("solver_options", None)
         kw.update(loss=method, beta=0.0)
     elif is_ours(method):
-        if "-" in method:
-            kw["loss"] = method.split("-", 1)[1]
+        name, _, solver = method.partition("@")
+        if "-" in name:
+            kw["loss"] = name.split("-", 1)[1]
+        if "@" in method and not solver:
+            raise ConfigError(f"method {method!r}: name a solver after '@' (e.g. resalign@sam)")
+        if solver:
+            if "solver" in kw:
+                raise ConfigError(f"method {method!r} names its solver: drop --unlearn-option solver=...")
+            kw["solver"] = solver
     else:
         raise ConfigError(f"method {method!r}: {_EXPECTED}")
     return kw

@@ -21,8 +21,8 @@ BASELINE_LOSSES = ("ga", "esd", "ca")
 
 
 def is_ours(method: str) -> bool:
-    """Whether ``method`` names ResAlign (``resalign`` or ``resalign-LOSS``)."""
-    return method == "resalign" or method.startswith("resalign-")
+    """Whether ``method`` names ResAlign (``resalign`` or ``resalign-LOSS``, either with ``@SOLVER``)."""
+    return method.split("@", 1)[0] == "resalign" or method.startswith("resalign-")
 
 
 def compare_tables(report: TidyReport) -> list[MarkdownTable]:
