@@ -77,8 +77,8 @@ class ParameterSlots:
             for attr, store in (*((a, sub._parameters) for a in sub._parameters),
                                 *((a, sub._buffers) for a in sub._buffers)):
                 self.slots[f"{prefix}.{attr}" if prefix else attr] = (store, attr)
-        distinct = {id(t) for store, attr in self.slots.values() if (t := store[attr]) is not None}
-        self.usable = len(distinct) == len(self.slots)
+        held = [t for store, attr in self.slots.values() if (t := store[attr]) is not None]
+        self.usable = len({id(t) for t in held}) == len(held)
 
     def covers(self, tensors: Params) -> bool:
         return self.usable and all(k in self.slots for k in tensors)
