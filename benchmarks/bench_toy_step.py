@@ -14,7 +14,9 @@ The eager floor is one training step of the UNet module as a plain script writes
 one 16x16 pair, MSE to the noise, ``backward``, ``torch.optim.Adam`` (its defaults) at lr 1e-4. Every
 figure below is measured in the same process, in rounds that interleave the floor with the stages
 (and the inner-loop paths with each other), so that a change in the machine's load hits them alike;
-medians are printed, and each stage's ratio to the floor:
+medians are printed, and each stage's ratio to the floor. The clock is the process's CPU time by
+default (``--clock process``; the figures are single-threaded, so it is the time spent computing, not
+the time spent waiting for a core of a shared machine); ``--clock wall`` reads the wall clock:
 
 * ``adapt_step``: one step of the simulated fine-tuning as the core runs it (``adapter.adapt`` on the
   simulation's :class:`~resalign.core.problem.FinetuneObjective`, per step), per fine-tuning loss;
@@ -27,9 +29,11 @@ medians are printed, and each stage's ratio to the floor:
   outer step of each is a warm-up (and, on the compiled path, pays the compilation: reported apart as
   ``first_outer_step_s``).
 
-``--paths`` names the inner-loop implementations timed side by side (``resalign.adapters.fastloop``:
+``--paths`` names the inner-loop implementations timed side by side (:mod:`resalign.fastpath`:
 ``fast`` the default path, ``reference`` the straightforward loop it replaced); a checkout without
-that module times its own code as ``default``.
+that module times its own code as ``default``. Each path's outer steps run on a trainer of its own, in
+turn (A, B, A, B, ...), and ``outer_step_speedup_over_<last path>`` is the median of the per-round
+ratios.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from pathlib import Path
 
 import torch
 
+#: the clock every figure reads (``--clock``)
+clock = time.process_time
+
 #: the pinned configuration of issue #26 (run settings over the toy preset)
 PINNED = {
     "preset": "toy",
@@ -63,10 +70,10 @@ PINNED = {
 def path_switch():
     """(names, set_path) for the inner-loop implementations this checkout has."""
     try:
-        from resalign.adapters import fastloop
+        from resalign import fastpath
     except ImportError:
         return ["default"], lambda name: None
-    return list(fastloop.PATHS), fastloop.use
+    return list(fastpath.PATHS), fastpath.use
 
 
 def build(args):
@@ -101,10 +108,10 @@ class EagerFloor:
         self.opt.step()
 
     def time_steps(self, n: int) -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             self.step()
-        return (time.perf_counter() - t0) / n
+        return (clock() - t0) / n
 
 
 def configs(trainer):
@@ -133,10 +140,10 @@ def time_adapt_step(trainer, config, steps: int) -> float:
     cfg = dataclasses.replace(config, steps=steps)
     theta = {k: v.detach().requires_grad_(True) for k, v in w.items()}
     objective = FinetuneObjective(trainer.ctx, trainer.finetune_loss(config), data.ft, cfg.batch_size, seed)
-    t0 = time.perf_counter()
+    t0 = clock()
     trainer.adapter(config).adapt(theta, objective, cfg, differentiable=False,
                                   generator=seeds.generator(seed, "adapt-init"))
-    return (time.perf_counter() - t0) / steps
+    return (clock() - t0) / steps
 
 
 def time_simulation(trainer, config) -> float:
@@ -144,12 +151,12 @@ def time_simulation(trainer, config) -> float:
 
     s = trainer.settings
     w, data, seed = sim_inputs(trainer, config)
-    t0 = time.perf_counter()
+    t0 = clock()
     simulate(trainer.ctx, w, config, data, adapter=trainer.adapter(config),
              finetune_loss=trainer.finetune_loss(config), harmful_loss=trainer.harmful_loss, solver=trainer.solver,
              seed=seed, gamma=s.proximity(config), curvature=s.curvature, cache={},
              max_ft_loss_growth=s.max_ft_loss_growth, curvature_samples=s.curvature_samples)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def sum_steps(metrics) -> int:
@@ -193,8 +200,12 @@ def main() -> None:
                     help="print the profile of one outer step per path instead of timing")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--json", default=None, help="also write the result here")
+    ap.add_argument("--clock", choices=["process", "wall"], default="process",
+                    help="process CPU time (default; robust to waiting on a shared machine) or wall time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global clock
+    clock = time.process_time if args.clock == "process" else time.perf_counter
 
     names, use = path_switch()
     paths = [p for p in (args.paths.split(",") if args.paths else names) if p]
@@ -254,9 +265,9 @@ def main() -> None:
             for p in paths:
                 use(p)
                 e_before = floor.time_steps(args.eager_steps)
-                t0 = time.perf_counter()
+                t0 = clock()
                 metrics = trainers[p].outer_step()
-                dt = time.perf_counter() - t0
+                dt = clock() - t0
                 e_after = floor.time_steps(args.eager_steps)
                 eager += [e_before, e_after]
                 if i == 0:
@@ -281,6 +292,7 @@ def main() -> None:
         "outer_step_over_sum_T_eager": {p: round(med(v), 3) for p, v in outer_ratio.items() if v},
         "outer_step_over_sum_T_eager_all": {p: [round(x, 3) for x in v] for p, v in outer_ratio.items() if v},
         "first_outer_step_s": {p: round(v, 3) for p, v in first.items()},
+        "clock": args.clock,
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
                     "python": platform.python_version()},
     }
