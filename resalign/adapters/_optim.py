@@ -4,6 +4,12 @@ They follow ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` exactly (tested against t
 mutates tensors in place, so with ``differentiable=True`` the whole trajectory θ → θ_FT stays one
 autograd graph (what the unrolled solver differentiates). ``step_`` is the same update in place,
 for simulations that keep no graph: no second copy of φ and of the moments exists at any time.
+``fused_step_`` is the in-place update on lists of tensors with the fewest kernels torch has: Adam's
+fused kernel (what ``torch.optim.Adam(fused=True)`` runs: one pass over each tensor, in C++), SGD's
+``torch._foreach_*`` ops; it is what the non-differentiable ADAPT runs on the fast path
+(:mod:`resalign.fastpath`). SGD's takes exactly ``step_``'s values; Adam's kernel computes the same
+update in another order of operations (√v / √c2 instead of √(v / c2), lr / c1 first), so its steps
+agree with ``step_``'s to float rounding (``tests/test_fastpath.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,16 @@ from resalign.components import OPTIMIZERS
 from resalign.errors import ConfigError
 
 Tensors = dict[str, torch.Tensor]
+
+
+def fusable(params: list[torch.Tensor]) -> bool:
+    """Whether :meth:`Adam.fused_step_` can update ``params``: floating tensors of one dtype on one
+    device that torch's fused Adam kernel supports (CPU, CUDA)."""
+    if not params:
+        return False
+    p0 = params[0]
+    return (p0.device.type in ("cpu", "cuda") and p0.is_floating_point()
+            and all(p.device == p0.device and p.dtype == p0.dtype for p in params))
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +75,24 @@ class SGD:
                 g = buf[k].mul_(self.momentum).add_(g) if k in buf else buf.setdefault(k, g.clone())
             p.add_(g, alpha=-self.lr)
         return {"t": state["t"] + 1, "buf": buf}
+
+    def fused_init(self, params: list[torch.Tensor]) -> dict[str, Any]:
+        return {"t": 0, "buf": None}
+
+    @torch.no_grad()
+    def fused_step_(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: dict[str, Any]) -> None:
+        """:meth:`step_` on lists, with ``torch._foreach_*`` kernels (the same values): ``params``
+        and the momentum buffers updated, ``state`` too."""
+        g = torch._foreach_add(grads, params, alpha=self.weight_decay) if self.weight_decay else grads
+        if self.momentum:
+            if state["buf"] is None:
+                state["buf"] = [x.clone() for x in g]
+            else:
+                torch._foreach_mul_(state["buf"], self.momentum)
+                torch._foreach_add_(state["buf"], g)
+            g = state["buf"]
+        torch._foreach_add_(params, g, alpha=-self.lr)
+        state["t"] += 1
 
 
 @dataclass
@@ -130,6 +164,24 @@ class Adam:
         torch._foreach_mul_(upd, self.lr)
         torch._foreach_div_(upd, tmp)
         torch._foreach_sub_(p, upd)  # p − lr·(m/c1)/(√(v/c2) + ε), exactly p + (−update)
+
+    def fused_init(self, params: list[torch.Tensor]) -> dict[str, Any]:
+        """State of :meth:`fused_step_`: the moments as lists, and the step count as the one tensor
+        the fused kernel reads (on the parameters' device)."""
+        dev = params[0].device if params else None
+        return {"t": 0, "m": [torch.zeros_like(p) for p in params], "v": [torch.zeros_like(p) for p in params],
+                "step": torch.zeros((), dtype=torch.float32, device=dev)}
+
+    @torch.no_grad()
+    def fused_step_(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: dict[str, Any]) -> None:
+        """The update of :meth:`step_` by torch's fused Adam / AdamW kernel, in place on ``params``
+        and the moments (all tensors :func:`fusable`); agrees with :meth:`step_` to float rounding."""
+        b1, b2 = self.betas
+        state["t"] += 1
+        state["step"].fill_(state["t"])
+        kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        kernel(params, grads, state["m"], state["v"], [], [state["step"]] * len(params), lr=self.lr, beta1=b1,
+               beta2=b2, weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
 
 
 #: entries of φ updated by one group of ``torch._foreach_*`` kernels in :meth:`Adam.step_`: its two

@@ -5,6 +5,10 @@ parameters (``merge``): full fine-tuning φ = θ's entries, LoRA W + s·BA, SVDi
 ``adapt`` runs ``cfg.steps`` steps of the configured optimizer on L_FT(merge(θ, φ)) (gradients
 clipped to ``cfg.max_grad_norm`` when set) and returns θ_FT = merge(θ, φ_T), the deltas merged, as
 Alg. 2 needs. The same ``adapt`` is downstream fine-tuning (:mod:`resalign.eval.protocol.finetune`).
+
+Without a graph to keep (``differentiable=False``), the fast path (:mod:`resalign.fastpath`) makes φ
+leaves once and updates them in place with the optimizer's fused kernel (``fused_step_``) between
+steps; the reference path re-makes the leaves every step and updates them with ``step_``.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from resalign import ops
-from resalign.adapters._optim import make_optimizer
+from resalign import fastpath, ops
+from resalign.adapters._optim import fusable, make_optimizer
 from resalign.components import AdaptResult, Component, FinetuneConfig, Params
 from resalign.errors import ConfigError
 
@@ -66,6 +70,8 @@ class MergedAdapter(Component):
         else:
             base = {k: v.detach() for k, v in theta.items()}
             phi = {k: v.detach().clone() for k, v in self.init(base, generator).items()}
+            if fastpath.enabled() and fusable(list(phi.values())):
+                return self._run_fused(base, phi, loss, cfg, opt)
         state = opt.init(phi)
         losses: list[float] = []
         for _ in range(cfg.steps):
@@ -86,6 +92,26 @@ class MergedAdapter(Component):
         if not differentiable:
             merged = ops.detach(merged)
         return AdaptResult(merged, losses)
+
+    def _run_fused(self, base: Params, phi: Params, loss, cfg: FinetuneConfig, opt) -> AdaptResult:
+        """The non-differentiable loop of :meth:`_run` on the fast path: φ's tensors are the leaves of
+        every step's graph and are updated in place (no graph needs their old values), with the
+        optimizer's fused kernel; the same steps as the reference loop up to the kernel's rounding."""
+        leaves = {k: v.requires_grad_(True) for k, v in phi.items()}
+        params = list(leaves.values())
+        state = opt.fused_init(params)
+        losses: list[float] = []
+        for _ in range(cfg.steps):
+            value = loss(self.merge(base, leaves))
+            grads = torch.autograd.grad(value, params, allow_unused=True)
+            if any(g is None for g in grads):
+                grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+            if cfg.max_grad_norm:
+                grads = list(ops.clip_by_norm(dict(zip(leaves, grads)), cfg.max_grad_norm).values())
+            opt.fused_step_(params, list(grads), state)
+            del grads
+            losses.append(float(value.detach()))
+        return AdaptResult(ops.detach(self.merge(base, ops.detach(leaves))), losses)
 
     @staticmethod
     def _clipped(grads: Params, cfg: FinetuneConfig) -> Params:

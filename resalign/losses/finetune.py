@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from resalign import fastpath
 from resalign.components import Component, DenoiseBatch, DiffusionContext, Params
 from resalign.errors import DataError
-from resalign.losses._common import denoising_loss
+from resalign.losses._common import denoising_loss, denoising_losses
 
 
 class Denoise(Component):
@@ -20,7 +21,11 @@ class Denoise(Component):
 
 
 class PriorPreservation(Component):
-    """DreamBooth's prior-preserved loss: denoise(D_FT) + λ · denoise(class images of the original model)."""
+    """DreamBooth's prior-preserved loss: denoise(D_FT) + λ · denoise(class images of the original model).
+
+    On the fast path (:mod:`resalign.fastpath`) both terms come from one model call over the instance
+    and class pairs (:func:`~resalign.losses._common.denoising_losses`), as in diffusers' script.
+    """
 
     name: ClassVar[str] = "prior_preservation"
     needs_prior: ClassVar[bool] = True
@@ -32,6 +37,9 @@ class PriorPreservation(Component):
     def __call__(self, ctx: DiffusionContext, params: Params, batch: DenoiseBatch, generator: Any = None):
         if batch.prior is None:
             raise DataError("finetune loss 'prior_preservation' needs prior (class) pairs in the batch")
+        if fastpath.enabled():
+            inst, prior = denoising_losses(ctx, params, [batch, batch.prior], generator)
+            return inst + self.config.prior_weight * prior
         return denoising_loss(ctx, params, batch, generator) + self.config.prior_weight * denoising_loss(
             ctx, params, batch.prior, generator
         )
