@@ -147,6 +147,12 @@ def test_two_ranks_give_the_single_process_weights(two_rank_run, tiny_toy_dir, t
         lams = {s["lambda_max"] for s in rb["simulations"] if "lambda_max" in s}
         assert len(lams) == 1 and lams.pop() == pytest.approx(ra["simulations"][0]["lambda_max"], rel=1e-5)
     assert rows_b[0]["loss_harm"] == rows_a[0]["loss_harm"]
+    # the validation meta-objective: the same held-out simulations, split over the ranks and gathered
+    va, vb = rows_a[0]["validation_initial"], rows_b[0]["validation_initial"]
+    assert [s["config"] for s in vb["simulations"]] == [s["config"] for s in va["simulations"]]
+    assert vb["harm"] == va["harm"] and vb["harm_ft"] == pytest.approx(va["harm_ft"], rel=1e-6)
+    assert rows_b[-1]["validation"]["step"] == 3
+    assert rows_b[-1]["validation"]["harm_ft"] == pytest.approx(rows_a[-1]["validation"]["harm_ft"], rel=1e-5)
     # rank 0 alone wrote and reported
     assert done.stdout.count("done:") == 1
 

@@ -65,6 +65,11 @@ def plot_curves(
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
     axes[0][0].set_ylabel(metric_label)
+    return _finish(plt, fig, axes, path, title)
+
+
+def _finish(plt: Any, fig: Any, axes: Any, path: str | Path, title: str) -> Path:
+    """Legend on the last panel, the title, then save and close the figure."""
     axes[0][-1].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
@@ -170,9 +175,4 @@ def plot_validation(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str
         ax.set_xlabel("outer step")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
-    if title:
-        fig.suptitle(title)
-    out = _save(fig, Path(path))
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, axes, path, title)
