@@ -3,7 +3,7 @@
 Python API: :func:`run`, :func:`evaluate`, :func:`attack`, :func:`compare` (:mod:`resalign.api`),
 each returning a :class:`~resalign.api.Result` (``.run_dir``, ``.rows``).
 
-Layers, top to bottom: ``cli``, ``api`` -> ``pipeline`` -> ``core`` -> ``registry``/``hookspecs`` -> built-in
+Layers, top to bottom: ``cli`` -> ``api`` -> ``pipeline`` -> ``core`` -> ``registry``/``hookspecs`` -> built-in
 plugins (``losses``, ``regularizers``, ``adapters``, ``solvers``, ``scorers``) -> ``models``/``data``/
 ``eval`` -> ``_native`` (Rust).
 """

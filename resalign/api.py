@@ -15,9 +15,10 @@ Each returns a :class:`Result`: the run directory and its tidy ``report.json``, 
     run = resalign.run(outer_steps=20, J=2, quick_eval=0, out="runs/mine")
     after = resalign.attack(str(run.run_dir), ft_steps=50, seeds=2)
 
-This module sits above :mod:`resalign.pipeline`, beside :mod:`resalign.cli`: the commands and these
-functions resolve the same settings and call the same pipelines. It is imported on first use of
-``resalign.run`` (and the others), so ``import resalign`` stays light.
+This module sits between :mod:`resalign.cli` and :mod:`resalign.pipeline`: ``resalign run`` parses its
+flags into these settings and calls :func:`run`; the other commands resolve the same configurations and
+call the same pipelines. It is imported on first use of ``resalign.run`` (and the others), so ``import
+resalign`` stays light.
 """
 
 from __future__ import annotations

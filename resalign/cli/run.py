@@ -1,4 +1,4 @@
-"""``resalign run``: flags -> RunConfig -> :func:`resalign.pipeline.run.execute`; no algorithm here."""
+"""``resalign run``: flags -> the run settings -> :func:`resalign.api.run`; no algorithm here."""
 
 from __future__ import annotations
 
@@ -94,10 +94,7 @@ def run_cmd(
     With no arguments: the embedded toy world's harmful concept, on the CPU, in minutes. Every
     setting and its default (per preset) is written to the run's config.toml; see docs/method.md.
     """
-    import dataclasses
-
-    from resalign.pipeline.run import execute
-    from resalign.settings.run import RUN_QUICK_EVAL, load_run_config
+    from resalign.api import run
     from resalign.rundir import default_out
 
     raw: dict[str, Any] = {}
@@ -115,14 +112,8 @@ def run_cmd(
     apply_set_items(raw, set_)
     if resume and out is None:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
-    out = out or default_out("run")
-    if resume and config is None and (out / "config.toml").is_file():
-        config = out / "config.toml"
-    cfg = load_run_config(raw, config)
-    progress = progress and not quiet
-    if cfg.quick_eval is None:
-        cfg = dataclasses.replace(cfg, quick_eval=RUN_QUICK_EVAL)
-    run_dir = execute(cfg, out, resume=resume, progress=progress and sys.stderr.isatty() or progress and console.is_terminal)
+    progress = progress and not quiet and (sys.stderr.isatty() or console.is_terminal)
+    run_dir = run(config, out=out or default_out("run"), resume=resume, progress=progress, **raw).run_dir
     if distributed.is_main():
         console.print(f"[green]done:[/] unlearned model in {run_dir / 'model'}; metrics in {run_dir / 'metrics.jsonl'}")
         if not quiet:
