@@ -8,8 +8,10 @@ The work of resalign splits into independent items: the J simulations of an oute
 function is the single-process identity, so the same code runs in both.
 
 Backends: NCCL for CUDA devices, gloo otherwise. Every collective has a timeout
-(``RESALIGN_DIST_TIMEOUT_S``, default 1800 s), so a rank that fails stops the job with its error
-instead of leaving the others waiting for ever.
+(``RESALIGN_DIST_TIMEOUT_S``, default 6 h), so a rank that fails stops the job with its error
+instead of leaving the others waiting for ever. The wait covers a whole cell of a sweep on another rank
+(a ResAlign unlearning run inside ``compare`` is one cell): 30 minutes, the former default, ended a
+3-seed toy comparison whose last unlearning run took longer on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from resalign.errors import ConfigError, ResAlignError
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 1800.0
+DEFAULT_TIMEOUT_S = 6 * 3600.0
 #: Elements per all-reduce: :func:`all_reduce_sum` packs small tensors into buckets up to this size.
 BUCKET_ELEMENTS = 1 << 24
 _solo_depth = 0
