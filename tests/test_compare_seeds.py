@@ -76,8 +76,12 @@ def test_compare_unlearn_seeds_end_to_end(tmp_path):
     assert len(seed0) == len(seed1) and seed0 != seed1
 
     # every figure spans (unlearning seed × fine-tuning seed)
-    figures = [r for r in rows if r["metric"] != "harmful_rate_diff"]
+    figures = [r for r in rows if r["metric"] != "harmful_rate_diff" and r.get("stage") != "validation"]
     assert {r["model"] for r in figures} == {"ca", "resalign"}
+    # the validation meta-objective of each unlearning run, one curve per (method, unlearning seed)
+    val = [r for r in rows if r["metric"] == "val_harm_ft"]
+    assert {(r["model"], r["unlearn_seed"]) for r in val} == {(m, u) for m in ("ca", "resalign") for u in (0, 1)}
+    assert set(st["checks"]["validation"]["resalign|ca"]) == {"0", "1"}
     for r in figures:
         assert r["n"] == 2 and len(r["values"]) == 2
         assert r["unlearn_seeds"] == [0, 1] and r["ft_seeds"] == [0]

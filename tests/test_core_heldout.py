@@ -120,7 +120,7 @@ def test_soft_cap_bounds_gradient_ascent_smoothly():
     tr = _trainer(ctx, beta=0.5, solver="first-order", J=1)
     theta = {k: v.detach().requires_grad_(True) for k, v in ctx.theta0.items()}
     batch = tr.data.harmful.sample(2, seeds.generator(0, "b"))
-    plain = float(GradientAscent.make({})(ctx, theta, batch, seeds.generator(0, "n")))
+    plain = float(GradientAscent.make({})(ctx, theta, batch, seeds.generator(0, "n")).detach())
     cap = abs(plain) / 4  # well below the samples' error: the hard cap is flat there, the soft one is not
     hard = GradientAscent.make({"cap": cap})(ctx, theta, batch, seeds.generator(0, "n"))
     soft = GradientAscent.make({"cap": cap, "soft": True})(ctx, theta, batch, seeds.generator(0, "n"))
