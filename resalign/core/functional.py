@@ -67,7 +67,7 @@ def functional_checkpoint(module: torch.nn.Module, *args):
 
 
 class ParameterSlots:
-    """The parameter and buffer slots of a module, by name, looked up once: ``swapped(module, tensors)``
+    """The parameter and buffer slots of a module, by name, looked up once: ``with swapped(tensors):``
     calls it with ``tensors`` in place of its own, as ``functional_call(..., strict=False)`` does for a
     module without tied weights (``usable`` is False when it has some)."""
 
