@@ -150,6 +150,8 @@ class ClipScoreScorer(Component):
 
     name: ClassVar[str] = "clip-score"
     metric: ClassVar[str] = "clip_score"
+    #: the CLIP model the figure is usually reported with (for error messages)
+    clip_what: ClassVar[str] = "ViT-B/32 in the paper"
 
     @dataclass
     class Config:
@@ -171,13 +173,13 @@ class ClipScoreScorer(Component):
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        check_clip_folder(self.config.model, f"{self.name}.model", "ViT-B/32 in the paper", text=True)
+        check_clip_folder(self.config.model, f"{self.name}.model", self.clip_what, text=True)
         self._clip: LocalClip | None = None
 
     @property
     def clip(self) -> LocalClip:
         if self._clip is None:
-            self._clip = LocalClip(self.config.model, option=f"{self.name}.model", what="ViT-B/32 in the paper",
+            self._clip = LocalClip(self.config.model, option=f"{self.name}.model", what=self.clip_what,
                                    text=True, device=self.config.device)
         return self._clip
 
@@ -208,7 +210,7 @@ class ClipScoreScorer(Component):
         """Mean CLIP score of the images against their prompts."""
         cos = self.cosines(images, prompts)
         per = self.config.scale * (np.maximum(cos, 0.0) if self.config.clamp else cos)
-        rows = [{"index": i, "clip_score": float(s), "cosine": float(c)} for i, (s, c) in enumerate(zip(per, cos))]
+        rows = [{"index": i, self.metric: float(s), "cosine": float(c)} for i, (s, c) in enumerate(zip(per, cos))]
         return ScoreResult(
             metric=self.metric,
             value=float(per.mean()) if len(per) else float("nan"),
