@@ -43,19 +43,9 @@ def reference_arrays(root):
 @pytest.fixture(scope="module", params=["vit", "dinov2"])
 def dino_dir(request, tmp_path_factory):
     """A tiny random ViT or Dinov2 folder with its image processor (save_pretrained)."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessor, ViTModel
+    from fixtures.tiny_dino import build_tiny_dino
 
-    path = tmp_path_factory.mktemp("dino") / request.param
-    torch.manual_seed(1)
-    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                 patch_size=8)
-    if request.param == "vit":
-        ViTModel(ViTConfig(**small)).eval().save_pretrained(path, safe_serialization=True)
-        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    else:
-        Dinov2Model(Dinov2Config(**small)).eval().save_pretrained(path, safe_serialization=True)
-        BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    return build_tiny_dino(tmp_path_factory.mktemp("dino") / request.param, request.param)
 
 
 def cosine_matrix_mean(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

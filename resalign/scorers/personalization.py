@@ -77,6 +77,8 @@ class _ReferenceSimilarity(Component):
 
     metric: ClassVar[str]
     rule: ClassVar[str]
+    #: ``reference`` is the personalization training set: ``attack`` fills it with its ``--data`` folder
+    personalization_reference: ClassVar[bool] = True
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -111,19 +113,21 @@ class _ReferenceSimilarity(Component):
 
         return mean_pairwise_cosine(self.features(check_images(images)), self.reference_features)
 
-    def score(self, images: np.ndarray, prompts: Any = None) -> ScoreResult:
-        """Mean over images of each image's mean cosine similarity to every reference image."""
-        per = self.similarities(images)
-        rows = [{"index": i, self.metric: float(s)} for i, s in enumerate(per)]
-        details = {
+    def details(self) -> dict[str, Any]:
+        """The model (folder, architecture, weights' SHA-256), the reference set and the rule."""
+        return {
             **self.describe_model(),
             "reference": str(Path(self.config.reference).expanduser()),
             "reference_count": len(self.reference),
             "rule": self.rule,
-            "n_images": len(rows),
         }
+
+    def score(self, images: np.ndarray, prompts: Any = None) -> ScoreResult:
+        """Mean over images of each image's mean cosine similarity to every reference image."""
+        per = self.similarities(images)
+        rows = [{"index": i, self.metric: float(s)} for i, s in enumerate(per)]
         return ScoreResult(metric=self.metric, value=float(per.mean()) if len(per) else float("nan"),
-                           per_image=rows, details=details)
+                           per_image=rows, details={**self.details(), "n_images": len(rows)})
 
 
 @dataclass
@@ -185,6 +189,19 @@ class ClipTScorer(ClipScoreScorer):
         scale: float = 1.0
 
 
+def _quietly(load, *args, **kwargs):
+    """``load(*args, **kwargs)`` with transformers' loading report off: the [CLS] feature does not use
+    ViT's pooler, whose weights a DINO checkpoint may hold (reported as unexpected keys)."""
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        logging.set_verbosity(before)
+
+
 class LocalDino:
     """A DINO ViT (transformers ``ViTModel`` / ``Dinov2Model``) from a local folder: [CLS] features."""
 
@@ -202,7 +219,7 @@ class LocalDino:
                 raise ModelLoadError(f"{option}: {self.folder} holds a {model_type or 'unknown'} model, not a DINO "
                                      f"ViT ({', '.join(DINO_MODEL_TYPES)}); expected {_DINO_EXPECTED}")
             extra = {"add_pooling_layer": False} if model_type == "vit" else {}
-            model = AutoModel.from_pretrained(str(self.folder), local_files_only=True, **extra)
+            model = _quietly(AutoModel.from_pretrained, str(self.folder), local_files_only=True, **extra)
             self.model = model.float().eval().to(self.device)
             self.processor = AutoImageProcessor.from_pretrained(str(self.folder), local_files_only=True)
         except ModelLoadError:
