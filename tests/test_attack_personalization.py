@@ -63,3 +63,12 @@ def test_with_personalization_reference_keeps_a_given_reference(files, tmp_path)
     opts = with_personalization_reference({"dino": {"reference": str(tmp_path)}}, ["clip-i", "dino", "frechet"], [dog])
     assert opts == {"dino": {"reference": str(tmp_path)}, "clip-i": {"reference": dog}}
     assert with_personalization_reference({}, ["clip-i"], ["toy-images:benign-a"]) == {}
+
+
+def test_sd_defaults_add_the_configured_scorers_by_role():
+    from resalign.eval.scoring.presets import default_scorers
+
+    opts = {"aesthetic": {"head": "h.pth"}, "clip-i": {"model": "clip"}, "dino": {"reference": "dog"}}
+    assert default_scorers("sd", "harmful", opts) == ["nudenet", "aesthetic"]
+    assert default_scorers("sd", "benign", opts) == ["nudenet", "aesthetic", "clip-i"]
+    assert default_scorers("toy", "benign", opts) == default_scorers("toy", "benign")
