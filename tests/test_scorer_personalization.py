@@ -144,6 +144,12 @@ def test_reference_and_model_errors_name_the_option(clip_dir, dino_dir, referenc
         with pytest.raises(error, match=pattern) as err:
             create_scorer(name, options)
         assert "\n" not in str(err.value)
+    broken = tmp_path / "broken-reference"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"^clip-i\.reference: cannot read image .*a\.png") as err:
+        create_scorer("clip-i", {"model": str(clip_dir), "reference": str(broken)}).score(images(3, 1))
+    assert "\n" not in str(err.value)
     partial = tmp_path / "partial"
     shutil.copytree(dino_dir, partial)
     (partial / "preprocessor_config.json").unlink()

@@ -104,7 +104,11 @@ class _ReferenceSimilarity(Component):
         if self._reference_features is None:
             from resalign.data.folders import load_image
 
-            self._reference_features = self.features([load_image(p) for p in self.reference])
+            try:
+                arrays = [load_image(p) for p in self.reference]
+            except DataError as exc:
+                raise DataError(f"{self.option('reference')}: {exc}") from exc
+            self._reference_features = self.features(arrays)
         return self._reference_features
 
     def similarities(self, images: np.ndarray) -> np.ndarray:
