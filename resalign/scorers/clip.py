@@ -24,7 +24,7 @@ import numpy as np
 
 from resalign.components import Component, ScoreResult
 from resalign.errors import DataError, ModelLoadError
-from resalign.scorers.weights import auto_device, file_sha256, require_folder
+from resalign.scorers.weights import auto_device, folder_checksums, require_folder
 
 #: What a CLIP folder must hold: description -> alternative file names.
 CLIP_FILES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -118,9 +118,7 @@ class LocalClip:
     def checksums(self) -> dict[str, str]:
         """SHA-256 of the folder's weight files (computed once)."""
         if self._sha256 is None:
-            files = sorted(p for p in self.folder.iterdir()
-                           if p.is_file() and p.suffix in (".safetensors", ".bin"))
-            self._sha256 = {p.name: file_sha256(p) for p in files}
+            self._sha256 = folder_checksums(self.folder)
         return self._sha256
 
     def describe(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import numpy as np
 from resalign.components import Component, ScoreResult
 from resalign.errors import ConfigError, DataError, ModelLoadError
 from resalign.scorers.clip import ClipScoreScorer, LocalClip, check_clip_folder
-from resalign.scorers.weights import auto_device, file_sha256, require_folder
+from resalign.scorers.weights import auto_device, folder_checksums, require_folder
 
 #: Image files a reference folder may hold (searched recursively).
 REFERENCE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -249,8 +249,7 @@ class LocalDino:
 
     def describe(self) -> dict[str, Any]:
         if self._sha256 is None:
-            files = sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
-            self._sha256 = {p.name: file_sha256(p) for p in files}
+            self._sha256 = folder_checksums(self.folder)
         cfg = self.model.config
         return {
             "model": str(self.folder),
