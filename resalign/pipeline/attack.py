@@ -24,7 +24,7 @@ import numpy as np
 
 from resalign import distributed
 from resalign.cells import Cell, Outcome, Sweep
-from resalign.eval.protocol.attack import check_data_spec, parse_escape, plan_attack
+from resalign.eval.protocol.attack import check_data_spec, parse_escape, plan_attack, with_personalization_reference
 from resalign.eval.scoring.evaluator import Evaluator, resolve_generation
 from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, adapter_class
 from resalign.eval.scoring.presets import SEED_STRIDE, preset_name
@@ -116,13 +116,16 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, res
     plan = plan_attack(cfg, model.bundle, preset)
     curve_sets, utility_sets = harmful_and_benign_sets(
         gen_preset, prompts=cfg.prompts, benign_prompts=cfg.benign_prompts, categories=cfg.category,
-        limit=cfg.limit, scorers=cfg.scorers, toy_prompts=cfg.toy_prompts,
+        limit=cfg.limit, scorers=cfg.scorers, toy_prompts=cfg.toy_prompts, scorer_options=cfg.scorer_options,
     )
     gen = resolve_generation(gen_preset, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance, cfg.gen_batch_size)
     check_scorer_options(cfg.scorer_options, curve_sets + utility_sets)
-    curve_eval = Evaluator(model.bundle, curve_sets, gen, scorer_options=options_for(cfg.scorer_options, curve_sets))
+    # clip-i and dino compare with the personalization set: by default the --data folder
+    scorer_options = with_personalization_reference(
+        cfg.scorer_options, [n for s in curve_sets + utility_sets for n in s.scorers], cfg.data)
+    curve_eval = Evaluator(model.bundle, curve_sets, gen, scorer_options=options_for(scorer_options, curve_sets))
     utility_eval = (
-        Evaluator(model.bundle, utility_sets, gen, scorer_options=options_for(cfg.scorer_options, utility_sets))
+        Evaluator(model.bundle, utility_sets, gen, scorer_options=options_for(scorer_options, utility_sets))
         if utility_sets else None
     )
     seeds = [cfg.seed + k for k in range(cfg.seeds)]

@@ -14,6 +14,8 @@ SCORER_MODULES: tuple[str, ...] = (
     "resalign.scorers.onnx_classifier",
     "resalign.scorers.frechet",
     "resalign.scorers.clip",
+    "resalign.scorers.personalization",
+    "resalign.scorers.aesthetic",
     "resalign.scorers.unsafe",
     "resalign.scorers.toy",
 )

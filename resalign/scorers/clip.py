@@ -24,7 +24,7 @@ import numpy as np
 
 from resalign.components import Component, ScoreResult
 from resalign.errors import DataError, ModelLoadError
-from resalign.scorers.weights import auto_device, file_sha256, require_folder
+from resalign.scorers.weights import auto_device, folder_checksums, require_folder
 
 #: What a CLIP folder must hold: description -> alternative file names.
 CLIP_FILES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -118,9 +118,7 @@ class LocalClip:
     def checksums(self) -> dict[str, str]:
         """SHA-256 of the folder's weight files (computed once)."""
         if self._sha256 is None:
-            files = sorted(p for p in self.folder.iterdir()
-                           if p.is_file() and p.suffix in (".safetensors", ".bin"))
-            self._sha256 = {p.name: file_sha256(p) for p in files}
+            self._sha256 = folder_checksums(self.folder)
         return self._sha256
 
     def describe(self) -> dict[str, Any]:
@@ -150,6 +148,8 @@ class ClipScoreScorer(Component):
 
     name: ClassVar[str] = "clip-score"
     metric: ClassVar[str] = "clip_score"
+    #: the CLIP model the figure is usually reported with (for error messages)
+    clip_what: ClassVar[str] = "ViT-B/32 in the paper"
 
     @dataclass
     class Config:
@@ -171,13 +171,13 @@ class ClipScoreScorer(Component):
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        check_clip_folder(self.config.model, f"{self.name}.model", "ViT-B/32 in the paper", text=True)
+        check_clip_folder(self.config.model, f"{self.name}.model", self.clip_what, text=True)
         self._clip: LocalClip | None = None
 
     @property
     def clip(self) -> LocalClip:
         if self._clip is None:
-            self._clip = LocalClip(self.config.model, option=f"{self.name}.model", what="ViT-B/32 in the paper",
+            self._clip = LocalClip(self.config.model, option=f"{self.name}.model", what=self.clip_what,
                                    text=True, device=self.config.device)
         return self._clip
 
@@ -208,7 +208,7 @@ class ClipScoreScorer(Component):
         """Mean CLIP score of the images against their prompts."""
         cos = self.cosines(images, prompts)
         per = self.config.scale * (np.maximum(cos, 0.0) if self.config.clamp else cos)
-        rows = [{"index": i, "clip_score": float(s), "cosine": float(c)} for i, (s, c) in enumerate(zip(per, cos))]
+        rows = [{"index": i, self.metric: float(s), "cosine": float(c)} for i, (s, c) in enumerate(zip(per, cos))]
         return ScoreResult(
             metric=self.metric,
             value=float(per.mean()) if len(per) else float("nan"),

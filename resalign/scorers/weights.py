@@ -131,6 +131,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def folder_checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of a model folder's weight files (``.safetensors``, ``.bin``), by file name."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    return {p.name: file_sha256(p) for p in files}
+
+
 def auto_device(device: str) -> str:
     """``device``, or CUDA when available and ``device`` is empty, else the CPU."""
     if device:

@@ -22,6 +22,7 @@ method).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,25 @@ def check_data_spec(spec: str, flag: str) -> None:
     from resalign.data.folders import read_metadata
 
     read_metadata(spec)
+
+
+def with_personalization_reference(options: Mapping[str, Mapping[str, Any]], scorers: Sequence[str],
+                                   data: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--scorer-option`` tables in which each scorer in use that compares images with the
+    personalization set (``personalization_reference``: ``clip-i``, ``dino``) and has no ``reference``
+    gets the first ``--data`` image-caption folder, the images the model is fine-tuned on."""
+    from resalign.registry import get_registry
+
+    out = {k: dict(v) for k, v in options.items()}
+    folder = next((d for d in data if _toy_set(d, "--data") is None and Path(d).is_dir()), None)
+    if folder is None:
+        return out
+    registry = get_registry()
+    for name in dict.fromkeys(scorers):
+        if getattr(registry.get("scorer", name), "personalization_reference", False) \
+                and not out.get(name, {}).get("reference"):
+            out.setdefault(name, {})["reference"] = str(folder)
+    return out
 
 
 @dataclass

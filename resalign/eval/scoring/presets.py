@@ -21,16 +21,27 @@ PAPER_WEIGHTED_SCORERS: dict[str, tuple[str, ...]] = {
     "unsafe-score": ("model", "heads"),
     "frechet": ("weights", "feature_model"),
     "clip-score": ("model",),
+    "aesthetic": ("model", "head"),
+}
+
+#: Personalization scorers of Tab. 2–4 (CLIP-I, CLIP-T, DINO): with the sd preset they join the default
+#: scorers of the benign sets (the personalization prompts) when their model option is given.
+PERSONALIZATION_SCORERS: dict[str, tuple[str, ...]] = {
+    "clip-i": ("model",),
+    "clip-t": ("model",),
+    "dino": ("model",),
 }
 
 
 def default_scorers(preset: str, role: str, scorer_options: Mapping[str, Any] | None = None) -> list[str]:
-    """The scorers of a set when none is named: the preset's, plus (sd) the weighted ones configured."""
+    """The scorers of a set when none is named: the preset's, plus (sd) the weighted ones configured
+    (the personalization scorers on benign sets only)."""
     p = preset_named(preset)
     names = list(p.evaluate.scorers[role])
     if p.name == "sd":
         opts = scorer_options or {}
-        names += [n for n, keys in PAPER_WEIGHTED_SCORERS.items()
+        weighted = dict(PAPER_WEIGHTED_SCORERS, **(PERSONALIZATION_SCORERS if role == "benign" else {}))
+        names += [n for n, keys in weighted.items()
                   if n not in names and any(k in (opts.get(n) or {}) for k in keys)]
     return names
 

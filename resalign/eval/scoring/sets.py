@@ -114,14 +114,18 @@ def harmful_and_benign_sets(
     limit: int | None,
     scorers: Sequence[str] | None,
     toy_prompts: int | None,
+    scorer_options: Mapping[str, Any] | None = None,
 ) -> tuple[list[EvalSet], list[EvalSet]]:
     """The harmful sets (``--prompts``, or the toy harmful and implicit sets) and the benign ones
-    (``--benign-prompts``, or the toy benign set when the toy sets are used) of attack and compare."""
+    (``--benign-prompts``, or the toy benign set when the toy sets are used) of attack and compare;
+    ``scorer_options`` adds the configured weighted scorers to the defaults (:func:`default_scorers`)."""
     harm = build_sets(preset, prompts_file=prompts, categories=categories, limit=limit, scorers=scorers,
-                      toy_prompts=toy_prompts, only=None if prompts else ("harmful", "implicit"))
+                      toy_prompts=toy_prompts, only=None if prompts else ("harmful", "implicit"),
+                      scorer_options=scorer_options)
     benign: list[EvalSet] = []
     if benign_prompts:
-        benign = build_sets(preset, prompts_file=benign_prompts, limit=limit, role="benign", scorers=scorers)
+        benign = build_sets(preset, prompts_file=benign_prompts, limit=limit, role="benign", scorers=scorers,
+                            scorer_options=scorer_options)
     elif preset == "toy" and not prompts:
         benign = build_sets("toy", toy_prompts=toy_prompts, only=("benign",), limit=limit, scorers=scorers)
     return harm, benign
