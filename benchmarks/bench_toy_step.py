@@ -120,7 +120,8 @@ def configs(trainer):
 
 
 def sim_inputs(trainer, config, step: int = 0, j: int = 0):
-    from resalign.core import seeds, tree
+    from resalign import seeds
+    from resalign.core import tree
 
     s = trainer.settings
     harm = trainer.data.harmful.sample(s.harm_batch, seeds.generator(s.seed, step, "harm-data"))
@@ -133,7 +134,7 @@ def time_adapt_step(trainer, config, steps: int) -> float:
     """Seconds per step of the simulated fine-tuning (ADAPT as build_hypergrad_problem runs it)."""
     import dataclasses
 
-    from resalign.core import seeds
+    from resalign import seeds
     from resalign.core.problem import FinetuneObjective
 
     w, data, seed = sim_inputs(trainer, config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from resalign.core.heldout import curve
-from resalign.eval.reports.compare import validation_checks, validation_figure, validation_lines
+from resalign.eval.reports.validation import validation_checks, validation_figure, validation_lines
 from resalign.eval.reports.tidy import TidyReport
 
 

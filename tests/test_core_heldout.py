@@ -7,7 +7,7 @@ from fixtures.tiny import tiny_context
 from test_core_meta import _trainer
 
 from resalign.components import FinetuneConfig
-from resalign.core import seeds
+from resalign import seeds
 from resalign.core.heldout import hold_out
 from resalign.core.problem import SimulationData, build_hypergrad_problem
 from resalign.registry import get_registry

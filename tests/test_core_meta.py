@@ -6,7 +6,9 @@ import pytest
 import torch
 from fixtures.tiny import COND_DIM, TOKENS, tiny_context
 
-from resalign.core import seeds, tree
+from resalign import seeds
+
+from resalign.core import tree
 from resalign.core.meta import ConfigPool, MethodSettings, PairSet, ResAlign, TrainingData
 from resalign.core.params import Parameterization, ParamsOptions
 from resalign.core.problem import simulate

@@ -7,7 +7,8 @@ import torch
 from fixtures.tiny import random_batch, tiny_context
 
 from resalign.components import FinetuneConfig
-from resalign.core import seeds, tree
+from resalign import seeds
+from resalign.core import tree
 from resalign.core.problem import SimulationData, build_hypergrad_problem, simulate
 from resalign.registry import get_registry
 

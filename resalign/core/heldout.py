@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from resalign.components import DenoiseBatch, FinetuneConfig, Params, needs
-from resalign.core import seeds, tree
+from resalign import seeds
+from resalign.core import tree
 from resalign.core.problem import FinetuneObjective
 
 #: The seed tag of everything a validation simulation draws; training draws never use it.

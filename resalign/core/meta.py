@@ -43,13 +43,14 @@ from resalign.components import (  # PairSet, TrainingData: re-exported, they li
     DenoiseBatch,
     DiffusionContext,
     FinetuneConfig,
-    PairSet,
+    PairSet,  # noqa: F401 (re-exported)
     Params,
     TrainingData,
     finetune_loss_of,
     needs,
 )
-from resalign.core import seeds, tree
+from resalign import seeds
+from resalign.core import tree
 from resalign.core.health import outlier_mask
 from resalign.core.params import Parameterization
 from resalign.core.problem import MAX_FT_LOSS_GROWTH, SimulationData, simulate

@@ -37,7 +37,8 @@ from resalign.components import (
     Solver,
     needs,
 )
-from resalign.core import seeds, tree
+from resalign import seeds
+from resalign.core import tree
 from resalign.core.curvature import make_curvature
 from resalign.core.functional import second_order
 from resalign.core.trajectory import replay_adapt

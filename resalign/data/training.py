@@ -30,7 +30,7 @@ import torch
 
 from resalign import distributed
 from resalign.components import PairSet, TrainingData
-from resalign.core import seeds
+from resalign import seeds
 from resalign.errors import ConfigError, DataError
 
 if TYPE_CHECKING:

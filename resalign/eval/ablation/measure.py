@@ -30,7 +30,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from resalign.components import FinetuneConfig
-from resalign.core import seeds, tree
+from resalign import seeds
+from resalign.core import tree
 from resalign.core.fidelity import PeakMemory, measure
 from resalign.core.meta import MethodSettings
 from resalign.core.problem import build_hypergrad_problem

@@ -92,7 +92,7 @@ def component_figures(report: Any, folder: Path) -> list[tuple[str, str]]:
     plot_bars(rates, folder / "components.png", group="setting", bar="stage", bars_order=["before_ft", "after_ft"],
               title="Harmful rate before and after benign fine-tuning (mean ± SEM)")
     figures = [("Harmful rate before and after benign fine-tuning per variant", "components.png")]
-    from resalign.eval.reports.compare import validation_figure
+    from resalign.eval.reports.validation import validation_figure
 
     val = validation_figure(folder, report, key="setting")
     return figures + ([val] if val is not None else [])

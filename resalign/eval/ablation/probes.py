@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from resalign.components import Params
-from resalign.core import seeds, tree
+from resalign import seeds
+from resalign.core import tree
 from resalign.errors import ConfigError
 from resalign.eval.reports.stats import paired_difference
 

@@ -58,11 +58,10 @@ from resalign.eval.reports.compare import (
     is_ours,
     plots,
     strength_and_finding_checks,
-    validation_checks,
-    validation_figure,
     twins,
     write_results_md,
 )
+from resalign.eval.reports.validation import validation_checks, validation_figure
 from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
 from resalign.eval.protocol.matching import RULE, earliest_as_strong
 from resalign.eval.reports.tidy import TidyReport
