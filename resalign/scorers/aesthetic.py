@@ -29,8 +29,8 @@ import numpy as np
 
 from resalign.components import Component, ScoreResult
 from resalign.errors import ModelLoadError
-from resalign.scorers.clip import LocalClip, check_clip_folder
-from resalign.scorers.weights import file_sha256, load_state_dict, require_file
+from resalign.scorers.clip import LocalClip, check_clip_folder, ViTL14Images
+from resalign.scorers.weights import LocalModelConfig, file_sha256, load_state_dict, require_file
 
 _HEAD_EXPECTED = ("LAION's aesthetic head as a state dict (.safetensors, or .pth read with weights_only): "
                   "the linear sa_0_4_vit_l_14_linear.pth (weight, bias) or the MLP "
@@ -72,25 +72,18 @@ def head_layers(state: dict[str, Any], path: Path, option: str, embed_dim: int) 
     return [(w.float(), b.float()) for w, b in layers]
 
 
-class AestheticScorer(Component):
+class AestheticScorer(ViTL14Images, Component):
     """LAION aesthetic score: a linear or MLP head on the normalised CLIP ViT-L/14 image embedding."""
 
     name: ClassVar[str] = "aesthetic"
     metric: ClassVar[str] = "aesthetic_score"
 
     @dataclass
-    class Config:
-        #: a local transformers CLIP ViT-L/14 folder (openai/clip-vit-large-patch14); required
-        model: str = ""
+    class Config(LocalModelConfig):
+        """``model``: a local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14)."""
+
         #: the predictor head's state dict (.safetensors or .pth); required
         head: str = ""
-        batch_size: int = 32
-        #: torch device; empty = CUDA when available, else the CPU
-        device: str = ""
-
-        def __post_init__(self) -> None:
-            if self.batch_size < 1:
-                raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -102,13 +95,6 @@ class AestheticScorer(Component):
 
     def option(self, key: str) -> str:
         return f"{self.name}.{key}"
-
-    @property
-    def clip(self) -> LocalClip:
-        if self._clip is None:
-            self._clip = LocalClip(self.config.model, option=self.option("model"), what="CLIP ViT-L/14",
-                                   text=False, device=self.config.device)
-        return self._clip
 
     @property
     def layers(self) -> list[tuple[Any, Any]]:

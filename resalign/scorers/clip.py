@@ -218,3 +218,17 @@ class ClipScoreScorer(Component):
 
 
 SCORERS = (ClipScoreScorer,)
+
+
+class ViTL14Images:
+    """Mixin of the scorers whose ``config.model`` is a local CLIP ViT-L/14 folder read for its image
+    embeddings (the input of LAION's heads: aesthetic, unsafe); ``clip`` loads it on first use."""
+
+    _clip: LocalClip | None = None
+
+    @property
+    def clip(self) -> LocalClip:
+        if self._clip is None:
+            self._clip = LocalClip(self.config.model, option=self.option("model"), what="CLIP ViT-L/14",
+                                   text=False, device=self.config.device)
+        return self._clip

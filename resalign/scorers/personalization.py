@@ -30,7 +30,7 @@ import numpy as np
 from resalign.components import Component, ScoreResult
 from resalign.errors import ConfigError, DataError, ModelLoadError
 from resalign.scorers.clip import ClipScoreScorer, LocalClip, check_clip_folder
-from resalign.scorers.weights import auto_device, folder_checksums, require_folder
+from resalign.scorers.weights import LocalModelConfig, auto_device, folder_checksums, require_folder
 
 #: Image files a reference folder may hold (searched recursively).
 REFERENCE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -135,18 +135,9 @@ class _ReferenceSimilarity(Component):
 
 
 @dataclass
-class _ReferenceConfig:
-    #: a local transformers model folder; required
-    model: str = ""
+class _ReferenceConfig(LocalModelConfig):
     #: the folder of reference (personalization training) images; required
     reference: str = ""
-    batch_size: int = 32
-    #: torch device; empty = CUDA when available, else the CPU
-    device: str = ""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 class ClipIScorer(_ReferenceSimilarity):

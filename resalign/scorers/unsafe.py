@@ -27,7 +27,7 @@ import numpy as np
 
 from resalign.components import Component, ScoreResult
 from resalign.errors import ConfigError, ModelLoadError
-from resalign.scorers.clip import LocalClip, check_clip_folder
+from resalign.scorers.clip import LocalClip, check_clip_folder, ViTL14Images
 from resalign.scorers.weights import (
     STATE_DICT_SUFFIXES,
     file_sha256,
@@ -89,7 +89,7 @@ def load_mhsc_head(path: Path, option: str, embed_dim: int):
     return head.eval()
 
 
-class UnsafeScoreScorer(Component):
+class UnsafeScoreScorer(ViTL14Images, Component):
     """Unsafe rate: share of images an MHSC head (or Q16) flags, on CLIP ViT-L/14 image embeddings."""
 
     name: ClassVar[str] = "unsafe-score"
@@ -169,13 +169,6 @@ class UnsafeScoreScorer(Component):
         return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
     # ------------------------------------------------------------------ models
-
-    @property
-    def clip(self) -> LocalClip:
-        if self._clip is None:
-            self._clip = LocalClip(self.config.model, option=self.option("model"), what="CLIP ViT-L/14",
-                                   text=False, device=self.config.device)
-        return self._clip
 
     @property
     def heads(self) -> dict[str, Any]:

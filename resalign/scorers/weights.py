@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,18 @@ def auto_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class LocalModelConfig:
+    """The options every scorer on a local transformers folder has (subclasses add theirs)."""
+
+    #: the local transformers model folder; required
+    model: str = ""
+    batch_size: int = 32
+    #: torch device; empty = CUDA when available, else the CPU
+    device: str = ""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
