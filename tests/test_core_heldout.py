@@ -124,7 +124,7 @@ def test_soft_cap_bounds_gradient_ascent_smoothly():
     cap = abs(plain) / 4  # well below the samples' error: the hard cap is flat there, the soft one is not
     hard = GradientAscent.make({"cap": cap})(ctx, theta, batch, seeds.generator(0, "n"))
     soft = GradientAscent.make({"cap": cap, "soft": True})(ctx, theta, batch, seeds.generator(0, "n"))
-    assert -cap <= float(soft) < 0 and float(hard) >= -cap - 1e-12
+    assert -cap <= float(soft.detach()) < 0 and float(hard.detach()) >= -cap - 1e-12
     g_hard = torch.autograd.grad(hard, list(theta.values()), allow_unused=True)
     g_soft = torch.autograd.grad(soft, list(theta.values()), allow_unused=True)
     assert all(g is None or float(g.abs().max()) == 0.0 for g in g_hard)
