@@ -137,3 +137,16 @@ def test_late_sigmoid_alpha_starts_at_half_and_is_centred_at_three_quarters():
     s = MethodSettings(alpha=1.6, alpha_end=2.0, alpha_schedule="late-sigmoid", outer_steps=100)
     assert s.alpha_at(0) == s.alpha_at(49) == 1.6
     assert abs(s.alpha_at(75) - 1.8) < 1e-12 and abs(s.alpha_at(100) - 2.0) < 0.01
+
+
+def test_a_pool_too_small_to_hold_pairs_out_is_a_clear_error():
+    import pytest
+
+    from resalign.errors import ConfigError
+
+    full = _trainer(tiny_context(), beta=0.5, solver="first-order", J=1).data.finetune
+    one = type(full)(x0=full.x0[:1], cond=full.cond[:1], prompts=full.prompts[:1])
+    with pytest.raises(ConfigError, match="val_sims"):
+        hold_out(one, 4, 0)
+    train, held = hold_out(type(full)(x0=full.x0[:2], cond=full.cond[:2], prompts=full.prompts[:2]), 4, 0)
+    assert len(train) == 1 and len(held) == 1

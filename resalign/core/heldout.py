@@ -35,6 +35,7 @@ from resalign.components import DenoiseBatch, FinetuneConfig, Params, needs
 from resalign import seeds
 from resalign.core import tree
 from resalign.core.problem import FinetuneObjective
+from resalign.errors import ConfigError
 
 #: The seed tag of everything a validation simulation draws; training draws never use it.
 TAG = "validation"
@@ -54,6 +55,9 @@ def hold_out(pairs: Any, n: int, seed: int) -> tuple[Any, Any]:
     """(training pairs, held-out pairs): ``n`` pairs of the D_FT pool, chosen by ``seed``, that the
     training simulations never draw; at most a quarter of the pool (at least one pair) is held out."""
     m = len(pairs)
+    if m < 2:
+        raise ConfigError(f"val_sims: the D_FT pool has {m} pair(s); holding validation pairs out needs at least 2 "
+                          "(give data.finetune more pairs or set val_sims = 0)")
     n = max(1, min(int(n), m // 4))
     perm = torch.randperm(m, generator=seeds.generator(seed, TAG, "hold-out"))
     val_idx, train_idx = perm[:n].sort().values, perm[n:].sort().values
