@@ -226,23 +226,8 @@ class RunDir:
             os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The rows of ``metrics.jsonl``; a last line cut short by a crash (no final newline) is left out."""
-        p = self.path / "metrics.jsonl"
-        if not p.exists():
-            return []
-        text = p.read_text(encoding="utf-8", errors="replace")
-        lines = text.splitlines()
-        rows = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) and not text.endswith("\n"):
-                    break
-                raise DataError(f"{str(p)!r}: line {i} is not a JSON object") from None
-        return rows
+        """The rows of ``metrics.jsonl`` (:func:`read_metrics`)."""
+        return read_metrics(self.path)
 
     def write_json(self, name: str, obj: Any) -> Path:
         return atomic_write_json(self.path / name, obj)
@@ -260,3 +245,24 @@ def _toml_clean(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl`` (none when it is missing); a last line cut short by a crash
+    (no final newline) is left out, a bad line elsewhere is a :class:`DataError`."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    text = p.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) and not text.endswith("\n"):
+                break
+            raise DataError(f"{str(p)!r}: line {i} is not a JSON object") from None
+    return rows

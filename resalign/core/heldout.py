@@ -165,16 +165,7 @@ def curve(rows: Any) -> list[dict[str, float]]:
 
 
 def run_curve(run_dir: Any) -> list[dict[str, float]]:
-    """:func:`curve` of the run directory ``run_dir`` (its ``metrics.jsonl``; a row cut short is skipped)."""
-    import json
-    from pathlib import Path
+    """:func:`curve` of the run directory ``run_dir`` (its ``metrics.jsonl``)."""
+    from resalign.rundir import read_metrics
 
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return curve(rows)
+    return curve(read_metrics(run_dir))
