@@ -163,11 +163,16 @@ def save_grid(
     return out
 
 
-def plot_validation(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *, title: str = "") -> Path:
-    """The validation meta-objective (:func:`resalign.core.heldout.curve`) of one or more runs: L_harm(θ),
-    mean L_harm(θ_FT^val) and the rebound against the outer step, one line per run."""
+#: The panels of :func:`plot_validation`: a key of :func:`resalign.core.heldout.curve` and its title.
+VALIDATION_PANELS = {"harm": "L_harm(θ)", "harm_ft": "mean L_harm(θ_FT^val)", "rebound": "rebound"}
+
+
+def plot_validation(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *, title: str = "",
+                    keys: Sequence[str] = tuple(VALIDATION_PANELS)) -> Path:
+    """The validation meta-objective (:func:`resalign.core.heldout.curve`) of one or more runs against the
+    outer step, one panel per key (default: L_harm(θ), mean L_harm(θ_FT^val), the rebound), one line per run."""
     plt = _pyplot()
-    panels = (("harm", "L_harm(θ)"), ("harm_ft", "mean L_harm(θ_FT^val)"), ("rebound", "rebound"))
+    panels = [(k, VALIDATION_PANELS[k]) for k in keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.2), squeeze=False)
     for ax, (key, name) in zip(axes[0], panels):
         for label, pts in curves.items():

@@ -45,9 +45,8 @@ def validation_figure(path: Path, report: TidyReport, key: str = "model") -> tup
     curves: dict[str, list[dict[str, float]]] = {}
     for r in rows:
         name = r[key] if r.get("unlearn_seed") is None else f"{r[key]} (seed {r['unlearn_seed']})"
-        curves.setdefault(name, []).append(
-            {"step": r["step"], "harm_ft": r["mean"], "harm": float("nan"), "rebound": float("nan")})
-    plot_validation(curves, path / "validation.png", title="validation meta-objective")
+        curves.setdefault(name, []).append({"step": r["step"], "harm_ft": r["mean"]})
+    plot_validation(curves, path / "validation.png", title="validation meta-objective", keys=("harm_ft",))
     return ("Validation meta-objective: mean L_harm after held-out simulated fine-tunings, per outer step",
             "validation.png")
 
