@@ -153,9 +153,6 @@ def effect_rows(model: str | None, variants: dict[str, dict[str, Any]], effect: 
                                              "attack": to_dict(job["attack"])}) for label, job in runs.items()]
     outcomes = sweep.run(cells, lambda cell: _effect_run(runs[cell.settings["label"]], progress))
     ablation.add_effect_rows(report, key, {label: o.value for label, o in zip(runs, outcomes)})
-    for label, o in zip(runs, outcomes):  # the validation meta-objective of each variant's run
-        for p in o.value.get("validation", []):
-            report.add(p["harm_ft"], metric="val_harm_ft", stage="validation", step=p["step"], **{key: label})
 
 
 def _effect_run(job: dict[str, Any], progress: bool) -> dict[str, Any]:

@@ -251,10 +251,12 @@ def effect_results(results: Sequence[dict[str, Any]], steps: int) -> list[dict[s
 
 
 def add_effect_rows(report: TidyReport, key: str, outcomes: dict[str, dict[str, Any]]) -> None:
-    """Each effect run's (variant label → ``seconds`` and :func:`effect_results` ``rows``) report rows,
-    the variant under ``key``."""
+    """Each effect run's (variant label → ``seconds``, :func:`effect_results` ``rows`` and the run's
+    ``validation`` curve, :func:`resalign.core.heldout.curve`) report rows, the variant under ``key``."""
     for label, out in outcomes.items():
         report.add(out["seconds"], **{key: label}, metric="train_seconds", stage="unlearning")
+        for p in out.get("validation", []):
+            report.add(p["harm_ft"], **{key: label}, metric="val_harm_ft", stage="validation", step=p["step"])
         for row in out["rows"]:
             report.add(row["values"], **{key: label}, metric=row["metric"], stage=row["stage"],
                        prompts=row.get("prompts"), finetune="full", dataset=row.get("dataset"), step=row["step"])
