@@ -58,11 +58,20 @@ def check_directions(names: Sequence[str], solvers: Sequence[str]) -> None:
             raise ConfigError(f"--directions {name!r}: expected one of {', '.join(DIRECTIONS)} or h:SOLVER")
 
 
-def _pull_back(trainer: Any, weights: Params, w_space: Params) -> Params:
-    """(∂W/∂θ)ᵀ v: a W-space vector in θ-space."""
+def _theta_grad(trainer: Any, scalar: torch.Tensor) -> Params:
+    """∇_θ of ``scalar`` at the trainer's θ (zeros where it does not depend on an entry)."""
     names = list(trainer.theta)
-    raw = torch.autograd.grad(tree.dot(weights, w_space), [trainer.theta[k] for k in names], allow_unused=True)
+    raw = torch.autograd.grad(scalar, [trainer.theta[k] for k in names], allow_unused=True)
     return {k: (g.detach() if g is not None else torch.zeros_like(trainer.theta[k])) for k, g in zip(names, raw)}
+
+
+def _harm(trainer: Any) -> tuple[Params, Any, torch.Tensor]:
+    """W(θ), the outer step's harmful batch and L_harm(θ) on it, drawn as :meth:`ResAlign.gradient` draws them."""
+    s = trainer.settings
+    weights = trainer.param.weights(trainer.theta)
+    harm = trainer.data.harmful.sample(s.harm_batch, seeds.generator(s.seed, trainer.step, "harm-data"))
+    loss = trainer.harmful_loss(trainer.ctx, weights, harm, seeds.generator(s.seed, trainer.step, "harm-noise"))
+    return weights, harm, loss
 
 
 def directions(trainer: Any, names: Sequence[str], settings: ProbeSettings, registry) -> dict[str, Params]:
@@ -79,26 +88,15 @@ def directions(trainer: Any, names: Sequence[str], settings: ProbeSettings, regi
                 grads, _ = trainer.gradient()
                 out[name] = tree.scale(grads, -1.0)
             elif name == "harm":
-                weights = trainer.param.weights(trainer.theta)
-                harm = trainer.data.harmful.sample(s0.harm_batch, seeds.generator(s0.seed, trainer.step, "harm-data"))
-                loss = trainer.harmful_loss(trainer.ctx, weights, harm,
-                                            seeds.generator(s0.seed, trainer.step, "harm-noise"))
-                names_ = list(trainer.theta)
-                raw = torch.autograd.grad(loss, [trainer.theta[k] for k in names_], allow_unused=True)
-                out[name] = {k: (-g.detach() if g is not None else torch.zeros_like(trainer.theta[k]))
-                             for k, g in zip(names_, raw)}
+                out[name] = tree.scale(_theta_grad(trainer, _harm(trainer)[2]), -1.0)
             elif name.startswith("h:"):
                 trainer.settings = dataclasses.replace(s0, J=J)
                 trainer.solver = registry.create("solver", name[2:], {})
-                weights = trainer.param.weights(trainer.theta)
-                harm = trainer.data.harmful.sample(s0.harm_batch, seeds.generator(s0.seed, trainer.step, "harm-data"))
-                with torch.no_grad():
-                    loss = float(trainer.harmful_loss(trainer.ctx, weights, harm,
-                                                      seeds.generator(s0.seed, trainer.step, "harm-noise")))
-                h = trainer.hypergradient(trainer.step, weights, harm, loss, [])
+                weights, harm, loss = _harm(trainer)
+                h = trainer.hypergradient(trainer.step, weights, harm, float(loss.detach()), [])
                 if h is None:
                     raise ConfigError(f"direction {name}: every simulation was dropped")
-                out[name] = tree.scale(_pull_back(trainer, weights, h), -1.0)
+                out[name] = tree.scale(_theta_grad(trainer, tree.dot(weights, h)), -1.0)
             elif name == "random":
                 g = seeds.generator(settings.seed, "probe", "random")
                 out[name] = {k: torch.randn(v.shape, generator=g).to(v) for k, v in trainer.theta.items()}
