@@ -23,7 +23,6 @@ from resalign import distributed
 from resalign.cells import Cell, Outcome, Sweep
 from resalign.components import FinetuneConfig
 from resalign.config import to_dict
-from resalign.core.heldout import run_curve
 from resalign.eval.ablation import measure as ablation
 from resalign.eval.ablation.plots import component_figures, solver_figures
 from resalign.eval.ablation.tables import effect_table, solver_tables
@@ -165,8 +164,7 @@ def _effect_run(job: dict[str, Any], progress: bool) -> dict[str, Any]:
     execute(job["run"], job["run_out"], resume=(job["run_out"] / "config.toml").is_file(), progress=progress)
     seconds = time.perf_counter() - t0
     _, attack = run_attack(job["attack"], job["attack_out"], progress=progress, resume=job["attack_out"].is_dir())
-    return {"seconds": seconds, "rows": ablation.effect_results(attack.results, job["steps"]),
-            "validation": run_curve(job["run_out"])}
+    return ablation.effect_outcome(seconds, attack.results, job["steps"], job["run_out"])
 
 
 def _slug(text: str) -> str:

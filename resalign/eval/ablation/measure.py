@@ -250,6 +250,15 @@ def effect_results(results: Sequence[dict[str, Any]], steps: int) -> list[dict[s
             if row["metric"] in ("harmful_rate", "prompt_accuracy") and row.get("step") in (0, steps)]
 
 
+def effect_outcome(seconds: float, attack_results: Sequence[dict[str, Any]], steps: int, run_dir: Any
+                   ) -> dict[str, Any]:
+    """The record of one effect run: its unlearning time, :func:`effect_results` and the validation
+    curve of its run directory (:func:`resalign.core.heldout.run_curve`)."""
+    from resalign.core.heldout import run_curve
+
+    return {"seconds": seconds, "rows": effect_results(attack_results, steps), "validation": run_curve(run_dir)}
+
+
 def add_effect_rows(report: TidyReport, key: str, outcomes: dict[str, dict[str, Any]]) -> None:
     """Each effect run's (variant label → ``seconds``, :func:`effect_results` ``rows`` and the run's
     ``validation`` curve, :func:`resalign.core.heldout.curve`) report rows, the variant under ``key``."""
