@@ -78,6 +78,10 @@ def _sweep_out(out: str | Path | None, command: str, resume: bool) -> Path:
         raise ConfigError(f"{command}: resume needs out=DIR, the run directory to continue")
     if out is None and launched():
         raise ConfigError(f"{command} under torchrun needs out=DIR (every rank writes to the same run directory)")
+    if resume:
+        from resalign.cells import check_resumable
+
+        check_resumable(out, command)
     return _out(out, command)
 
 

@@ -72,6 +72,17 @@ class Outcome:
     seconds: float = 0.0
 
 
+def check_resumable(out: str | Path, command: str) -> None:
+    """``--resume --out DIR`` needs a sweep to continue: ``DIR/cells/sweep.json``, written when a sweep
+    starts. Anything else (a missing or empty folder, a folder of another kind) is a one-line
+    :class:`~resalign.errors.ConfigError`, raised before any work."""
+    path = Path(out)
+    if not (path / CELLS_DIR / SWEEP_FILE).is_file():
+        what = "does not exist" if not path.exists() else "holds no sweep (no cells/sweep.json)"
+        raise ConfigError(f"--resume --out {str(path)!r}: {what}, nothing to resume; "
+                          f"run {command} without --resume to start one")
+
+
 class Sweep:
     """The cells of one command's run directory ``out`` (see the module docstring).
 
@@ -94,6 +105,8 @@ class Sweep:
         refused: ResAlignError | None = None
         if distributed.is_main():
             try:
+                if resume:
+                    check_resumable(self.path, command)
                 self.run_dir = RunDir(self.path, command=command, resume=resume)
                 self._check_settings()
                 atomic_write_json(self.cells / SWEEP_FILE, {"command": command, "settings": self.settings})
@@ -201,4 +214,4 @@ class Sweep:
             self.run_dir.close()
 
 
-__all__ = ["CELLS_DIR", "Cell", "Outcome", "Sweep", "canonical"]
+__all__ = ["CELLS_DIR", "Cell", "Outcome", "Sweep", "canonical", "check_resumable"]

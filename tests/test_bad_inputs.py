@@ -139,7 +139,13 @@ CASES = [
     ("compare-method", ["compare", "--methods", "base,sgd"], "method 'sgd'"),
     ("compare-lr", ["compare", "--lr", "0"], "--lr: expected a finite number > 0, got 0"),
     ("compare-dataset", ["compare", "--dataset", "{root}/nope"], "--dataset '{root}/nope': no such folder"),
+    ("compare-resume-nothing", ["compare", "--resume", "--out", "{root}/nope"],
+     "--resume --out '{root}/nope': does not exist, nothing to resume; run compare without --resume"),
+    ("compare-resume-not-a-sweep", ["compare", "--resume", "--out", "{root}/mixed"],
+     "--resume --out '{root}/mixed': holds no sweep (no cells/sweep.json), nothing to resume"),
     # resalign ablate
+    ("ablate-solvers-resume-nothing", ["ablate", "solvers", "--resume", "--out", "{root}/nope"],
+     "nothing to resume; run ablate-solvers without --resume"),
     ("ablate-solvers-device", ["ablate", "solvers", "--device", "tpu"], "--device: expected cpu, cuda, cuda:N or mps"),
     ("ablate-solvers-gamma-nan", ["ablate", "solvers", "--gamma", "nan"], "--gamma values finite numbers > 0"),
     ("ablate-solvers-set-nan", ["ablate", "solvers", "--set", "pool.lrs=[inf]"], "--set 'pool.lrs=[inf]': expected a finite number"),

@@ -76,6 +76,17 @@ def test_changed_settings_are_refused_or_get_new_keys(tmp_path):
     assert Sweep(tmp_path / "other", command="compare", settings=SETTINGS).key(changed) == resumed.key(changed)
 
 
+def test_resuming_a_folder_without_a_sweep_is_refused_before_any_work(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"holds no sweep \(no cells/sweep.json\), nothing to resume; run compare without"):
+        Sweep(empty, command="compare", settings=SETTINGS, resume=True)
+    assert not any(empty.iterdir())  # no lock, config or cells written
+    with pytest.raises(ConfigError, match="does not exist, nothing to resume"):
+        Sweep(tmp_path / "missing", command="attack", settings=SETTINGS, resume=True)
+    assert not (tmp_path / "missing").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

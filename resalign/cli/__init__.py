@@ -62,6 +62,10 @@ def sweep_out(out, command: str, resume: bool):
     from resalign.rundir import default_out
 
     if out is not None:
+        if resume:
+            from resalign.cells import check_resumable
+
+            check_resumable(out, command)
         return Path(out)
     if resume:
         raise ConfigError(f"--resume needs --out DIR, the run directory of the {command} to continue")
