@@ -43,6 +43,7 @@ KINDS: tuple[str, ...] = (
     "finetune-loss",
     "scorer",
     "model",
+    "method",
 )
 
 
@@ -400,3 +401,38 @@ class ModelLoader(Protocol):
     def can_load(self, path: str | None) -> bool: ...
 
     def load(self, path: str | None, device: str = "cpu", dtype: str = "fp32") -> T2IBundle: ...
+
+
+# --------------------------------------------------------------------------- method recipes
+
+
+@dataclass(frozen=True)
+class MethodRecipe:
+    """A whole unlearning recipe that ``resalign compare --methods NAME`` runs (kind ``method``).
+
+    ``settings`` are the :class:`~resalign.settings.run.RunConfig` fields the recipe fixes (harmful
+    ``loss``, β, ``solver``, ``J``, the pool π(C), θ via ``params``, ``outer_steps``...); the others
+    take ``--unlearn-option`` or the preset's values. A recipe that fixes ``solver`` also replaces the
+    solver options given for every run, and one with β = 0 (Eq. 2, no simulation) drops them.
+
+    Its role in the comparison (Tab. 1) is declared, never read from its name:
+
+    * ``unlearns``: False for the model as loaded (``base``), which is measured, not unlearned;
+    * ``ours``: ResAlign (Alg. 2); the first such method is the strength every ``matched`` method is
+      matched to (``--match strength``) and is paired with its ``twin``;
+    * ``twin``: the β = 0 baseline compared replicate by replicate with an ``ours`` method, as a method
+      name in which ``{loss}`` stands for the recipe's resolved harmful loss (``"{loss}"``: the
+      baseline of the same loss);
+    * ``matched``: unlearned at ResAlign's strength (the baselines and the peers of Tab. 8);
+    * ``loss_variants``: ``NAME-LOSS`` runs the recipe with harmful loss ``LOSS`` (``resalign-ga``);
+    * ``solver_choice``: ``NAME@SOLVER`` runs it with hypergradient solver ``SOLVER`` (``resalign@sam``).
+    """
+
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    unlearns: bool = True
+    ours: bool = False
+    twin: str | None = None
+    matched: bool = False
+    loss_variants: bool = False
+    solver_choice: bool = False
+    summary: str = ""

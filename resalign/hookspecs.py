@@ -62,6 +62,14 @@ def register_models(register: Register) -> None:
 
 
 @hookspec
+def register_methods(register: Register) -> None:
+    """Register method recipes that ``resalign compare --methods`` runs by name, each a
+    :class:`resalign.components.MethodRecipe` (harmful loss, β, solver, pool, θ, steps and its role in
+    Tab. 1): ``register("my-method", MethodRecipe(settings={"loss": "esd", "beta": 0.5}, matched=True))``.
+    """
+
+
+@hookspec
 def on_outer_step(step: int, metrics: dict[str, float]) -> bool | None:
     """Called after every outer step of Alg. 2 with its logged figures; return True to stop the run."""
 

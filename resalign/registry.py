@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from resalign import hookspecs
-from resalign.components import KINDS, Component
+from resalign.components import KINDS, Component, MethodRecipe
 from resalign.errors import DuplicateComponentError, PluginError, UnknownComponentError
 
 #: Modules holding the built-in hook implementations, registered like any plugin.
@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "resalign.solvers",
     "resalign.scorers",
     "resalign.models.loaders",
+    "resalign.methods",
 )
 
 ENTRY_POINT_GROUP = "resalign"
@@ -40,6 +41,7 @@ _HOOK_OF_KIND = {
     "finetune-loss": "register_finetune_losses",
     "scorer": "register_scorers",
     "model": "register_models",
+    "method": "register_methods",
 }
 
 
@@ -51,10 +53,15 @@ class ComponentInfo:
     plugin: str  # the plugin (module) name that registered it
     distribution: str  # the installed distribution providing it
     version: str
+    origin: str = ""  # the module of the hook that registered it
 
     @property
     def module(self) -> str:
-        return getattr(self.component, "__module__", type(self.component).__module__)
+        """Where the component is defined: its class's (or function's) module; for an instance
+        such as a :class:`~resalign.components.MethodRecipe`, the module that registered it."""
+        if isinstance(self.component, type) or callable(self.component) or not self.origin:
+            return getattr(self.component, "__module__", type(self.component).__module__)
+        return self.origin
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,11 @@ class Registry:
             for impl in caller.get_hookimpls():
                 plugin_name = impl.plugin_name
                 dist, version = self._dist_of(impl.plugin)
+                origin = getattr(impl.plugin, "__name__", None) or type(impl.plugin).__module__
 
-                def register(name: str, component: Any, *, _kind=kind, _p=plugin_name, _d=dist, _v=version):
-                    self._add(ComponentInfo(_kind, name, component, _p, _d, _v))
+                def register(name: str, component: Any, *, _kind=kind, _p=plugin_name, _d=dist, _v=version,
+                             _o=origin):
+                    self._add(ComponentInfo(_kind, name, component, _p, _d, _v, _o))
 
                 try:
                     impl.function(register=register)
@@ -113,6 +122,9 @@ class Registry:
 
     def _add(self, info: ComponentInfo) -> None:
         _validate_name(info.kind, info.name, info.plugin)
+        if info.kind == "method" and not isinstance(info.component, MethodRecipe):
+            raise PluginError(f"plugin {info.plugin!r} registered method {info.name!r} as "
+                              f"{type(info.component).__name__}: expected a resalign.components.MethodRecipe")
         existing = self._items[info.kind].get(info.name)
         if existing is not None:
             raise DuplicateComponentError(

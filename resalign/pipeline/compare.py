@@ -37,8 +37,13 @@ from resalign.checkpoints import run_config_of
 from resalign.data.training import shared_data
 from resalign.config import from_dict, to_dict
 from resalign.errors import ConfigError
-from resalign.eval.reports.compare import is_ours
-from resalign.eval.protocol.methods import check_comparison, describe_run, method_settings
+from resalign.eval.protocol.methods import (
+    check_comparison,
+    describe_run,
+    method_roles,
+    method_settings,
+    parse_method,
+)
 from resalign.eval.protocol.comparison import Comparison
 from resalign.eval.protocol.finetune import FinetuneSpec
 from resalign.eval.protocol.matching import candidate_runs
@@ -113,7 +118,7 @@ def check_compare_config(cfg: CompareConfig) -> None:
     model_folder(cfg.model)
     registry = get_registry()
     for method in cfg.methods:
-        if method == "base" or method in cfg.runs:
+        if method in cfg.runs or not parse_method(method).recipe.unlearns:
             continue
         validate(resolve_run(method_run_config(method, cfg.model, cfg.seed, cfg.unlearn, cfg.device, cfg.dtype)),
                  registry)
@@ -143,12 +148,14 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     unlearn_seeds = [cfg.seed + i for i in range(cfg.unlearn_seeds)]
     # ResAlign first: its before-FT harmful rate is the strength the baselines are matched to.
-    todo = sorted((m for m in cfg.methods if m != "base" and m not in cfg.runs), key=lambda m: not is_ours(m))
+    roles = method_roles(cfg.methods, {})
+    todo = sorted((m for m in cfg.methods if roles[m]["unlearns"] and m not in cfg.runs),
+                  key=lambda m: not roles[m]["ours"])
     rcs = {u: {m: method_run_config(m, cfg.model, u, cfg.unlearn, cfg.device, cfg.dtype) for m in todo}
            for u in unlearn_seeds}
     if cfg.match == "strength":
-        rcs = {u: candidate_runs(by_method, lambda rc: resolve(rc).outer_steps, cfg.match_every, cfg.match_max_factor)
-               for u, by_method in rcs.items()}
+        rcs = {u: candidate_runs(by_method, lambda rc: resolve(rc).outer_steps, cfg.match_every, cfg.match_max_factor,
+                                 roles) for u, by_method in rcs.items()}
     first = rcs[unlearn_seeds[0]]
     losses = {m: resolve(rc).loss for m, rc in first.items()} | {m: run_config_of(d).loss for m, d in cfg.runs.items()}
     cmp = Comparison(base, cfg.methods, cfg.runs, ft_data, spec, harm_sets, benign_sets, gen, cfg.scorer_options,

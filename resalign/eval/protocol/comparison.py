@@ -51,12 +51,13 @@ import numpy as np
 from resalign.cells import Cell, Outcome
 from resalign.checkpoints import checkpoint_weights, recorded_config
 from resalign.eval.reports.compare import (
-    BASELINE_LOSSES,
     add_paired_differences,
     compare_tables,
     intro,
-    is_ours,
+    matched_of,
+    ours_of,
     plots,
+    roles_of,
     strength_and_finding_checks,
     twins,
     write_results_md,
@@ -64,6 +65,7 @@ from resalign.eval.reports.compare import (
 from resalign.eval.reports.validation import validation_checks, validation_figure
 from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
 from resalign.eval.protocol.matching import RULE, earliest_as_strong
+from resalign.eval.protocol.methods import method_roles
 from resalign.eval.reports.tidy import TidyReport
 from resalign.eval.scoring.evaluator import Evaluator
 from resalign.eval.scoring.presets import SEED_STRIDE
@@ -103,7 +105,6 @@ class Comparison:
         report = self.report
         self.seed, self.seeds, self.unlearn_seeds = seed, list(seeds), list(unlearn_seeds)
         self.device, self.dtype, self.match_mode, self.losses = device, dtype, match, dict(losses)
-        self.ours = next((m for m in self.methods if is_ours(m)), None)
         bundle, opts, head = base.bundle, scorer_options, self.harm_sets[:1]
         self.before_eval = Evaluator(bundle, self.harm_sets + self.benign_sets, gen, scorer_options=opts)
         self.after_eval = Evaluator(bundle, self.harm_sets, gen, scorer_options=options_for(opts, self.harm_sets))
@@ -114,6 +115,10 @@ class Comparison:
             evaluation=self.before_eval.describe(), **settings,
             prompt_sets={"harmful": [s.name for s in harm_sets], "benign": [s.name for s in benign_sets]},
             matching={"mode": match}, unlearn_seeds=self.unlearn_seeds)
+        #: each method's role (settings ``method_roles``: ours, matched, twin), from its recipe
+        report.settings["method_roles"] = method_roles(self.methods, self.losses)
+        self.roles = roles_of(report.settings)
+        self.ours = ours_of(self.roles)
         self.run_dirs: dict[int, dict[str, str]] = {}
         self.targets: dict[int, float] = {}
         self.timings: dict[str, float] = {}
@@ -148,7 +153,7 @@ class Comparison:
     def match_strength(self, run: Callable[..., list[Outcome]], bars: Bars) -> None:
         """``--match strength``: the targets (one cell per unlearning seed), then every baseline's earliest
         checkpoint as strong (one cell per baseline and seed); ``run(cells, fn)`` runs cells (a sweep's)."""
-        cells = self.target_cells() if any(m in BASELINE_LOSSES for m in self.methods) else []
+        cells = self.target_cells() if matched_of(self.roles) else []
         if cells:
             self.add_targets(cells, run(cells, lambda cell: self.target(cell, bars)))
             cells = self.match_cells()
@@ -182,7 +187,7 @@ class Comparison:
     def match_cells(self) -> list[Cell]:
         """Each baseline's earliest checkpoint as strong as its target: one cell per baseline and seed."""
         return [Cell(f"match-{m}-u{u}", {"unlearn_seed": u, "method": m})
-                for m in self.methods if m in BASELINE_LOSSES for u in self.unlearn_seeds]
+                for m in matched_of(self.roles) for u in self.unlearn_seeds]
 
     def match(self, cell: Cell, bars: Bars) -> dict[str, Any]:
         """The earliest checkpoint of a baseline (of one unlearning seed) as strong as the target."""
@@ -212,7 +217,7 @@ class Comparison:
         d = self.run_dirs[u][m]
         model = Model(m, load_model(d, device=self.device, dtype=self.dtype).bundle, d, unlearn_seed=u)
         step = self.matching(u).get(m, {}).get("chosen_step") if u in self.targets else None
-        if m in BASELINE_LOSSES and step is not None:
+        if self.roles[m]["matched"] and step is not None:
             ((_, weights),) = checkpoint_weights(d, self.base.bundle, steps={step})
             model.bundle.unet.load_state_dict(weights, strict=False)
             model.matched_step = step
@@ -298,9 +303,9 @@ class Comparison:
     # ------------------------------------------------------------------ report
     def checks(self) -> dict[str, Any]:
         """The report's checks (:func:`~resalign.eval.reports.compare.strength_and_finding_checks`), with
-        ``--match steps`` after the paired differences ResAlign − twin (:func:`twins`, by harmful loss)."""
+        ``--match steps`` after the paired differences ResAlign − twin (:func:`twins`, as its recipe names it)."""
         names, headline = [d.name for d in self.ft_data], self.harm_sets[0].name
-        pairs = twins(self.methods, self.losses)
+        pairs = twins(self.roles)
         if self.match_mode == "steps":
             add_paired_differences(self.report, pairs, names, headline)
         checks = strength_and_finding_checks(self.report, self.methods, names, headline)

@@ -19,8 +19,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from resalign.eval.reports.compare import is_ours
-
 #: How baselines are matched to ResAlign: by unlearning strength (checkpoint choice) or by steps.
 MATCH_MODES = ("strength", "steps")
 #: The matching rule as the report states it.
@@ -48,12 +46,13 @@ def earliest_as_strong(rates: Iterable[tuple[int, float]], target: float, n: int
     return {"curve": curve, "chosen_step": chosen}
 
 
-def candidate_runs(run_configs: Mapping[str, Any], outer_steps: Callable[[Any], int], every: int, max_factor: int
-                   ) -> dict[str, Any]:
-    """The methods' run configurations with the baselines' checkpoints made the candidates of matching: a
-    checkpoint every ``every`` outer steps, all kept, and at least ``max_factor`` times ResAlign's outer
-    steps (``outer_steps(rc)``: a configuration's resolved outer steps); ResAlign's own run is unchanged."""
-    ours = next((outer_steps(rc) for m, rc in run_configs.items() if is_ours(m)), None)
-    return {m: rc if is_ours(m) else dataclasses.replace(
-                rc, checkpoint_every=every, keep_checkpoints=0, outer_steps=max(outer_steps(rc), max_factor * (ours or 0)))
-            for m, rc in run_configs.items()}
+def candidate_runs(run_configs: Mapping[str, Any], outer_steps: Callable[[Any], int], every: int, max_factor: int,
+                   roles: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The methods' run configurations with the matched methods' checkpoints (``roles[m]["matched"]``:
+    baselines and peers) made the candidates of matching: a checkpoint every ``every`` outer steps, all
+    kept, and at least ``max_factor`` times ResAlign's (``roles[m]["ours"]``) outer steps
+    (``outer_steps(rc)``: a configuration's resolved outer steps); the other runs are unchanged."""
+    ours = next((outer_steps(rc) for m, rc in run_configs.items() if roles[m]["ours"]), None)
+    return {m: dataclasses.replace(rc, checkpoint_every=every, keep_checkpoints=0,
+                                   outer_steps=max(outer_steps(rc), max_factor * (ours or 0)))
+            if roles[m]["matched"] else rc for m, rc in run_configs.items()}

@@ -1,28 +1,83 @@
-"""The methods ``resalign compare`` knows: ``base`` (the model as loaded), the plain-unlearning
-baselines (β = 0 in Eq. 3, i.e. Eq. 2's L_harm + α·R, each with its own harmful loss: GA, ESD, CA) and
-ResAlign (Alg. 2, ``resalign`` or ``resalign-LOSS``; ``@SOLVER`` picks its hypergradient solver, e.g.
-``resalign@sam`` or ``resalign-ga@trajectory``); the unlearning settings of each, and the checks of
-``--methods`` and ``--run``.
+"""The methods ``resalign compare`` knows: the registered method recipes (kind ``method``,
+:class:`~resalign.components.MethodRecipe`; built-ins in :mod:`resalign.methods`: ``base``, the β = 0
+baselines ``ga``, ``esd``, ``ca``, ResAlign and the Tab. 8 peers ``imma`` and ``meta-unlearning``), with
+``NAME-LOSS`` (a recipe with ``loss_variants``: ``resalign-ga``) and ``NAME@SOLVER`` (one with
+``solver_choice``: ``resalign@sam``, ``resalign-ga@trajectory``); the unlearning settings of each, their
+roles in the report (:func:`method_roles`), and the checks of ``--methods`` and ``--run``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from resalign.components import MethodRecipe
 from resalign.errors import ConfigError
-from resalign.eval.reports.compare import BASELINE_LOSSES, is_ours
 from resalign.eval.protocol.matching import MATCH_MODES
 
-_EXPECTED = f"expected base, {', '.join(BASELINE_LOSSES)}, resalign or resalign-LOSS (either may end in @SOLVER)"
+
+@dataclass(frozen=True)
+class Method:
+    """A ``--methods`` entry: its recipe and the harmful loss and solver its name picks."""
+
+    name: str
+    recipe: MethodRecipe
+    loss: str | None = None
+    solver: str | None = None
+
+
+def _expected(registry: Any) -> str:
+    infos = registry.infos("method")
+    variants = [i.name for i in infos if i.component.loss_variants]
+    choices = [i.name for i in infos if i.component.solver_choice]
+    return (f"expected one of {', '.join(i.name for i in infos)}"
+            + (f"; {'/'.join(variants)} may end in -LOSS" if variants else "")
+            + (f", {'/'.join(choices)} in @SOLVER" if choices else "")
+            + " (resalign plugins --kind method)")
+
+
+def parse_method(method: str, registry: Any = None) -> Method:
+    """The recipe of ``method`` (``NAME``, ``NAME-LOSS`` or either with ``@SOLVER``); ConfigError naming
+    the known ones when there is none."""
+    if registry is None:
+        from resalign.registry import get_registry
+
+        registry = get_registry()
+    head, at, solver = method.partition("@")
+    known = set(registry.names("method"))
+    found: Method | None = None
+    if head in known:
+        found = Method(method, registry.get("method", head))
+    else:
+        parts = head.split("-")
+        for i in range(1, len(parts)):
+            prefix, loss = "-".join(parts[:i]), "-".join(parts[i:])
+            if prefix in known and registry.get("method", prefix).loss_variants:
+                found = Method(method, registry.get("method", prefix), loss=loss)
+                break
+    if found is None:
+        raise ConfigError(f"method {method!r}: {_expected(registry)}")
+    if at:
+        if not found.recipe.solver_choice:
+            raise ConfigError(f"method {method!r}: {head!r} fixes its solver, '@SOLVER' is for "
+                              + ", ".join(i.name for i in registry.infos("method") if i.component.solver_choice))
+        if not solver:
+            raise ConfigError(f"method {method!r}: name a solver after '@' (e.g. resalign@sam)")
+        found = Method(method, found.recipe, found.loss, solver)
+    return found
 
 
 def method_settings(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str,
                     dtype: str) -> dict[str, Any]:
     """The run settings (``RunConfig`` fields) that unlearn ``method``: ``overrides`` (``--unlearn-option``)
-    with the model, seed, device and dtype, and β = 0 and the baseline's loss (without the solver
-    settings, which β = 0 never uses), or ResAlign's ``LOSS`` and ``SOLVER``."""
+    with the model, seed, device and dtype, and the settings its recipe fixes (which win), its ``LOSS`` and
+    ``SOLVER``. A recipe with β = 0 (Eq. 2) runs no simulation and drops the solver settings; one that
+    fixes its solver drops the solver options given for every run."""
+    m = parse_method(method)
+    if not m.recipe.unlearns:
+        raise ConfigError(f"method {method!r} is not unlearned (it is the model as loaded)")
     kw: dict[str, Any] = dict(overrides)
     for key in ("model", "seed", "device", "dtype", "loss", "beta"):
         if key in kw:
@@ -30,24 +85,32 @@ def method_settings(method: str, model: str | None, seed: int, overrides: Mappin
     if model is not None:
         kw["model"] = model
     kw.update(seed=seed, device=device, dtype=dtype)
-    if method in BASELINE_LOSSES:
-        # β = 0 runs no simulation: the solver settings are ResAlign's (e.g. rho for resalign@sam)
+    fixed = dict(m.recipe.settings)
+    if m.loss:
+        fixed["loss"] = m.loss
+    if fixed.get("beta") == 0 or "solver" in fixed:
+        # β = 0 runs no simulation; a recipe's own solver does not take ResAlign's options (e.g. rho for @sam)
         kw.pop("solver", None)
         kw.pop("solver_options", None)
-        kw.update(loss=method, beta=0.0)
-    elif is_ours(method):
-        name, _, solver = method.partition("@")
-        if "-" in name:
-            kw["loss"] = name.split("-", 1)[1]
-        if "@" in method and not solver:
-            raise ConfigError(f"method {method!r}: name a solver after '@' (e.g. resalign@sam)")
-        if solver:
-            if "solver" in kw:
-                raise ConfigError(f"method {method!r} names its solver: drop --unlearn-option solver=...")
-            kw["solver"] = solver
-    else:
-        raise ConfigError(f"method {method!r}: {_EXPECTED}")
+    if m.solver:
+        if "solver" in kw:
+            raise ConfigError(f"method {method!r} names its solver: drop --unlearn-option solver=...")
+        fixed["solver"] = m.solver
+    kw.update(fixed)
     return kw
+
+
+def method_roles(methods: Sequence[str], losses: Mapping[str, str | None]) -> dict[str, dict[str, Any]]:
+    """Each method's role in the report, from its recipe: ``ours``, ``matched`` (to ResAlign's strength),
+    ``unlearns`` and ``twin`` (the β = 0 baseline paired with an ``ours`` method, its recipe's ``twin``
+    with ``{loss}`` its resolved harmful loss ``losses[m]``; None when that baseline is not compared)."""
+    roles: dict[str, dict[str, Any]] = {}
+    for name in methods:
+        r = parse_method(name).recipe
+        twin = r.twin.format(loss=losses.get(name)) if r.ours and r.twin and losses.get(name) else None
+        roles[name] = {"ours": r.ours, "matched": r.matched, "unlearns": r.unlearns,
+                       "twin": twin if twin in methods and twin != name else None}
+    return roles
 
 
 def check_comparison(cfg: Any, made_from: Callable[[Path], str | None]) -> None:
@@ -76,14 +139,16 @@ def check_methods(methods: Sequence[str], runs: Mapping[str, str], model: str | 
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {', '.join(methods)}")
     for m in methods:
-        if m != "base" and m not in BASELINE_LOSSES and not is_ours(m):
-            raise ConfigError(f"--methods {m!r}: {_EXPECTED}")
+        try:
+            parse_method(m)
+        except ConfigError as exc:
+            raise ConfigError("--methods " + str(exc).removeprefix("method ")) from None
     extra = sorted(set(runs) - set(methods))
     if extra:
         raise ConfigError(f"--run {', '.join(extra)}: not among --methods ({', '.join(methods)})")
     for m, path in runs.items():
-        if m == "base":
-            raise ConfigError("--run base=...: the base model is --model")
+        if not parse_method(m).recipe.unlearns:
+            raise ConfigError(f"--run {m}=...: {m} is the model as loaded, --model")
         if not (Path(path) / "model" / "unet").is_dir() or not (Path(path) / "config.toml").is_file():
             raise ConfigError(f"--run {m}={path}: not a run directory (model/unet/ and config.toml)")
         source = made_from(Path(path))

@@ -17,13 +17,40 @@ from resalign.eval.reports.tidy import MarkdownTable, TidyReport
 from resalign.eval.reports.stats import paired_difference
 from resalign.eval.reports.validation import validation_lines
 
-#: The β = 0 baselines compare knows, by harmful loss.
+#: The β = 0 baselines of reports written before method recipes declared their roles.
 BASELINE_LOSSES = ("ga", "esd", "ca")
 
 
 def is_ours(method: str) -> bool:
-    """Whether ``method`` names ResAlign (``resalign`` or ``resalign-LOSS``, either with ``@SOLVER``)."""
+    """Whether ``method`` names ResAlign by its built-in name (``resalign`` or ``resalign-LOSS``, either
+    with ``@SOLVER``): the roles of reports written before method recipes declared them."""
     return method.split("@", 1)[0] == "resalign" or method.startswith("resalign-")
+
+
+def roles_of(settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each compared method's role (``ours``, ``matched``, ``twin``), as recorded in a report's settings
+    (``method_roles``, from the method recipes); for an older report, from the built-in names."""
+    roles = settings.get("method_roles")
+    if roles:
+        return dict(roles)
+    methods = settings.get("methods", [])
+    losses = {m: rc.get("loss") for m, rc in settings.get("unlearning", {}).items()}
+    out = {m: {"ours": is_ours(m), "matched": m in BASELINE_LOSSES, "unlearns": m != "base", "twin": None}
+           for m in methods}
+    for o in (m for m in methods if is_ours(m)):
+        out[o]["twin"] = next((b for b in methods if b in BASELINE_LOSSES and losses.get(b) is not None
+                               and losses.get(b) == losses.get(o)), None)
+    return out
+
+
+def ours_of(roles: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The first ResAlign method (the strength the matched methods are matched to), if any."""
+    return next((m for m, r in roles.items() if r.get("ours")), None)
+
+
+def matched_of(roles: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The methods unlearned at ResAlign's strength (baselines and peers), in order."""
+    return [m for m, r in roles.items() if r.get("matched")]
 
 
 def compare_tables(report: TidyReport) -> list[MarkdownTable]:
@@ -53,10 +80,9 @@ def compare_tables(report: TidyReport) -> list[MarkdownTable]:
     return tables + paired_tables(report)
 
 
-def twins(methods: Sequence[str], losses: Mapping[str, str | None]) -> list[tuple[str, str]]:
-    """(ResAlign method, its β = 0 twin): the baselines whose resolved harmful loss is that method's."""
-    return [(o, b) for o in methods if is_ours(o) for b in methods
-            if b in BASELINE_LOSSES and losses.get(b) is not None and losses.get(b) == losses.get(o)]
+def twins(roles: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(ResAlign method, its β = 0 twin) for every ``ours`` method whose recipe's twin is compared."""
+    return [(o, r["twin"]) for o, r in roles.items() if r.get("ours") and r.get("twin")]
 
 
 def add_paired_differences(report: TidyReport, pairs: Sequence[tuple[str, str]], datasets: Sequence[str],
@@ -128,8 +154,8 @@ def strength_and_finding_checks(
 
     out: dict[str, Any] = {"prompts": prompts, "matched": {}, "rebound": {}, "resalign_lowest": {},
                            "utility_vs_base": {}}
-    ours = next((m for m in methods if is_ours(m)), None)
-    baselines = [m for m in methods if m in BASELINE_LOSSES]
+    roles = {m: r for m, r in roles_of(report.settings).items() if m in methods}
+    ours, baselines = ours_of(roles), matched_of(roles)
     ref = row(model=ours, stage="before_ft") if ours else None
     for b in baselines:
         r = row(model=b, stage="before_ft")
@@ -239,9 +265,9 @@ def plots(path: Path, report: TidyReport, methods, datasets, harm_sets, samples)
     return figures
 
 
-def _curve_lines(match: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
+def _curve_lines(match: Mapping[str, Any], matched: Sequence[str]) -> list[str]:
     lines = []
-    for b in (m for m in methods if m in BASELINE_LOSSES and m in match):
+    for b in (m for m in matched if m in match):
         curve = ", ".join(f"step {p['step']}: {p['harmful_rate']:.2f}" for p in match[b]["curve"])
         chosen = match[b]["chosen_step"]
         lines.append(f"- `{b}`: {curve} -> " + (f"checkpoint of step {chosen}" if chosen else "final weights"))
@@ -292,13 +318,13 @@ def write_results_md(path: Path, report: TidyReport, tables: Sequence[MarkdownTa
     if match.get("mode") == "strength" and "target" in match:
         lines += ["", f"Strength matching: target = {match['target_model']}'s harmful rate "
                       f"{match['target']:.3f} on {match['images']} '{match['prompts']}' images; {match['rule']}."]
-        lines += _curve_lines(match, s.get("methods", []))
+        lines += _curve_lines(match, matched_of(roles_of(s)))
     elif match.get("mode") == "strength" and "by_unlearn_seed" in match:
         lines += ["", f"Strength matching per unlearning seed: target = {match['target_model']}'s harmful rate "
                       f"of that seed on {match['images']} '{match['prompts']}' images; {match['rule']}."]
         for u, info in match["by_unlearn_seed"].items():
             lines.append(f"- unlearning seed {u}: target {info['target']:.3f}")
-            lines += ["  " + line for line in _curve_lines(info, s.get("methods", []))]
+            lines += ["  " + line for line in _curve_lines(info, matched_of(roles_of(s)))]
     lines.append("")
     by_seed = "; per unlearning seed, `settings.unlearning_by_seed`" if "unlearning_by_seed" in s else ""
     lines += [f"Unlearning settings per method are in the run directory's `report.json` (`settings.unlearning`{by_seed}). "
