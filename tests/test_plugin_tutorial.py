@@ -1,5 +1,5 @@
 """The tutorial plugin of docs/plugins.md (tests/fixtures/plugin_pkg), found through its entry point and
-used by name in run, attack --adapt, compare --adapt, ablate solvers --solvers and score --scorer.
+used by name in run, attack --adapt, compare --adapt and --methods, ablate solvers --solvers and score --scorer.
 
 The package is "installed" the way pip would leave it for importlib.metadata: a
 ``resalign_tutorial-0.1.0.dist-info`` folder (METADATA and the entry points of its pyproject.toml) on
@@ -53,7 +53,12 @@ SCRIPT = textwrap.dedent('''
                      "--adapt", "bitfit", "--outer-steps", "2", "-J", "1", "--gamma", "0.1", *data, "--no-progress"]),
         "attack": main(["attack", f"{work}/run", "--adapt", "bitfit", "--steps", "2", "--eval-every", "0",
                         "--out", f"{work}/attack", *small_eval]),
-        "compare": main(["compare", "--model", model, "--methods", "base,resalign", "--run", f"resalign={work}/run",
+        "compare": main(["compare", "--model", model, "--methods", "base,resalign,bounded-plain",
+                         "--run", f"resalign={work}/run", "--match", "steps", "--unlearn-option", "outer_steps=1",
+                         "--unlearn-option", "harm_batch=2", "--unlearn-option", "preserve_batch=2",
+                         "--unlearn-option", "quick_eval=0", "--unlearn-option", "val_sims=0", "--unlearn-option",
+                         'data={harmful=[{source="toy:harmful", n=4}], preserve=[{source="toy:preservation", n=4, seed=1}], '
+                         'finetune=[{source="toy:preservation", n=4, seed=2}], sample_steps=2}',
                          "--adapt", "bitfit", "--ft-steps", "1", "--out", f"{work}/compare", *small_eval]),
         "ablate": main(["ablate", "solvers", "--model", model, "--solvers", "neumann", "--loss", "bounded-ga",
                         "--no-effect", "--adapt", "bitfit", "--seeds", "1", "--configs", "1", "--K", "2", "--gamma", "0.1",
@@ -95,7 +100,8 @@ def test_tutorial_plugin_works_in_every_command(tiny_toy_dir, tmp_path):
     assert result["codes"] == dict.fromkeys(["plugins", "run", "attack", "compare", "ablate", "score"], 0), proc.stderr[-3000:]
     listed = json.loads(_first_json(proc.stdout))
     mine = {(r["kind"], r["name"]) for r in listed["components"] if r["distribution"] == dist}
-    assert mine == {("adapter", "bitfit"), ("solver", "neumann"), ("harmful-loss", "bounded-ga"), ("scorer", "brightness")}
+    assert mine == {("adapter", "bitfit"), ("solver", "neumann"), ("harmful-loss", "bounded-ga"), ("scorer", "brightness"),
+                    ("method", "bounded-plain")}
 
     work = tmp_path / "work"
     # run: the plugin's loss, solver and adapter made the simulations of Alg. 2
@@ -110,6 +116,12 @@ def test_tutorial_plugin_works_in_every_command(tiny_toy_dir, tmp_path):
     compare = json.loads((work / "compare" / "report.json").read_text())
     assert compare["settings"]["finetune"]["adapt"] == "bitfit"
     assert any(r["stage"] == "after_ft" and r["model"] == "resalign" for r in compare["results"])
+    # compare --methods ran the plugin's recipe by name: its loss and β, unlearned here, fine-tuned and measured
+    assert {k: compare["settings"]["unlearning"]["bounded-plain"][k] for k in ("loss", "beta")} == {
+        "loss": "bounded-ga", "beta": 0.0}
+    assert compare["settings"]["method_roles"]["bounded-plain"]["matched"] is True
+    assert (work / "compare" / "unlearn" / "bounded-plain" / "model" / "unet").is_dir()
+    assert any(r["stage"] == "after_ft" and r["model"] == "bounded-plain" for r in compare["results"])
     ablate = json.loads((work / "ablate" / "report.json").read_text())
     assert any("neumann" in str(r.get("setting")) for r in ablate["results"])
     # score: 2 of the 4 images are brighter than 0.5
