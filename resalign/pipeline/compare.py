@@ -40,9 +40,11 @@ from resalign.errors import ConfigError
 from resalign.eval.protocol.methods import (
     check_comparison,
     describe_run,
+    is_released,
     method_roles,
     method_settings,
     parse_method,
+    with_released,
 )
 from resalign.eval.protocol.comparison import Comparison
 from resalign.eval.protocol.finetune import FinetuneSpec
@@ -103,6 +105,7 @@ def check_compare_config(cfg: CompareConfig) -> None:
     from resalign.registry import get_registry
     from resalign.validation import check_int, check_number
 
+    cfg = with_released(cfg)
     check_common(device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, seed=cfg.seed, limit=cfg.limit,
                  images_per_prompt=cfg.images_per_prompt, steps=cfg.sample_steps, guidance=cfg.guidance,
                  toy_prompts=cfg.toy_prompts, scorers=cfg.scorers,
@@ -148,7 +151,7 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     unlearn_seeds = [cfg.seed + i for i in range(cfg.unlearn_seeds)]
     # ResAlign first: its before-FT harmful rate is the strength the baselines are matched to.
-    roles = method_roles(cfg.methods, {})
+    roles = method_roles(cfg.methods, {}, [m for m, d in cfg.runs.items() if is_released(d)])
     todo = sorted((m for m in cfg.methods if roles[m]["unlearns"] and m not in cfg.runs),
                   key=lambda m: not roles[m]["ours"])
     rcs = {u: {m: method_run_config(m, cfg.model, u, cfg.unlearn, cfg.device, cfg.dtype) for m in todo}
@@ -157,7 +160,8 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
         rcs = {u: candidate_runs(by_method, lambda rc: resolve(rc).outer_steps, cfg.match_every, cfg.match_max_factor,
                                  roles) for u, by_method in rcs.items()}
     first = rcs[unlearn_seeds[0]]
-    losses = {m: resolve(rc).loss for m, rc in first.items()} | {m: run_config_of(d).loss for m, d in cfg.runs.items()}
+    losses = {m: resolve(rc).loss for m, rc in first.items()} | {m: run_config_of(d).loss for m, d in cfg.runs.items()
+                                                              if not is_released(d)}
     cmp = Comparison(base, cfg.methods, cfg.runs, ft_data, spec, harm_sets, benign_sets, gen, cfg.scorer_options,
                      seed=cfg.seed, seeds=seeds, unlearn_seeds=unlearn_seeds, device=cfg.device, dtype=cfg.dtype,
                      match=cfg.match, losses=losses, settings={"config": to_dict(cfg), "reused_runs": dict(cfg.runs), "unlearning":
@@ -234,6 +238,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True, r
     recorded when finished, skipped with ``resume``, and under ``torchrun`` split over the ranks, phase
     by phase (unlearning, targets, matching, measurements); rank 0 writes the merged report.
     """
+    cfg = with_released(cfg)  # --methods NAME=PATH: released models, compared as reused runs
     distributed.init(cfg.device)
     set_threads(cfg.threads)
     cmp, sweep, unlearn_cfgs = _open(cfg, out, resume)

@@ -65,12 +65,13 @@ from resalign.eval.reports.compare import (
 from resalign.eval.reports.validation import validation_checks, validation_figure
 from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, Stage
 from resalign.eval.protocol.matching import RULE, earliest_as_strong
-from resalign.eval.protocol.methods import method_roles
+from resalign.eval.protocol.methods import is_released, method_roles
 from resalign.eval.reports.tidy import TidyReport
 from resalign.eval.scoring.evaluator import Evaluator
 from resalign.eval.scoring.presets import SEED_STRIDE
 from resalign.eval.scoring.sets import options_for
 from resalign.models.load import load_model
+from resalign.models.single_file import load_compared
 from resalign.progress import Bars
 from resalign.eval.reports.records import Figure, add_figures, figures_of, figures_value, samples_arrays, samples_of
 
@@ -116,7 +117,8 @@ class Comparison:
             prompt_sets={"harmful": [s.name for s in harm_sets], "benign": [s.name for s in benign_sets]},
             matching={"mode": match}, unlearn_seeds=self.unlearn_seeds)
         #: each method's role (settings ``method_roles``: ours, matched, twin), from its recipe
-        report.settings["method_roles"] = method_roles(self.methods, self.losses)
+        released = [m for m, d in self.runs.items() if is_released(d)]
+        report.settings["method_roles"] = method_roles(self.methods, self.losses, released)
         self.roles = roles_of(report.settings)
         self.ours = ours_of(self.roles)
         self.run_dirs: dict[int, dict[str, str]] = {}
@@ -215,7 +217,7 @@ class Comparison:
         if self._loaded is not None and (self._loaded.name, self._loaded.unlearn_seed) == (m, u):
             return self._loaded
         d = self.run_dirs[u][m]
-        model = Model(m, load_model(d, device=self.device, dtype=self.dtype).bundle, d, unlearn_seed=u)
+        model = Model(m, load_compared(d, self.base.path, device=self.device, dtype=self.dtype).bundle, d, unlearn_seed=u)
         step = self.matching(u).get(m, {}).get("chosen_step") if u in self.targets else None
         if self.roles[m]["matched"] and step is not None:
             ((_, weights),) = checkpoint_weights(d, self.base.bundle, steps={step})
@@ -292,7 +294,7 @@ class Comparison:
                 for image in samples_of(outcome.value["samples"], outcome.arrays).values():
                     self.samples[f"{m} · before" if d is None else f"{m} · after {d}"] = image
             seeds: dict[str, Any] = {"ft_seeds": self.seeds}
-            if m != "base":
+            if m != "base" and not self.roles[m].get("released"):
                 seeds = {"unlearn_seeds": [recorded_config(self.run_dirs[self.unlearn_seeds[0]][m]).get("seed", 0)]
                          if m in self.runs else self.unlearn_seeds, **seeds}
             add_figures(self.report, before, model=m, stage="before_ft", **seeds)

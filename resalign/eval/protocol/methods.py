@@ -100,12 +100,42 @@ def method_settings(method: str, model: str | None, seed: int, overrides: Mappin
     return kw
 
 
-def method_roles(methods: Sequence[str], losses: Mapping[str, str | None]) -> dict[str, dict[str, Any]]:
+def is_released(path: str | Path) -> bool:
+    """Whether a ``--run``/``NAME=PATH`` model is a released one (a model folder or a single checkpoint
+    file) rather than a run directory of ``resalign run`` (which records its ``config.toml``)."""
+    return not (Path(path) / "config.toml").is_file()
+
+
+def with_released(cfg: Any) -> Any:
+    """A ``CompareConfig`` whose ``--methods`` entries ``NAME=PATH`` (a released model: a model folder or a
+    single-file UNet checkpoint in the original layout) are moved to ``runs``: ``NAME`` in ``methods``,
+    ``runs[NAME] = PATH``. Unchanged when there are none."""
+    import dataclasses
+
+    released = {}
+    for entry in cfg.methods:
+        if "=" in entry:
+            name, _, path = entry.partition("=")
+            if not name or name != name.strip().lower() or not path:
+                raise ConfigError(f"--methods {entry!r}: expected NAME=PATH, NAME in lowercase (a released "
+                                  "model folder or single-file checkpoint)")
+            released[name] = path
+    if not released:
+        return cfg
+    return dataclasses.replace(cfg, methods=[e.partition("=")[0] for e in cfg.methods], runs={**cfg.runs, **released})
+
+
+def method_roles(methods: Sequence[str], losses: Mapping[str, str | None], released: Sequence[str] = ()
+                 ) -> dict[str, dict[str, Any]]:
     """Each method's role in the report, from its recipe: ``ours``, ``matched`` (to ResAlign's strength),
     ``unlearns`` and ``twin`` (the β = 0 baseline paired with an ``ours`` method, its recipe's ``twin``
-    with ``{loss}`` its resolved harmful loss ``losses[m]``; None when that baseline is not compared)."""
+    with ``{loss}`` its resolved harmful loss ``losses[m]``; None when that baseline is not compared).
+    A ``released`` model is compared as it is: not unlearned, not matched, ``released`` true."""
     roles: dict[str, dict[str, Any]] = {}
     for name in methods:
+        if name in released:
+            roles[name] = {"ours": False, "matched": False, "unlearns": False, "twin": None, "released": True}
+            continue
         r = parse_method(name).recipe
         twin = r.twin.format(loss=losses.get(name)) if r.ours and r.twin and losses.get(name) else None
         roles[name] = {"ours": r.ours, "matched": r.matched, "unlearns": r.unlearns,
@@ -139,6 +169,8 @@ def check_methods(methods: Sequence[str], runs: Mapping[str, str], model: str | 
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {', '.join(methods)}")
     for m in methods:
+        if m in runs and is_released(runs[m]):
+            continue
         try:
             parse_method(m)
         except ConfigError as exc:
@@ -147,6 +179,9 @@ def check_methods(methods: Sequence[str], runs: Mapping[str, str], model: str | 
     if extra:
         raise ConfigError(f"--run {', '.join(extra)}: not among --methods ({', '.join(methods)})")
     for m, path in runs.items():
+        if is_released(path):
+            _check_released(m, path, model)
+            continue
         if not parse_method(m).recipe.unlearns:
             raise ConfigError(f"--run {m}=...: {m} is the model as loaded, --model")
         if not (Path(path) / "model" / "unet").is_dir() or not (Path(path) / "config.toml").is_file():
@@ -155,6 +190,19 @@ def check_methods(methods: Sequence[str], runs: Mapping[str, str], model: str | 
         if not _same_model(source, model):
             raise ConfigError(f"--run {m}={path}: unlearned from {source or 'the toy model'!r}, "
                               f"but the base model here is {model or 'the toy model'!r}")
+
+
+def _check_released(m: str, path: str, model: str | None) -> None:
+    """A released model: a model folder, or a single-file checkpoint beside the base model folder."""
+    from resalign.models.load import model_folder
+    from resalign.models.single_file import check_single_file, is_single_file
+
+    if is_single_file(path):
+        check_single_file(path, model_folder(model))
+    elif not Path(path).is_dir():
+        raise ConfigError(f"{m}={path}: no such model folder or checkpoint file")
+    else:
+        model_folder(path)
 
 
 def _same_model(a: str | None, b: str | None) -> bool:
