@@ -245,7 +245,7 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
 @app.command("compare")
 def compare_cmd(
     model: str = typer.Option(None, "--model", help="Base model folder (default: the toy base model)."),
-    methods: list[str] = typer.Option(None, "--methods", help="Comma-separated: base, ga, esd, ca (beta = 0 baselines), resalign[-LOSS][@SOLVER] (e.g. resalign@sam). Default: base,ga,esd,ca,resalign."),
+    methods: list[str] = typer.Option(None, "--methods", help="Comma-separated method recipes (resalign plugins --kind method): base, ga, esd, ca (beta = 0 baselines), resalign[-LOSS][@SOLVER] (e.g. resalign@sam), imma[-LOSS], meta-unlearning[-LOSS] (Tab. 8 peers), a plugin's; or NAME=PATH, a released model folder or single-file UNet checkpoint (.safetensors/.ckpt, original layout, on --model's other parts). Default: base,ga,esd,ca,resalign."),
     run: list[str] = typer.Option(None, "--run", help="Reuse a finished unlearning run: METHOD=RUN_DIR (repeatable)."),
     unlearn_option: list[str] = typer.Option(None, "--unlearn-option", help="A run setting for every unlearning run, KEY=VALUE (e.g. outer_steps=20); the same as --set unlearn.KEY=VALUE. Repeatable."),
     dataset: list[str] = typer.Option(None, "--dataset", help="Benign fine-tuning set (folder or toy-images:NAME), twice. Default toy: benign-a, benign-b."),
