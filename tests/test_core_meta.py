@@ -322,3 +322,28 @@ def test_host_held_outer_moments_and_eigenvectors_leave_the_steps_unchanged(monk
     assert all(t.is_shared() for st in resumed.optimizer.state.values() for k, t in st.items() if k != "step")
     plain.outer_step(), resumed.outer_step()
     assert all(torch.equal(resumed.theta[k], plain.theta[k]) for k in plain.theta)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_fixed_noise_draws_the_harmful_timesteps_and_noise_once_for_the_run(fixed):
+    """``fixed_noise``: L_harm(θ_i) and the simulations' L_harm(θ_FT) (common noise) see the same
+    generator state at every outer step; without it, each step draws its own."""
+    tr = _trainer(tiny_context(), beta=0.5, solver="first-order", J=1, steps=[1], optimizers=["sgd"],
+                  adapters=["full"], finetune_losses=["denoise"],
+                  settings={"common_noise": True, "fixed_noise": fixed})
+    seen = []
+    inner = tr.harmful_loss
+
+    def recording(ctx, weights, batch, generator=None, *a, **k):
+        seen.append(None if generator is None else generator.get_state().clone())
+        return inner(ctx, weights, batch, generator, *a, **k)
+
+    tr.harmful_loss = recording
+    for _ in range(2):
+        tr.outer_step()
+    states = [s for s in seen if s is not None]
+    per_step = len(states) // 2
+    assert per_step >= 2  # L_harm(θ_i) and the simulation's L_harm(θ_FT)
+    first, second = states[:per_step], states[per_step:]
+    assert all(torch.equal(a, first[0]) for a in first)  # common noise within a step
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) == fixed

@@ -43,6 +43,7 @@ def test_imma_is_a_one_step_unrolled_bilevel_on_one_fixed_configuration():
 def test_meta_unlearning_is_a_first_order_meta_term_with_shared_noise():
     rc = _rc("meta-unlearning")
     assert (rc.beta, rc.solver, rc.J, rc.common_noise, len(rc.pool.configs())) == (0.5, "first-order", 1, True, 1)
+    assert rc.fixed_noise and rc.fixed_ft_data and _rc("imma").fixed_ft_data and not _rc("resalign").fixed_noise
     assert _rc("meta-unlearning-ga").loss == "ga"
     validate(rc, get_registry())
 

@@ -18,7 +18,8 @@ The mean is over the simulations kept.
 
 ``common_noise``: L_harm(θ_FT,j) of every simulation is taken on the outer step's harmful pairs,
 timesteps and noise, those of L_harm(θ_i) (common random numbers), so the rebound
-L_harm(θ_FT,j) − L_harm(θ_i) carries no sampling noise of its own. ``val_sims`` > 0 holds ``val_pairs``
+L_harm(θ_FT,j) − L_harm(θ_i) carries no sampling noise of its own. ``fixed_noise`` draws those
+timesteps and noise once for the whole run (the same at every outer step). ``val_sims`` > 0 holds ``val_pairs``
 pairs out of the D_FT pool and measures the validation meta-objective on them every ``val_every``
 outer steps (:mod:`resalign.core.heldout`).
 
@@ -136,6 +137,9 @@ class MethodSettings:
     outlier_factor: float = 0.0
     #: L_harm(θ_FT,j) on the outer step's harmful pairs and noise (common random numbers)
     common_noise: bool = False
+    #: L_harm(θ_i)'s diffusion timesteps and noise (and, with common_noise, the simulations') the same
+    #: at every outer step instead of drawn anew (fixed timesteps, as Meta-Unlearning)
+    fixed_noise: bool = False
     #: validation simulations of the meta-objective (0: none), measured every val_every outer steps on
     #: val_pairs D_FT pairs held out of training (resalign.core.heldout)
     val_sims: int = 0
@@ -296,7 +300,8 @@ class ResAlign:
         harm = self.data.harmful.sample(s.harm_batch, seeds.generator(s.seed, step, "harm-data"))
         pres = self.data.preserve.sample(s.preserve_batch, seeds.generator(s.seed, step, "preserve-data"))
         weights = self.param.weights(self.theta)
-        loss_harm = self.harmful_loss(self.ctx, weights, harm, seeds.generator(s.seed, step, "harm-noise"))
+        noise_step = 0 if s.fixed_noise else step
+        loss_harm = self.harmful_loss(self.ctx, weights, harm, seeds.generator(s.seed, noise_step, "harm-noise"))
         loss_reg = self.regularizer(self.ctx, weights, pres, seeds.generator(s.seed, step, "reg-noise"))
         total = (1 - s.beta) * loss_harm + alpha * loss_reg
 
@@ -359,7 +364,7 @@ class ResAlign:
                     solver=self.solver, seed=seeds.derive(s.seed, step, j, "simulation"), gamma=s.proximity(config),
                     curvature=s.curvature, cache=cache.view(j), max_ft_loss_growth=s.max_ft_loss_growth,
                     curvature_samples=s.curvature_samples,
-                    harm_noise=(s.seed, step, "harm-noise") if s.common_noise else None,
+                    harm_noise=(s.seed, 0 if s.fixed_noise else step, "harm-noise") if s.common_noise else None,
                 )
                 if not tree.all_finite(h):
                     raise SolverError("non-finite hypergradient")

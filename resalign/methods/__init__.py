@@ -42,13 +42,15 @@ RESALIGN = MethodRecipe(
 #:
 #: Keeps: the bilevel objective with β = 1 (only L_harm(θ_FT) in Eq. 3's harmful term), the exact
 #: hypergradient of a one-step unrolled inner problem (solver ``unrolled``), one simulation per outer
-#: step (J = 1) of one fixed configuration (:data:`FIXED_CONFIG_POOL`, one step).
+#: step (J = 1) of one fixed configuration (:data:`FIXED_CONFIG_POOL`, one step) on one fixed D_FT batch
+#: (``fixed_ft_data``).
 #: Simplifies: the harmful loss is the preset's (GA, ESD or CA instead of IMMA's denoising loss on the
 #: concept's images), the inner problem fine-tunes on D_FT (benign pairs with some harmful ones, as
 #: every recipe here) rather than on the concept's images, and the utility regularizer α·R is kept so
 #: that its utility is comparable with the other rows.
 IMMA = MethodRecipe(
-    settings={"beta": 1.0, "solver": "unrolled", "solver_options": {}, "J": 1, "pool": FIXED_CONFIG_POOL},
+    settings={"beta": 1.0, "solver": "unrolled", "solver_options": {}, "J": 1, "pool": FIXED_CONFIG_POOL,
+              "fixed_ft_data": True},
     matched=True, loss_variants=True,
     summary="IMMA-style: β = 1, one unrolled step on one fixed fine-tuning configuration (Tab. 8)")
 
@@ -57,16 +59,17 @@ IMMA = MethodRecipe(
 #:
 #: Keeps: the sum of the unlearning loss and the meta term (β = 0.5: equal weights), the first-order
 #: hypergradient (solver ``first-order``: ∇L_harm at θ_FT, the Jacobian taken as the identity), one
-#: simulation (J = 1) of one fixed configuration (:data:`FIXED_CONFIG_POOL`), and the same timesteps
-#: and noise for L_harm(θ) and L_harm(θ_FT) (``common_noise``).
-#: Simplifies: the timesteps are drawn anew every outer step (shared by the two terms, not fixed for the
-#: whole run), and Meta-Unlearning's second meta term, which makes benign gradients conflict with the
-#: harmful ones, is left out (α·R preserves utility instead).
+#: simulation (J = 1) of one fixed configuration (:data:`FIXED_CONFIG_POOL`) on one fixed D_FT batch
+#: (``fixed_ft_data``), and fixed timesteps: the same timesteps and noise at every outer step
+#: (``fixed_noise``) for both L_harm(θ) and L_harm(θ_FT) (``common_noise``).
+#: Simplifies: the simulated relearning fine-tunes on D_FT (benign pairs with some harmful ones) rather
+#: than on the harmful data alone, and Meta-Unlearning's second meta term, which makes benign gradients
+#: conflict with the harmful ones, is left out (α·R preserves utility instead).
 META_UNLEARNING = MethodRecipe(
     settings={"beta": 0.5, "solver": "first-order", "solver_options": {}, "J": 1, "pool": FIXED_CONFIG_POOL,
-              "common_noise": True},
+              "fixed_ft_data": True, "common_noise": True, "fixed_noise": True},
     matched=True, loss_variants=True,
-    summary="Meta-Unlearning-style: β = 0.5, first-order meta term, one fixed configuration (Tab. 8)")
+    summary="Meta-Unlearning-style: β = 0.5, first-order meta term, fixed timesteps and configuration (Tab. 8)")
 
 RECIPES: dict[str, MethodRecipe] = {
     "base": BASE,

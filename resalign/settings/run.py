@@ -98,6 +98,8 @@ class RunConfig:
     #: L_harm(θ_FT) of each simulation on the outer step's harmful pairs and noise (common random
     #: numbers; None: the preset's)
     common_noise: bool | None = None
+    #: L_harm's diffusion timesteps and noise the same at every outer step (fixed timesteps)
+    fixed_noise: bool = False
     #: validation simulations of the meta-objective (resalign.core.heldout; 0: none; None: the preset's),
     #: measured every val_every outer steps on val_pairs D_FT pairs held out of training
     val_sims: int | None = None
@@ -246,7 +248,7 @@ def method_settings(cfg: RunConfig) -> MethodSettings:
         ft_size=cfg.ft_size, seed=cfg.seed, fixed_ft_data=cfg.fixed_ft_data, curvature=cfg.curvature,
         gamma_rule=cfg.gamma_rule, curvature_samples=cfg.curvature_samples,
         max_ft_loss_growth=cfg.max_ft_loss_growth, outlier_factor=cfg.outlier_factor,
-        common_noise=cfg.common_noise, val_sims=cfg.val_sims, val_every=cfg.val_every, val_pairs=cfg.val_pairs,
+        common_noise=cfg.common_noise, fixed_noise=cfg.fixed_noise, val_sims=cfg.val_sims, val_every=cfg.val_every, val_pairs=cfg.val_pairs,
         halving_shrinks_beta=cfg.halving_shrinks_beta,
         offload_outer_state=cfg.offload_outer_state,
     )
