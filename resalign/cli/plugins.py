@@ -17,7 +17,7 @@ def plugins_cmd(
     kind: str = typer.Option(None, "--kind", help=f"Only this kind: {', '.join(KINDS)}."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List registered losses, regularizers, adapters, solvers, fine-tune losses, scorers and models."""
+    """List registered losses, regularizers, adapters, solvers, fine-tune losses, scorers, models and method recipes."""
     from resalign.registry import get_registry
 
     if kind is not None and kind not in KINDS:

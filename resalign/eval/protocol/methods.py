@@ -116,9 +116,9 @@ def with_released(cfg: Any) -> Any:
     for entry in cfg.methods:
         if "=" in entry:
             name, _, path = entry.partition("=")
-            if not name or name != name.strip().lower() or not path:
-                raise ConfigError(f"--methods {entry!r}: expected NAME=PATH, NAME in lowercase (a released "
-                                  "model folder or single-file checkpoint)")
+            if not name or name != name.strip().lower() or not path or name == "base":
+                raise ConfigError(f"--methods {entry!r}: expected NAME=PATH, NAME in lowercase and not 'base' "
+                                  "(a released model folder or single-file checkpoint)")
             released[name] = path
     if not released:
         return cfg
