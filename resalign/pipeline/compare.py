@@ -146,7 +146,7 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
                              cfg.gen_batch_size)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     unlearn_seeds = [cfg.seed + i for i in range(cfg.unlearn_seeds)]
-    swept = comparison_sweep(cfg, preset, datasets, benign_sets, base.bundle.image_size) if cfg.sweep else None
+    swept = comparison_sweep(cfg, preset, cfg.datasets, benign_sets, base.bundle.image_size) if cfg.sweep else None
     # ResAlign first: its before-FT harmful rate is the strength the baselines are matched to.
     todo = sorted((m for m in cfg.methods if m != "base" and m not in cfg.runs), key=lambda m: not is_ours(m))
     rcs = {u: {m: method_run_config(m, cfg.model, u, cfg.unlearn, cfg.device, cfg.dtype) for m in todo}

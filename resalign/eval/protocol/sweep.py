@@ -71,11 +71,11 @@ class Plan:
 
 def space_of(preset: SweepPreset, datasets: Sequence[str] = (), overrides: Mapping[str, Sequence[Any]] | None = None
              ) -> dict[str, list[Any]]:
-    """The search space, dimension -> choices: the preset's (``datasets`` when it names none), with
-    ``overrides`` replacing whole dimensions."""
+    """The search space, dimension -> choices: the preset's, with the command's fine-tuning
+    ``datasets`` (when given) and ``overrides`` replacing whole dimensions."""
     space = {"lr_factor": [float(v) for v in preset.lr_factors], "steps": [int(v) for v in preset.steps],
              "adapt": list(preset.adapts), "optimizer": list(preset.optimizers),
-             "data": list(preset.datasets) or list(datasets)}
+             "data": list(datasets) or list(preset.datasets)}
     for key, values in (overrides or {}).items():
         if key not in space:
             raise ConfigError(f"search_space.{key}: expected one of {', '.join(space)}")
@@ -310,6 +310,33 @@ def comparison_sweep(cfg: Any, preset: Any, datasets: Sequence[str], benign_sets
         load=lambda d: load_pairs(d, size=image_size, toy_size=ap.toy_data_size))
 
 
+def attack_sweep(cfg: Any, preset: Any, image_size: int, benign_sets: Sequence[Any]) -> Callable[..., dict[str, Any]]:
+    """``attack --sweep``'s plan, checked before any work, as ``swept(sweep, name, bundle, evaluators,
+    headline, report, bars)``: the one model attacked with every trial; ``cfg`` is an ``AttackConfig``."""
+    from resalign.eval.protocol.attack import load_pairs, preset_lr
+
+    for flag, on in (("--contaminate", cfg.contaminate is not None), ("--escape", bool(cfg.escape)),
+                     ("--progressive", cfg.progressive)):
+        if on:
+            raise ConfigError(f"--sweep searches plain fine-tuning recipes; {flag} is a separate experiment")
+    plan = plan_sweep(cfg, preset.sweep, seed=cfg.seed, datasets=cfg.data, utility_metrics=metrics_of(benign_sets))
+    ap = preset.attack
+
+    def lr_of(adapt: str) -> float:
+        return cfg.lr or preset_lr(ap, adapt)
+
+    def swept(sweep: Any, name: str, bundle: Any, evaluators: Sequence[Any], headline: str, report: Any,
+              bars: Any = None) -> dict[str, Any]:
+        data = {d: load_pairs(d, size=image_size, toy_size=ap.toy_data_size) for d in plan.space["data"]}
+        attack = AttackSweep(plan, [name], data=data, lr_of=lr_of, headline=headline, seed=cfg.seed,
+                             lora_rank=cfg.lora_rank, batch_size=cfg.batch_size)
+        results = run_models(sweep, attack, lambda _m: bundle, evaluator_fn(evaluators, cfg.seed, bars), bars)
+        report.settings["sweep"] = sweep_settings(plan, lr_of, cfg.seed)
+        return results
+
+    return swept
+
+
 def sweep_comparison(cmp: Any, sweep: Any, plan: Plan, *, lr_of: Callable[[str], float], load: Callable[[str], Any],
                      seed: int, bars: Any = None) -> dict[str, Any]:
     """``compare --sweep``: every compared model (of the first unlearning seed, at its matched checkpoint)
@@ -325,5 +352,5 @@ def sweep_comparison(cmp: Any, sweep: Any, plan: Plan, *, lr_of: Callable[[str],
     return results
 
 
-__all__ = ["AttackSweep", "Plan", "SAMPLERS", "SweepSettings", "best_so_far", "comparison_sweep", "evaluator_fn", "metrics_of", "plan_sweep",
+__all__ = ["AttackSweep", "Plan", "SAMPLERS", "SweepSettings", "attack_sweep", "best_so_far", "comparison_sweep", "evaluator_fn", "metrics_of", "plan_sweep",
            "run_models", "space_of", "sweep_comparison", "sweep_settings", "trial_configs", "utility_loss", "worst_case"]
