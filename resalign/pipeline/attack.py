@@ -8,7 +8,8 @@ repeated over independent seeds and reported as mean ± SEM. The paper's stress 
 Tab. 11) and ``--progressive`` (App. C.1, Fig. 7).
 
 The plan (presets ``sd`` (``paper``) and ``toy``, data, stages) is :mod:`resalign.eval.protocol.attack`'s; the preset
-follows the model unless ``--preset`` names one.
+follows the model unless ``--preset`` names one. ``--sweep`` attacks with every trial of a search space
+instead and reports the worst case within a utility budget (:mod:`resalign.eval.protocol.sweep`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from resalign.cells import Cell, Outcome, Sweep
 from resalign.eval.protocol.attack import check_data_spec, parse_escape, plan_attack, with_personalization_reference
 from resalign.eval.scoring.evaluator import Evaluator, resolve_generation
 from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, adapter_class
-from resalign.eval.protocol.sweep import SweepSettings, attack_sweep
+from resalign.eval.protocol.sweep_runs import SweepSettings, attack_sweep
 from resalign.eval.scoring.presets import SEED_STRIDE, preset_name
 from resalign.settings.presets import preset_named
-from resalign.eval.reports.sweep import write_sweep_report
 from resalign.eval.reports.tidy import MarkdownTable, TidyReport
 from resalign.eval.scoring.sets import EvaluationSettings, check_scorer_options, harmful_and_benign_sets, options_for
 from resalign.models.load import load_model, model_folder
@@ -151,13 +151,8 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, res
     progress = progress and distributed.is_main()
     if swept is not None:  # --sweep: the model attacked with every trial instead of the one recipe
         with Bars(progress) as bars:
-            results = swept(sweep, model.label, model.bundle, [e for e in (curve_eval, utility_eval) if e],
-                            curve_sets[0].name, report, bars)
-        report.settings["seconds"] = round(time.perf_counter() - started, 1)
-        if distributed.is_main():
-            write_sweep_report(run_path, report, results, headline=curve_sets[0].name,
-                               title=f"resalign attack --sweep: {model.label}")
-            sweep.close()
+            swept(sweep, model.label, model.bundle, [e for e in (curve_eval, utility_eval) if e], curve_sets[0].name,
+                  report, bars, started)
         return run_path, report
 
     with Bars(progress) as bars:

@@ -11,7 +11,8 @@ For the base model, plain-unlearning baselines and ResAlign:
    ``resalign attack``), once per seed, and measure the harmful rate again.
 
 The base model is only measured before fine-tuning, as in Tab. 1. Every figure is the mean ± SEM over
-the seeds (3 by default; Sec. 4.1).
+the seeds (3 by default; Sec. 4.1). ``--sweep`` replaces 2–3 by an attack sweep of every model, the base
+model's included: the worst case over the attacker's recipes within a utility budget (:mod:`resalign.eval.protocol.sweep`).
 
 Measurements, unlearning seeds, report layout and paired differences: :mod:`resalign.eval.protocol.comparison`;
 matched unlearning strength (``--match strength|steps``): :mod:`resalign.eval.protocol.matching`; tables, checks,
@@ -42,7 +43,7 @@ from resalign.eval.protocol.methods import check_comparison, describe_run, metho
 from resalign.eval.protocol.comparison import Comparison
 from resalign.eval.protocol.finetune import FinetuneSpec
 from resalign.eval.protocol.matching import candidate_runs
-from resalign.eval.protocol.sweep import SweepSettings, comparison_sweep
+from resalign.eval.protocol.sweep_runs import SweepSettings, comparison_sweep
 from resalign.eval.reports.sweep import write_sweep_report
 from resalign.eval.reports.tidy import TidyReport
 from resalign.eval.protocol.attack import check_data_spec, load_pairs, preset_lr
@@ -245,8 +246,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True, r
     with Bars(progress) as bars:
         if cfg.match == "strength":
             cmp.match_strength(sweep.run, bars)
-        if swept is not None:  # --sweep: every model attacked with every trial instead of the one recipe
-            return _finish(cmp, sweep, cfg, started, swept(cmp, sweep, bars=bars))
-        cmp.measure_all(sweep.run, bars)
-    return _finish(cmp, sweep, cfg, started, None)
+        # --sweep: every model attacked with every trial instead of the one recipe
+        results = swept(cmp, sweep, bars=bars) if swept is not None else cmp.measure_all(sweep.run, bars)
+    return _finish(cmp, sweep, cfg, started, results)
 

@@ -27,7 +27,6 @@ sampler), and report per model the most harmful attack that stays within the uti
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -279,78 +278,5 @@ def run_models(sweep: Any, attack: AttackSweep, bundle_of: Callable[[str], Any],
     return {"before": before, "trials": records}
 
 
-def metrics_of(sets: Sequence[Any]) -> list[str]:
-    """The metrics the scorers of prompt sets ``sets`` measure (their ``metric``)."""
-    from resalign.registry import get_registry
-
-    registry = get_registry()
-    return [str(getattr(registry.get("scorer", n), "metric", n)) for s in sets for n in s.scorers]
-
-
-def sweep_settings(plan: Plan, lr_of: Callable[[str], float], seed: int) -> dict[str, Any]:
-    """The report's ``settings.sweep``: the space, sampler, budget and every trial's configuration."""
-    attack = AttackSweep(plan, [], data={}, lr_of=lr_of, headline="", seed=seed)
-    return {"space": plan.space, "sampler": plan.sampler, "seed": seed, "utility_metric": plan.utility_metric,
-            "utility_budget": plan.utility_budget, "trials": [attack.trial(k) for k in range(len(plan.trials))]}
-
-
-def comparison_sweep(cfg: Any, preset: Any, datasets: Sequence[str], benign_sets: Sequence[Any],
-                     image_size: int) -> Callable[..., dict[str, Any]]:
-    """``compare --sweep``'s plan, checked before any work, as ``swept(cmp, sweep, bars=...)``
-    (:func:`sweep_comparison`); ``cfg`` is a ``CompareConfig``, ``preset`` its
-    :class:`~resalign.settings.presets.Preset`."""
-    from resalign.eval.protocol.attack import load_pairs, preset_lr
-
-    if cfg.unlearn_seeds > 1:
-        raise ConfigError("--sweep attacks one unlearned model per method: leave --unlearn-seeds at 1")
-    plan = plan_sweep(cfg, preset.sweep, seed=cfg.seed, datasets=datasets, utility_metrics=metrics_of(benign_sets))
-    ap = preset.attack
-    return functools.partial(
-        sweep_comparison, plan=plan, seed=cfg.seed, lr_of=lambda a: cfg.lr or preset_lr(ap, a),
-        load=lambda d: load_pairs(d, size=image_size, toy_size=ap.toy_data_size))
-
-
-def attack_sweep(cfg: Any, preset: Any, image_size: int, benign_sets: Sequence[Any]) -> Callable[..., dict[str, Any]]:
-    """``attack --sweep``'s plan, checked before any work, as ``swept(sweep, name, bundle, evaluators,
-    headline, report, bars)``: the one model attacked with every trial; ``cfg`` is an ``AttackConfig``."""
-    from resalign.eval.protocol.attack import load_pairs, preset_lr
-
-    for flag, on in (("--contaminate", cfg.contaminate is not None), ("--escape", bool(cfg.escape)),
-                     ("--progressive", cfg.progressive)):
-        if on:
-            raise ConfigError(f"--sweep searches plain fine-tuning recipes; {flag} is a separate experiment")
-    plan = plan_sweep(cfg, preset.sweep, seed=cfg.seed, datasets=cfg.data, utility_metrics=metrics_of(benign_sets))
-    ap = preset.attack
-
-    def lr_of(adapt: str) -> float:
-        return cfg.lr or preset_lr(ap, adapt)
-
-    def swept(sweep: Any, name: str, bundle: Any, evaluators: Sequence[Any], headline: str, report: Any,
-              bars: Any = None) -> dict[str, Any]:
-        data = {d: load_pairs(d, size=image_size, toy_size=ap.toy_data_size) for d in plan.space["data"]}
-        attack = AttackSweep(plan, [name], data=data, lr_of=lr_of, headline=headline, seed=cfg.seed,
-                             lora_rank=cfg.lora_rank, batch_size=cfg.batch_size)
-        results = run_models(sweep, attack, lambda _m: bundle, evaluator_fn(evaluators, cfg.seed, bars), bars)
-        report.settings["sweep"] = sweep_settings(plan, lr_of, cfg.seed)
-        return results
-
-    return swept
-
-
-def sweep_comparison(cmp: Any, sweep: Any, plan: Plan, *, lr_of: Callable[[str], float], load: Callable[[str], Any],
-                     seed: int, bars: Any = None) -> dict[str, Any]:
-    """``compare --sweep``: every compared model (of the first unlearning seed, at its matched checkpoint)
-    swept with the same trials; ``load(spec)`` reads a dataset of the space; ``cmp`` is a
-    :class:`~resalign.eval.protocol.comparison.Comparison` whose first evaluator measures the harmful
-    and benign sets."""
-    attack = AttackSweep(plan, cmp.methods, data={d: load(d) for d in plan.space["data"]}, lr_of=lr_of,
-                         headline=cmp.harm_sets[0].name, seed=seed)
-    u = cmp.unlearn_seeds[0]
-    results = run_models(sweep, attack, lambda m: cmp.model(m, u).bundle, evaluator_fn([cmp.before_eval], seed, bars),
-                         bars)
-    cmp.report.settings["sweep"] = sweep_settings(plan, lr_of, seed)
-    return results
-
-
-__all__ = ["AttackSweep", "Plan", "SAMPLERS", "SweepSettings", "attack_sweep", "best_so_far", "comparison_sweep", "evaluator_fn", "metrics_of", "plan_sweep",
-           "run_models", "space_of", "sweep_comparison", "sweep_settings", "trial_configs", "utility_loss", "worst_case"]
+__all__ = ["AttackSweep", "Plan", "SAMPLERS", "SweepSettings", "best_so_far", "evaluator_fn", "plan_sweep",
+           "run_models", "space_of", "trial_configs", "utility_loss", "worst_case"]

@@ -12,7 +12,7 @@ configuration (no row when no trial is within budget).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
