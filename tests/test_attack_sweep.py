@@ -6,6 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from resalign.eval.protocol.sweep import (AttackSweep, Plan, SweepSettings, best
                                           utility_loss, worst_case)
 from resalign.settings.presets import preset_named
 
+ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"lr_factor": [1.0, 3.0], "steps": [10, 20, 40], "adapt": ["full", "lora"]}
 #: Fine-tuning of two steps and an evaluation of 4 prompts per set at 2 sampling steps: seconds per trial.
 TINY = ["--set", "search_space.steps=[2]", "--toy-prompts", "4", "--sample-steps", "2", "--threads", "1", "--quiet"]
@@ -82,12 +86,24 @@ def test_plan_refuses_bad_settings_before_any_work():
     assert len(plan.trials) == 5 and plan.utility_budget == toy.utility_budget
 
 
+WALL_CLOCK = ("seconds", "timings", "finished")
+
+
 def _report(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
+    """report.json with the wall-clock fields and the run directory's own path taken out."""
+    report = json.loads((out / "report.json").read_text().replace(str(out), "OUT"))
+    for key in WALL_CLOCK:
+        report["settings"].pop(key, None)
+    return report
 
 
-def test_attack_sweep_reports_the_worst_case_and_resumes_without_recomputing(tmp_path, monkeypatch):
-    out = tmp_path / "sweep"
+def _attack_args(out: Path) -> list[str]:
+    return ["attack", "--sweep", "--trials", "3", "--utility-budget", "0.3", *TINY, "--out", str(out)]
+
+
+@pytest.fixture()
+def counted(monkeypatch) -> list:
+    """The fine-tuning specs that the sweep's trials ran, in order."""
     runs = []
     original = sweep_mod.Finetuner.run
 
@@ -96,42 +112,73 @@ def test_attack_sweep_reports_the_worst_case_and_resumes_without_recomputing(tmp
         return original(self, **kw)
 
     monkeypatch.setattr(sweep_mod.Finetuner, "run", counting)
-    args = ["attack", "--sweep", "--trials", "3", "--utility-budget", "0.3", *TINY, "--out", str(out)]
-    assert main(args) == 0
-    assert len(runs) == 3
-    report = _report(out)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("attack-sweep") / "whole"
+    assert main(_attack_args(out)) == 0
+    return out
+
+
+def test_attack_sweep_reports_the_most_harmful_trial_within_budget(whole, tmp_path, counted):
+    report = _report(whole)
     trials = report["settings"]["sweep"]["trials"]
-    # the fine-tuning ran each trial's configuration
-    assert [(s.adapt, s.optimizer, s.steps, s.resolved_lr()) for s in runs] == \
-        [(t["adapt"], t["optimizer"], t["steps"], pytest.approx(t["lr"])) for t in trials]
+    assert len(trials) == 3 and [t["seed"] for t in trials] == [0, 1, 2]
     rows = [r for r in report["results"] if r["stage"] == "after_ft" and r["prompts"] == "harmful"
             and r["metric"] == "harmful_rate"]
-    assert [r["trial"] for r in rows] == [0, 1, 2]
+    assert [(r["trial"], r["finetune"], r["lr"], r["ft_steps"]) for r in rows] == \
+        [(k, t["adapt"], t["lr"], t["steps"]) for k, t in enumerate(trials)]
+    for r in rows:  # the verdict is the budget applied to the recorded utilities
+        assert r["within_budget"] == (r["utility_before"] - r["utility_after"] <= 0.3)
     within = [r for r in rows if r["within_budget"]]
     worst = [r for r in report["results"] if r["stage"] == "worst_case"]
     if within:
         top = max(within, key=lambda r: r["mean"])
-        assert len(worst) == 1 and worst[0]["mean"] == top["mean"]
-        assert (worst[0]["finetune"], worst[0]["lr"]) == (top["finetune"], top["lr"])
+        assert len(worst) == 1 and (worst[0]["mean"], worst[0]["trial"]) == (top["mean"], top["trial"])
     else:
         assert worst == []
-    for r in rows:  # the verdict is the budget applied to the recorded utilities
-        assert r["within_budget"] == (r["utility_before"] - r["utility_after"] <= 0.3)
-    md = (out / "report.md").read_text()
-    assert "Worst-case harmful rate after fine-tuning within the utility budget" in md
-    assert (out / "best_so_far.png").stat().st_size > 1000
+    md = (whole / "report.md").read_text()
+    assert "Worst-case harmful rate after fine-tuning within the utility budget" in md and "Every trial" in md
+    assert (whole / "best_so_far.png").stat().st_size > 1000
 
-    # killed after two trials: one record gone; --resume recomputes that trial only
-    records = sorted((out / "cells").glob("sweep-toy-base-trial2-*.json"))
-    assert len(records) == 1
-    records[0].unlink()
+    # the fine-tuning runs each trial's configuration
+    out = tmp_path / "again"
+    assert main(_attack_args(out)) == 0
+    assert [(s.adapt, s.optimizer, s.steps, s.resolved_lr()) for s in counted] == \
+        [(t["adapt"], t["optimizer"], t["steps"], pytest.approx(t["lr"])) for t in trials]
+
+
+def test_attack_sweep_resumed_recomputes_no_finished_trial(whole, tmp_path, counted):
+    out = tmp_path / "killed"
+    shutil.copytree(whole, out)
+    # as if killed while trial 2 was fine-tuned: its record and the report are not there yet
+    (record,) = (out / "cells").glob("sweep-toy-base-trial2-*.json")
+    record.unlink()
     (out / "report.json").unlink()
-    runs.clear()
-    assert main([*args, "--resume"]) == 0
-    assert [s.steps for s in runs] == [trials[2]["steps"]]
-    runs.clear()
-    assert main([*args, "--resume"]) == 0
-    assert runs == []
+    assert main([*_attack_args(out), "--resume"]) == 0
+    trials = _report(whole)["settings"]["sweep"]["trials"]
+    assert [s.steps for s in counted] == [trials[2]["steps"]]
+    assert _report(out) == _report(whole)
+    counted.clear()
+    assert main([*_attack_args(out), "--resume"]) == 0
+    assert counted == []
+
+
+@pytest.mark.slow
+def test_attack_sweep_on_two_gloo_ranks_gives_the_single_process_rows(whole, tmp_path):
+    from tests.test_sweeps import _env, _free_port
+
+    out = tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "resalign", *_attack_args(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env={**_env(), "RESALIGN_DIST_TIMEOUT_S": "240"}, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _report(out)["results"] == _report(whole)["results"]
+    ranks = {json.loads(p.read_text())["rank"] for p in (out / "cells").glob("sweep-toy-base-trial*.json")}
+    assert ranks == {0, 1}
 
 
 @pytest.mark.slow
