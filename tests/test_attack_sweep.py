@@ -199,3 +199,16 @@ def test_compare_sweep_gives_every_method_the_same_trials(tmp_path):
     assert "`ca`" in results_md.read_text() and (out / "best_so_far.png").is_file()
     assert main(["compare", "--methods", "base,ca", "--sweep", "--unlearn-seeds", "2", *TINY,
                  "--out", str(tmp_path / "refused")]) != 0
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--utility-budget", "-1"], "--utility-budget"),
+    (["--sampler", "tpe"], "--sampler 'tpe'"),
+    (["--utility-metric", "clip_score"], "--utility-metric 'clip_score'"),
+    (["--escape", "p=2,lambda=0.5"], "--escape is a separate experiment"),
+    (["--set", "search_space.steps=[0]"], "search_space.steps"),
+])
+def test_attack_sweep_refuses_bad_settings_in_one_line(extra, expected, tmp_path, capsys, counted):
+    assert main(["attack", "--sweep", *TINY, *extra, "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and counted == []
