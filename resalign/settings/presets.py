@@ -208,12 +208,12 @@ PRESETS: dict[str, Preset] = {
         attack=AttackPreset(ft_steps=200, eval_every=50, lr_scale=10.0),
         compare=ComparePreset(datasets=("toy-images:benign-a", "toy-images:benign-b"), prompts_per_set=40,
                               sample_steps=10),
-        # 72 configurations, 16 of them drawn: one toy trial (100-400 steps and the evaluation of 40 + 40
-        # + 40 prompts) takes 20-30 s on a shared core, so base, the β = 0 twin and ResAlign swept
+        # 72 configurations, 20 of them drawn: one toy trial (100-400 steps and the evaluation of 40 + 40
+        # + 40 prompts) took 15-35 s on a shared core, so base, the β = 0 twin and ResAlign swept
         # with the two unlearning runs fit an hour on two shared cores (docs/evaluation.md)
         sweep=SweepPreset(lr_factors=(1.0, 3.0, 10.0), steps=(100, 200, 400), adapts=("full", "lora"),
                           optimizers=("adamw", "adam"), datasets=("toy-images:benign-a", "toy-images:benign-b"),
-                          trials=16, sampler="random", utility_metric="prompt_accuracy", utility_budget=0.1),
+                          trials=20, sampler="random", utility_metric="prompt_accuracy", utility_budget=0.1),
     ),
     # the official evaluation: 30 steps, CFG 7.5, 3 images per prompt, NudeNet (Sec. 4.1, App. B.3)
     "sd": Preset(
