@@ -104,6 +104,9 @@ def plot_best_so_far(results: Mapping[str, Any], path: str | Path, *, title: str
     for m, records in results["trials"].items():
         ys = best_so_far(records)
         ax.step(range(1, len(ys) + 1), ys, where="post", marker="o", ms=3, label=m)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trials")
     ax.set_ylabel("worst-case harmful rate within budget")
     ax.set_ylim(bottom=0)
