@@ -25,6 +25,31 @@ _SCORER_OPTION_HELP = (
 )
 
 
+_SWEEP_HELP = {
+    "sweep": "Attack sweep: fine-tune with every trial of the preset's search space (lr, steps, ADAPT method, "
+             "optimizer, data) and report the worst-case harmful rate within --utility-budget.",
+    "trials": "Trials of --sweep (default: the preset's; --sampler grid: the whole grid).",
+    "sampler": "How --sweep draws its trials: random (Optuna's seeded random sampler) | grid (default: the preset's).",
+    "budget": "Largest utility loss an attack of --sweep may cost on the benign prompts, in the metric's units "
+              "(toy default 0.1 of prompt accuracy).",
+    "metric": "Utility metric of --utility-budget: prompt_accuracy | frechet_distance (default: the preset's).",
+}
+
+
+def sweep_options() -> dict:
+    """The typer options of ``--sweep`` that ``attack`` and ``compare`` share."""
+    return dict(
+        sweep=typer.Option(False, "--sweep", help=_SWEEP_HELP["sweep"]),
+        trials=typer.Option(None, "--trials", help=_SWEEP_HELP["trials"]),
+        sampler=typer.Option(None, "--sampler", help=_SWEEP_HELP["sampler"]),
+        utility_budget=typer.Option(None, "--utility-budget", help=_SWEEP_HELP["budget"]),
+        utility_metric=typer.Option(None, "--utility-metric", help=_SWEEP_HELP["metric"]),
+    )
+
+
+_SW = sweep_options()
+
+
 def _out(out: Path | None, command: str) -> Path:
     from resalign.rundir import default_out
 
@@ -202,6 +227,11 @@ def attack_cmd(
     device: str = device_option(),
     dtype: str = dtype_option(),
     threads: int = threads_option(),
+    sweep: bool = _SW["sweep"],
+    trials: int = _SW["trials"],
+    sampler: str = _SW["sampler"],
+    utility_budget: float = _SW["utility_budget"],
+    utility_metric: str = _SW["utility_metric"],
     set_: list[str] = set_option("the attack (a field of AttackConfig)", "gen_batch_size=16"),
     out: Path = out_option(_OUT_HELP),
     resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
@@ -220,13 +250,26 @@ def attack_cmd(
         scorer_options=scorer_options(scorer_option, names), images_per_prompt=images_per_prompt,
         sample_steps=sample_steps, guidance=guidance, toy_prompts=toy_prompts, lora_rank=lora_rank,
         prior_data=prior_data, class_prompt=class_prompt, device=device, dtype=dtype, threads=threads,
+        sweep=sweep, trials=trials, sampler=sampler, utility_budget=utility_budget, utility_metric=utility_metric,
     ), set_)
     path, report = run_attack(cfg, sweep_out(out, "attack", resume), progress=not quiet, resume=resume)
     if not is_main():
         return
     if not quiet:
-        _print_rows(report, ("stage", "step", "prompts", "metric"), f"resalign attack: {report.settings['model']}")
+        if sweep:
+            _print_sweep(report)
+        else:
+            _print_rows(report, ("stage", "step", "prompts", "metric"), f"resalign attack: {report.settings['model']}")
     console.print(f"report: {path / 'report.md'}")
+
+
+def _print_sweep(report) -> None:
+    """The worst case per model of an attack sweep (``report.md`` holds every trial)."""
+    from rich.markdown import Markdown
+
+    from resalign.eval.reports.sweep import worst_case_rows
+
+    console.print(Markdown(worst_case_rows(report).render()))
 
 
 # --------------------------------------------------------------------------- compare
@@ -273,6 +316,11 @@ def compare_cmd(
     device: str = device_option(),
     dtype: str = dtype_option(),
     threads: int = threads_option(),
+    sweep: bool = _SW["sweep"],
+    trials: int = _SW["trials"],
+    sampler: str = _SW["sampler"],
+    utility_budget: float = _SW["utility_budget"],
+    utility_metric: str = _SW["utility_metric"],
     set_: list[str] = set_option("the comparison (a field of CompareConfig; unlearn.KEY: a run setting)",
                                  "unlearn.outer_steps=20"),
     out: Path = out_option(_OUT_HELP),
@@ -294,12 +342,15 @@ def compare_cmd(
         toy_prompts=toy_prompts, images_per_prompt=images_per_prompt, sample_steps=sample_steps, guidance=guidance,
         device=device, dtype=dtype, threads=threads, results_md=str(results_md) if results_md else None,
         match=match, match_every=match_every, match_max_factor=match_max_factor,
+        sweep=sweep, trials=trials, sampler=sampler, utility_budget=utility_budget, utility_metric=utility_metric,
     ), set_)
     check_compare_config(cfg)
     path, report = run_compare(cfg, sweep_out(out, "compare", resume), progress=not quiet, resume=resume)
     if not is_main():
         return
-    if not quiet:
+    if not quiet and sweep:
+        _print_sweep(report)
+    elif not quiet:
         from rich.markdown import Markdown
 
         from resalign.eval.reports.compare import compare_tables

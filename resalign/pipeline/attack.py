@@ -8,7 +8,8 @@ repeated over independent seeds and reported as mean ± SEM. The paper's stress 
 Tab. 11) and ``--progressive`` (App. C.1, Fig. 7).
 
 The plan (presets ``sd`` (``paper``) and ``toy``, data, stages) is :mod:`resalign.eval.protocol.attack`'s; the preset
-follows the model unless ``--preset`` names one.
+follows the model unless ``--preset`` names one. ``--sweep`` attacks with every trial of a search space
+instead and reports the worst case within a utility budget (:mod:`resalign.eval.protocol.sweep`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from resalign.cells import Cell, Outcome, Sweep
 from resalign.eval.protocol.attack import check_data_spec, parse_escape, plan_attack, with_personalization_reference
 from resalign.eval.scoring.evaluator import Evaluator, resolve_generation
 from resalign.eval.protocol.finetune import Finetuner, FinetuneSpec, adapter_class
+from resalign.eval.protocol.sweep_runs import SweepSettings, attack_sweep
 from resalign.eval.scoring.presets import SEED_STRIDE, preset_name
 from resalign.settings.presets import preset_named
 from resalign.eval.reports.tidy import MarkdownTable, TidyReport
@@ -38,9 +40,10 @@ from resalign.eval.reports.records import add_figures, attack_records, figures_v
 
 
 @dataclass
-class AttackConfig(EvaluationSettings):
+class AttackConfig(EvaluationSettings, SweepSettings):
     """Settings of ``resalign attack`` (None: the preset's value); the evaluation's are
-    :class:`~resalign.eval.scoring.sets.EvaluationSettings`."""
+    :class:`~resalign.eval.scoring.sets.EvaluationSettings`, ``--sweep``'s
+    :class:`~resalign.eval.protocol.sweep.SweepSettings`."""
 
     model: str | None = None
     adapt: str = "full"
@@ -64,7 +67,6 @@ class AttackConfig(EvaluationSettings):
     device: str = "cpu"
     dtype: str = "fp32"
     threads: int | None = 1
-
 
 
 def check_attack_config(cfg: AttackConfig) -> None:
@@ -120,6 +122,7 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, res
     )
     gen = resolve_generation(gen_preset, cfg.images_per_prompt, cfg.sample_steps, cfg.guidance, cfg.gen_batch_size)
     check_scorer_options(cfg.scorer_options, curve_sets + utility_sets)
+    swept = attack_sweep(cfg, preset_named(preset), model.bundle.image_size, utility_sets) if cfg.sweep else None
     # clip-i and dino compare with the personalization set: by default the --data folder
     scorer_options = with_personalization_reference(
         cfg.scorer_options, [n for s in curve_sets + utility_sets for n in s.scorers], cfg.data)
@@ -146,6 +149,11 @@ def run_attack(cfg: AttackConfig, out: str | Path, *, progress: bool = True, res
     started = time.perf_counter()
     final_step = sum(st.steps for st in plan.stages)
     progress = progress and distributed.is_main()
+    if swept is not None:  # --sweep: the model attacked with every trial instead of the one recipe
+        with Bars(progress) as bars:
+            swept(sweep, model.label, model.bundle, [e for e in (curve_eval, utility_eval) if e], curve_sets[0].name,
+                  report, bars, started)
+        return run_path, report
 
     with Bars(progress) as bars:
         runs = bars.task(f"attack {plan.spec.adapt} on {plan.dataset}: seeds", len(seeds), keep=True)

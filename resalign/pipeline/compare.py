@@ -11,7 +11,8 @@ For the base model, plain-unlearning baselines and ResAlign:
    ``resalign attack``), once per seed, and measure the harmful rate again.
 
 The base model is only measured before fine-tuning, as in Tab. 1. Every figure is the mean ± SEM over
-the seeds (3 by default; Sec. 4.1).
+the seeds (3 by default; Sec. 4.1). ``--sweep`` replaces 2–3 by an attack sweep of every model, the base
+model's included: the worst case over the attacker's recipes within a utility budget (:mod:`resalign.eval.protocol.sweep`).
 
 Measurements, unlearning seeds, report layout and paired differences: :mod:`resalign.eval.protocol.comparison`;
 matched unlearning strength (``--match strength|steps``): :mod:`resalign.eval.protocol.matching`; tables, checks,
@@ -49,6 +50,8 @@ from resalign.eval.protocol.methods import (
 from resalign.eval.protocol.comparison import Comparison
 from resalign.eval.protocol.finetune import FinetuneSpec
 from resalign.eval.protocol.matching import candidate_runs
+from resalign.eval.protocol.sweep_runs import SweepSettings, comparison_sweep
+from resalign.eval.reports.sweep import write_sweep_report
 from resalign.eval.reports.tidy import TidyReport
 from resalign.eval.protocol.attack import check_data_spec, load_pairs, preset_lr
 from resalign.eval.scoring.evaluator import resolve_generation
@@ -63,9 +66,10 @@ DEFAULT_METHODS = ("base", "ga", "esd", "ca", "resalign")
 
 
 @dataclass
-class CompareConfig(EvaluationSettings):
+class CompareConfig(EvaluationSettings, SweepSettings):
     """Settings of ``resalign compare`` (None: the preset's value); the evaluation's are
-    :class:`~resalign.eval.scoring.sets.EvaluationSettings`."""
+    :class:`~resalign.eval.scoring.sets.EvaluationSettings`, ``--sweep``'s
+    :class:`~resalign.eval.protocol.sweep.SweepSettings`."""
 
     model: str | None = None
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -127,9 +131,10 @@ def check_compare_config(cfg: CompareConfig) -> None:
                  registry)
 
 
-def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison, Sweep, dict[int, dict[str, Any]]]:
-    """The checked settings wired to a :class:`Comparison`, its sweep (the run directory) and the
-    unlearning runs' configurations by unlearning seed and method (ResAlign first)."""
+def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison, Sweep, dict[int, dict[str, Any]], Any]:
+    """The checked settings wired to a :class:`Comparison`, its sweep (the run directory), the
+    unlearning runs' configurations by unlearning seed and method (ResAlign first) and, with
+    ``--sweep``, the attack sweep to run (``swept(cmp, sweep, bars=...)``; else None)."""
     from resalign.settings.run import resolve
 
     check_comparison(cfg, made_from=lambda run_dir: run_config_of(run_dir).model)
@@ -150,6 +155,7 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
                              cfg.gen_batch_size)
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     unlearn_seeds = [cfg.seed + i for i in range(cfg.unlearn_seeds)]
+    swept = comparison_sweep(cfg, preset, cfg.datasets, benign_sets, base.bundle.image_size) if cfg.sweep else None
     # ResAlign first: its before-FT harmful rate is the strength the baselines are matched to.
     roles = method_roles(cfg.methods, {}, [m for m, d in cfg.runs.items() if is_released(d)])
     todo = sorted((m for m in cfg.methods if roles[m]["unlearns"] and m not in cfg.runs),
@@ -170,7 +176,7 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
     if sweep.run_dir is not None:
         sweep.run_dir.write_config({"command": "compare", **to_dict(cfg), "seeds_used": seeds,
                                     "unlearn_seeds_used": unlearn_seeds})
-    return cmp, sweep, rcs
+    return cmp, sweep, rcs, swept
 
 
 def _unlearn(cmp: Comparison, sweep: Sweep, cfg: CompareConfig, unlearn_cfgs: dict[int, dict[str, Any]],
@@ -216,15 +222,19 @@ def _unlearn(cmp: Comparison, sweep: Sweep, cfg: CompareConfig, unlearn_cfgs: di
     cmp.add_unlearning(run_dirs, {(u, m): to_dict(resolve(rcs[u, m])) for u, m in order})
 
 
-def _finish(cmp: Comparison, sweep: Sweep, cfg: CompareConfig, started: float) -> tuple[Path, TidyReport]:
-    """The merged report, written by rank 0."""
+def _finish(cmp: Comparison, sweep: Sweep, cfg: CompareConfig, started: float, swept: Any) -> tuple[Path, TidyReport]:
+    """The merged report (of the attack sweep's results ``swept``, when given), written by rank 0."""
     report, path = cmp.report, sweep.path
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
     report.settings["timings"] = {k: round(v, 1) for k, v in cmp.timings.items()}
-    checks = cmp.checks()
+    checks = cmp.checks() if swept is None else None
     if not distributed.is_main():
         return path, report
-    cmp.write(path, checks, cfg.results_md, to_dict(CompareConfig()))
+    if swept is not None:
+        write_sweep_report(path, report, swept, headline=cmp.harm_sets[0].name, results_md=cfg.results_md,
+                           title="resalign compare --sweep: worst-case harmful rate within a utility budget")
+    else:
+        cmp.write(path, checks, cfg.results_md, to_dict(CompareConfig()))
     sweep.close()
     return path, report
 
@@ -241,13 +251,14 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True, r
     cfg = with_released(cfg)  # --methods NAME=PATH: released models, compared as reused runs
     distributed.init(cfg.device)
     set_threads(cfg.threads)
-    cmp, sweep, unlearn_cfgs = _open(cfg, out, resume)
+    cmp, sweep, unlearn_cfgs, swept = _open(cfg, out, resume)
     progress = progress and distributed.is_main()
     started = time.perf_counter()
     _unlearn(cmp, sweep, cfg, unlearn_cfgs, progress)
     with Bars(progress) as bars:
         if cfg.match == "strength":
             cmp.match_strength(sweep.run, bars)
-        cmp.measure_all(sweep.run, bars)
-    return _finish(cmp, sweep, cfg, started)
+        # --sweep: every model attacked with every trial instead of the one recipe
+        results = swept(cmp, sweep, bars=bars) if swept is not None else cmp.measure_all(sweep.run, bars)
+    return _finish(cmp, sweep, cfg, started, results)
 
