@@ -1,0 +1,177 @@
+"""SDXL-layout folders: the conditioning (both encoders, pooled embedding, time ids) against diffusers'
+own ``StableDiffusionXLPipeline`` and UNet, second order through the SDXL UNet, and the bad-folder errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from resalign.components import Conditioning, DenoiseBatch, DiffusionContext
+from resalign.core import tree
+from resalign.core.functional import FunctionalUNet
+from resalign.errors import ModelLoadError
+from resalign.eval.scoring.generate import generate, image_seeds
+from resalign.models.bundle import T2IBundle
+
+PROMPTS = ["a red circle", "blue ring"]  # within the tiny tokenizer's 16 tokens
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_sdxl_dir):
+    return T2IBundle.load(tiny_sdxl_dir)
+
+
+def _pipeline(b, scheduler=None):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2, tokenizer=b.tokenizer,
+        tokenizer_2=b.tokenizer_2, unet=b.unet, scheduler=scheduler or type(b.scheduler).from_config(b.scheduler.config),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_prompts_encode_as_the_sdxl_pipeline_does(bundle):
+    ref = _pipeline(bundle).encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True, negative_prompt="")
+    hidden, neg_hidden, pooled, neg_pooled = ref
+    c, u = bundle.encode_prompts(PROMPTS), bundle.encode_prompts([""])
+    assert isinstance(c, Conditioning) and c.hidden.shape == (2, 16, 16 + 24) and c.pooled.shape == (2, 8)
+    torch.testing.assert_close(c.hidden, hidden, rtol=0, atol=0)
+    torch.testing.assert_close(c.pooled, pooled, rtol=0, atol=0)
+    # the negative prompt, encoded by the pipeline in a batch of two (batched kernels' rounding)
+    torch.testing.assert_close(u.hidden, neg_hidden[:1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(u.pooled, neg_pooled[:1], rtol=1e-6, atol=1e-6)
+    # (original size, crop top-left, target size) at the model's resolution, as the pipeline's default
+    assert c.time_ids.tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2
+
+
+def test_conditioning_rows_follow_the_prompt(bundle):
+    c, u = bundle.encode_prompts(PROMPTS), bundle.encode_prompts([""])
+    both = torch.cat([c, u.expand(2, -1, -1)])
+    assert both.shape == (4, 16, 40) and both.pooled.shape == (4, 8) and both.time_ids.shape == (4, 6)
+    torch.testing.assert_close(both[torch.tensor([3])].pooled, u.pooled)
+    torch.testing.assert_close(both[[1]].hidden, c.hidden[1:])
+    first, second = both.chunk(2)
+    torch.testing.assert_close(second.pooled, u.pooled.expand(2, -1))
+    with pytest.raises(TypeError, match="Conditioning"):
+        torch.stack([c, c])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_sampler_matches_the_sdxl_pipeline(bundle, guidance):
+    """Same latents, scheduler, guidance and prompts (the negative prompt "" encoded, not zeroed): our
+    batched CFG loop equals StableDiffusionXLPipeline's images to 1e-5."""
+    ours = generate(bundle, PROMPTS, steps=4, guidance=guidance, seed=3, output_type="float")
+    latents = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(s))
+                         for s in image_seeds(len(PROMPTS), 1, 3)])
+    ref = _pipeline(bundle)(PROMPTS, negative_prompt="", num_inference_steps=4, guidance_scale=guidance,
+                            latents=latents, output_type="np", height=16, width=16).images
+    assert ours.shape == ref.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    # the pooled embedding and time ids do condition the images
+    assert np.abs(ours - generate(bundle, PROMPTS[::-1], steps=4, guidance=guidance, seed=3,
+                                  output_type="float")[::-1]).max() > 1e-4
+
+
+def _context(bundle, dtype=torch.float32):
+    model = FunctionalUNet(bundle.unet.to(dtype))
+    return DiffusionContext(model=model, theta0=model.base_params(), schedule=bundle.noise_schedule(),
+                            uncond=bundle.encode_prompts([""]).to(dtype))
+
+
+def test_esd_target_equals_the_diffusers_unet_with_both_encoders(bundle):
+    from resalign.losses.harmful import ESD
+
+    ctx = _context(bundle)
+    batch = DenoiseBatch(x0=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                         cond=bundle.encode_prompts(PROMPTS), prompts=PROMPTS)
+    x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([100, 700])
+    # the reference: the UNet module called directly with each encoder's parts, as the pipeline does
+    pipe = _pipeline(bundle)
+    hidden, neg_hidden, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True,
+                                                                negative_prompt="")
+    time_ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32,
+                                      text_encoder_projection_dim=bundle.text_encoder_2.config.projection_dim)
+
+    def eps(h, p):
+        return bundle.unet(x_t, t, encoder_hidden_states=h,
+                           added_cond_kwargs={"text_embeds": p, "time_ids": time_ids.expand(2, 6)}).sample
+
+    e_c, e_u = eps(hidden, pooled), eps(neg_hidden, neg_pooled)
+    for eta, from_uncond in ((1.0, False), (2.0, True)):
+        esd = ESD(ESD.Config(eta=eta, from_uncond=from_uncond))
+        expected = (e_u if from_uncond else e_c) - eta * (e_c - e_u)
+        torch.testing.assert_close(esd.target(ctx, x_t, t, batch.cond), expected, rtol=1e-5, atol=1e-5)
+    # the unconditional prompt's pooled embedding matters: zeroing it changes the target
+    zeroed = DiffusionContext(ctx.model, ctx.theta0, ctx.schedule,
+                              Conditioning(ctx.uncond.hidden, torch.zeros_like(ctx.uncond.pooled), ctx.uncond.time_ids))
+    assert (ESD().target(zeroed, x_t, t, batch.cond) - e_u).abs().max() > 1e-4
+
+
+def test_hvp_through_the_sdxl_unet_matches_float64_finite_differences(tiny_sdxl_dir):
+    from resalign.core.hvp import make_hvp
+    from resalign.losses._common import denoising_loss
+
+    b = T2IBundle.load(tiny_sdxl_dir)
+    ctx = _context(b, torch.float64)
+    batch = DenoiseBatch(x0=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                         cond=b.encode_prompts(PROMPTS).to(torch.float64))
+
+    def loss(p):
+        return denoising_loss(ctx, p, batch, torch.Generator().manual_seed(0))
+
+    theta = tree.detach(ctx.theta0)
+    g = torch.Generator().manual_seed(3)
+    v = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in theta.items()}
+    v = tree.scale(v, 1.0 / tree.norm(v))
+    hv = make_hvp(loss, theta)(v)
+
+    def grad_at(p):
+        p = tree.leaves(p)
+        return tree.grads_or_zeros(torch.autograd.grad(loss(p), list(p.values()), allow_unused=True), p)
+
+    eps = 1e-5
+    fd = tree.scale(tree.add(grad_at(tree.add(theta, v, eps)), grad_at(tree.add(theta, v, -eps)), -1.0), 0.5 / eps)
+    cos = float(tree.dot(hv, fd)) / (tree.norm(hv) * tree.norm(fd))
+    assert cos > 0.999
+    assert abs(tree.norm(hv) - tree.norm(fd)) / tree.norm(fd) < 1e-3
+    # the added (pooled + time ids) embedding is on the second-order path
+    assert tree.norm({k: hv[k] for k in hv if k.startswith("add_embedding.")}) > 0
+
+
+def test_missing_second_text_encoder_is_named(tiny_sdxl_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_sdxl_dir, bad)
+    shutil.rmtree(bad / "text_encoder_2")
+    with pytest.raises(ModelLoadError, match="lacks text_encoder_2") as err:
+        T2IBundle.load(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_time_ids_size_mismatch_is_named(tiny_sdxl_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_sdxl_dir, bad)
+    cfg = json.loads((bad / "unet" / "config.json").read_text())
+    cfg["addition_time_embed_dim"] = 6
+    (bad / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"unet/config.json.*projection_class_embeddings_input_dim.*time_ids") as err:
+        T2IBundle.load(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_saved_folder_loads_with_the_sdxl_pipeline(bundle, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = bundle.save(tmp_path / "saved")
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert pipe.text_encoder_2.config.hidden_size == 24
+    again = T2IBundle.load(out)
+    torch.testing.assert_close(again.encode_prompts(PROMPTS).pooled, bundle.encode_prompts(PROMPTS).pooled)
+    image = pipe("a dog", num_inference_steps=2, output_type="np", height=16, width=16).images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
