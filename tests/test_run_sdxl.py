@@ -41,7 +41,7 @@ def test_sdxl_folder_is_unlearned_and_loads_with_the_sdxl_pipeline(tiny_sdxl_dir
     from diffusers import StableDiffusionXLPipeline
 
     cfg = tomllib.loads((sdxl_run / "config.toml").read_text())
-    assert cfg["preset"] == "sdxl" and cfg["loss"] == "esd" and cfg["adapt"] == "lora"
+    assert cfg["preset"] == "sdxl" and cfg["loss"] == "esd" and cfg["adapt"] == ["lora"]
     rows = [json.loads(x) for x in (sdxl_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["loss_harm"]) for r in rows)
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_run / "model")
