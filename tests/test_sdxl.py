@@ -175,3 +175,86 @@ def test_saved_folder_loads_with_the_sdxl_pipeline(bundle, tmp_path):
     torch.testing.assert_close(again.encode_prompts(PROMPTS).pooled, bundle.encode_prompts(PROMPTS).pooled)
     image = pipe("a dog", num_inference_steps=2, output_type="np", height=16, width=16).images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_every_loss_switches_the_pooled_embedding_and_time_ids_with_the_prompt(bundle):
+    """GA, CA (anchor prompts), distillation, denoising and DreamBooth's prior pairs (one joint call on
+    the fast path) against the diffusers UNet called with each prompt's own parts."""
+    from resalign import fastpath
+    from resalign.registry import get_registry
+
+    ctx = _context(bundle)
+    g = torch.Generator().manual_seed(0)
+    x0, x0_prior = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    anchors = ["a blue circle", "a cat"]
+    batch = DenoiseBatch(x0=x0, cond=bundle.encode_prompts(PROMPTS), prompts=PROMPTS,
+                         anchor_cond=bundle.encode_prompts(anchors),
+                         prior=DenoiseBatch(x0=x0_prior, cond=bundle.encode_prompts(["a dog", "a dog"])))
+    params = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in ctx.theta0.items()}
+    pipe = _pipeline(bundle)
+
+    def parts(prompts):
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+        return hidden, pooled
+
+    def eps(p, x_t, t, prompts):
+        from torch.func import functional_call
+
+        hidden, pooled = parts(prompts)
+        ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).expand(len(prompts), 6)
+        return functional_call(bundle.unet, p, (x_t, t), {"encoder_hidden_states": hidden,
+                               "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}).sample
+
+    def drawn(x, seed=0, gen=None):
+        noise, t = ctx.schedule.sample(x, gen or torch.Generator().manual_seed(seed))
+        return ctx.schedule.add_noise(x, noise, t), noise, t
+
+    def mse(a, b):
+        return float(((a - b) ** 2).mean())
+
+    def create(kind, name, **options):
+        return get_registry().create(kind, name, options)
+
+    x_t, noise, t = drawn(x0)
+    with torch.no_grad():
+        pred = eps(params, x_t, t, PROMPTS)
+        expected = {
+            "ga": -mse(pred, noise),
+            "ca": mse(pred, eps(ctx.theta0, x_t, t, anchors)),
+            "distill": mse(pred, eps(ctx.theta0, x_t, t, PROMPTS)),
+            "denoise": mse(pred, noise),
+        }
+        one = torch.Generator().manual_seed(0)
+        xi, ni, ti = drawn(x0, gen=one)
+        xp, np_, tp = drawn(x0_prior, gen=one)
+        expected["prior_preservation"] = mse(eps(params, xi, ti, PROMPTS), ni) + mse(eps(params, xp, tp, ["a dog"] * 2), np_)
+    losses = {"ga": ("harmful-loss", "ga"), "ca": ("harmful-loss", "ca"), "distill": ("regularizer", "distill"),
+              "denoise": ("finetune-loss", "denoise"), "prior_preservation": ("finetune-loss", "prior_preservation")}
+    before = fastpath.current()
+    try:
+        for path in fastpath.PATHS:
+            fastpath.use(path)
+            for key, (kind, name) in losses.items():
+                got = float(create(kind, name)(ctx, params, batch, torch.Generator().manual_seed(0)))
+                assert got == pytest.approx(expected[key], rel=1e-4, abs=1e-7), (key, path)
+    finally:
+        fastpath.use(before)
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "attack"])
+def test_commands_name_the_bad_part_of_an_sdxl_folder_before_any_work(tiny_sdxl_dir, tmp_path, capsys, command):
+    from resalign.cli import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_sdxl_dir, bad)
+    shutil.rmtree(bad / "text_encoder_2")
+    from resalign.data.folders import write_folder
+
+    write_folder(tmp_path / "benign", np.zeros((2, 16, 16, 3), np.uint8), ["a dog"] * 2)
+    args = {"run": ["run", "--model", str(bad), "--out", str(tmp_path / "o")],
+            "eval": ["eval", str(bad), "--out", str(tmp_path / "o")],
+            "attack": ["attack", str(bad), "--data", str(tmp_path / "benign"), "--out", str(tmp_path / "o")]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lacks text_encoder_2" in err
+    assert not (tmp_path / "o" / "model").exists() and not (tmp_path / "o" / "data").exists()
