@@ -258,3 +258,14 @@ def test_commands_name_the_bad_part_of_an_sdxl_folder_before_any_work(tiny_sdxl_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lacks text_encoder_2" in err
     assert not (tmp_path / "o" / "model").exists() and not (tmp_path / "o" / "data").exists()
+
+
+def test_training_pairs_carry_their_original_size_and_crop_in_the_time_ids(bundle):
+    """As diffusers' train_text_to_image_sdxl.py: (original h, w, crop top, left, target h, w), the crop
+    of the centre square after resizing the shorter side to the resolution."""
+    from resalign.eval.protocol.pairs import Pairs, encode_pairs
+
+    enc = encode_pairs(bundle, Pairs(np.zeros((2, 24, 32, 3), np.uint8), ["a dog", "a cat"]))
+    assert enc.x0.shape == (2, 4, 8, 8)
+    assert enc.cond.time_ids.tolist() == [[24.0, 32.0, 0.0, 2.0, 16.0, 16.0]] * 2  # 32·16/24 → 21 wide, left 2
+    torch.testing.assert_close(enc.cond.pooled, bundle.encode_prompts(["a dog", "a cat"]).pooled)

@@ -85,13 +85,15 @@ class T2IBundle:
 
     # ------------------------------------------------------------------ text and images
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> Cond:
+    def encode_prompts(self, prompts: list[str], batch_size: int = 64, *,
+                       original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0)) -> Cond:
         """The conditioning c of ``prompts``, on the UNet's device and dtype.
 
         One text encoder: its last hidden states (B, L, D). SDXL: a :class:`Conditioning` as
         ``StableDiffusionXLPipeline.encode_prompt`` builds it, both encoders' penultimate hidden states
         concatenated (B, L, D₁ + D₂), the second encoder's projected pooled output (B, P) and the time
-        ids of :meth:`time_ids` (images generated or trained at :attr:`image_size`, uncropped).
+        ids of :meth:`time_ids` (by default images generated at :attr:`image_size`, uncropped; training
+        images give their size before resizing and their crop, ``original_size`` and ``crop_top_left``).
         """
         if self.text_encoder_2 is None:
             out = []
@@ -110,7 +112,7 @@ class T2IBundle:
             pooled.append(out[0])  # the final encoder's projected pooled output (text_embeds)
         hidden_t = torch.cat(hidden).to(self.device, self.dtype)
         return Conditioning(hidden_t, torch.cat(pooled).to(self.device, self.dtype),
-                            self.time_ids(hidden_t.shape[0]))
+                            self.time_ids(hidden_t.shape[0], original_size, crop_top_left))
 
     def time_ids(self, n: int, original_size: tuple[int, int] | None = None,
                  crop_top_left: tuple[int, int] = (0, 0)) -> torch.Tensor:
