@@ -269,3 +269,38 @@ def test_training_pairs_carry_their_original_size_and_crop_in_the_time_ids(bundl
     assert enc.x0.shape == (2, 4, 8, 8)
     assert enc.cond.time_ids.tolist() == [[24.0, 32.0, 0.0, 2.0, 16.0, 16.0]] * 2  # 32·16/24 → 21 wide, left 2
     torch.testing.assert_close(enc.cond.pooled, bundle.encode_prompts(["a dog", "a cat"]).pooled)
+
+
+def test_fp16_variant_folders_load_and_the_vae_stays_fp32(tiny_sdxl_dir, tmp_path):
+    """A folder shipped as ``*.fp16.safetensors`` only (as SDXL checkpoints are): read as the variant;
+    in fp16 the VAE with ``force_upcast`` stays fp32, as StableDiffusionXLPipeline decodes."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, torch_dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16", safe_serialization=True)
+    assert not list((tmp_path / "fp16" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    half = T2IBundle.load(tmp_path / "fp16", dtype="fp16")
+    assert half.dtype == torch.float16 and half.text_encoder_2.dtype == torch.float16
+    assert half.vae.dtype == torch.float32 and half.vae.config.force_upcast
+    full = T2IBundle.load(tmp_path / "fp16")
+    ref = T2IBundle.load(tiny_sdxl_dir)
+    assert full.dtype == torch.float32
+    ours, theirs = full.unet.state_dict(), ref.unet.state_dict()
+    assert all(torch.equal(ours[k], theirs[k].half().float()) for k in ours)  # the fp16 weights, read as fp32
+    images = half.decode(torch.zeros(1, 4, 8, 8, dtype=torch.float16))
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+def test_lora_targets_the_sdxl_attention_projections(bundle):
+    from resalign.registry import get_registry
+
+    lora = get_registry().create("adapter", "lora", {})
+    theta = {k: v for k, v in bundle.unet.named_parameters()}
+    targets = lora.targets(theta)
+    # self- and cross-attention q, k, v, out of every transformer block; nothing of the added embedding
+    attn = [k for k in theta if k.endswith(".weight") and any(f".{a}.{p}." in k or k.endswith(f".{a}.{p}.weight")
+            for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))]
+    assert sorted(targets) == sorted(attn) and len(attn) == 4 * 2 * 4  # 1 down, 1 mid, 2 up transformer blocks
+    assert not [k for k in targets if "add_embedding" in k or "time_embedding" in k]
+    cross_k = [k for k in targets if "attn2.to_k" in k]
+    assert all(theta[k].shape[1] == 16 + 24 for k in cross_k)  # reads both encoders' hidden states
