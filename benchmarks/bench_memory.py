@@ -259,7 +259,7 @@ def child(args) -> None:
                       adapters=[args.adapter], batch_size=1, max_lr_steps=0.0,
                       adapter_options={"lora": {"rank": 4, "alpha": 4.0}})
     reg = get_registry()
-    trainer = ResAlign(ctx, Parameterization(sd["params"], ctx.theta0), harmful_loss=reg.create("harmful-loss", "ga"),
+    trainer = ResAlign(ctx, Parameterization(args.params or sd["params"], ctx.theta0), harmful_loss=reg.create("harmful-loss", "ga"),
                        regularizer=reg.create("regularizer", "distill"), solver=reg.create("solver", "richardson"),
                        pool=pool, data=data, settings=settings, registry=reg)
     peaks = StagePeaks()
@@ -286,7 +286,7 @@ def child(args) -> None:
     trainer.outer_step()
     seconds = time.perf_counter() - t0
     peaks.stop()
-    print(json.dumps({"arch": args.arch, "width": args.width, "latent": args.latent, "J": args.J, "optimizer": args.optimizer,
+    print(json.dumps({"arch": args.arch, "params_kind": args.params or sd["params"], "width": args.width, "latent": args.latent, "J": args.J, "optimizer": args.optimizer,
                       "checkpointing": args.checkpointing, "offload": args.offload,
                       "adapter": args.adapter, "params": n_params, "activation_bytes": act, "seconds": seconds,
                       "base_rss": before_model, "process_rss_at_start": base,
@@ -330,6 +330,7 @@ def main() -> None:
                          "tensors in shared memory, so that the peaks count only what an accelerator holds")
     ap.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"],
                     help="UNet shape measured and projected: SD-1.5's (512 px) or SDXL's (1024 px)")
+    ap.add_argument("--params", default=None, choices=["full", "xattn", "lora"], help="θ (default: the preset's)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--latent", type=int, default=8, help=argparse.SUPPRESS)
@@ -348,7 +349,8 @@ def main() -> None:
     rows = [r for f in (args.merge or "").split(",") if f for r in json.loads(Path(f).read_text())["rows"]]
     for w, lat, j, o, a in runs:
         cmd = [sys.executable, __file__, "--child", "--width", str(w), "--latent", str(lat), "--J", str(j),
-               "--optimizer", o, "--adapter", a, "--arch", args.arch] + (["--checkpointing"] if args.checkpointing else []) \
+               "--optimizer", o, "--adapter", a, "--arch", args.arch] + (["--params", args.params] if args.params else []) \
+            + (["--checkpointing"] if args.checkpointing else []) \
             + (["--offload"] if args.offload else [])
         env = {**MALLOC_ENV, **({"RESALIGN_HOST_MEMORY": "shared"} if args.offload else {})}
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)

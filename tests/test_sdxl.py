@@ -304,3 +304,22 @@ def test_lora_targets_the_sdxl_attention_projections(bundle):
     assert not [k for k in targets if "add_embedding" in k or "time_embedding" in k]
     cross_k = [k for k in targets if "attn2.to_k" in k]
     assert all(theta[k].shape[1] == 16 + 24 for k in cross_k)  # reads both encoders' hidden states
+
+
+def test_the_sdxl_preset_is_chosen_from_the_folder_and_differs_from_sd_where_it_says(tiny_sdxl_dir, tiny_sd_dir, bundle):
+    from resalign.eval.scoring.evaluator import resolve_generation
+    from resalign.eval.scoring.presets import preset_name
+    from resalign.settings.presets import PRESETS, SDXL_CHANGES
+    from resalign.settings.run import preset_of
+
+    assert preset_of(str(tiny_sdxl_dir)) == "sdxl" and preset_of(str(tiny_sd_dir)) == "sd"
+    assert preset_name(bundle) == "sdxl"
+    sd, xl = PRESETS["sd"].run, PRESETS["sdxl"].run
+    differ = {k for k in sd if sd[k] != xl[k]}
+    assert differ == set(SDXL_CHANGES)
+    for key, value in SDXL_CHANGES.items():
+        if isinstance(value, dict):
+            assert {k for k in sd[key] if sd[key][k] != xl[key][k]} == set(value)
+    # the paper's sampling: 3 images per prompt, 30 steps, CFG 7.5, as for SD 1.x
+    gen = resolve_generation("sdxl")
+    assert (gen.images_per_prompt, gen.steps, gen.guidance) == (3, 30, 7.5)
