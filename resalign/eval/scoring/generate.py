@@ -2,9 +2,10 @@
 
 Works for pixel-space bundles (the toy world: ``vae is None``) and latent bundles (Stable Diffusion:
 latents decoded through the VAE); for SDXL the negative prompt's pooled embedding and time ids guide
-with its hidden states (a :class:`~resalign.components.Conditioning`), as in ``StableDiffusionXLPipeline``. Every image has its own initial noise drawn from its own seed, so
-an image does not depend on the batch it was generated in, and I2P-style per-prompt seeds and
-guidance scales are honoured.
+with its hidden states (a :class:`~resalign.components.Conditioning`), as in
+``StableDiffusionXLPipeline``. Every image has its own initial noise drawn from its own seed, so an
+image does not depend on the batch it was generated in, and I2P-style per-prompt seeds and guidance
+scales are honoured.
 
 Under ``torchrun`` (``distribute=True``) rank r generates the batches b ≡ r (mod world size) and the
 images are gathered on every rank: each batch holds the same images as in one process, so the result
