@@ -188,11 +188,6 @@ SDXL_CHANGES: dict[str, Any] = {
     # the downstream fine-tuning of Tab. 5's SDXL models is LoRA (DreamBooth++ and DiffusionDB), and
     # a full-parameter simulation would hold Adam moments of the 2.6 B-parameter UNet
     "pool": {"adapters": ["lora"]},
-    # θ = rank-4 LoRA factors on the attention projections at the authors' LoRA outer lr: with θ the
-    # full 2.6 B-parameter UNet an outer step is projected past 80 GB even with bf16 autocast and
-    # checkpointing (docs/performance.md, benchmarks/bench_memory.py --arch sdxl)
-    "params": "lora",
-    "outer_lr": 2e-4,
 }
 
 
