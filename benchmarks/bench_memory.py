@@ -1,10 +1,19 @@
-"""Memory of one ResAlign outer step (the ``sd`` preset) on Stable-Diffusion-shaped UNets, and its SD-1.5 projection.
+"""Memory of one ResAlign outer step (the ``sd`` preset) on Stable-Diffusion-shaped UNets, and its SD-1.5
+(or, with ``--arch sdxl``, SDXL) projection.
 
 Usage::
 
     python benchmarks/bench_memory.py [--widths 32,64,96] [--latents 8] [--J 1,3] [--optimizers adam,sgd]
                                       [--adapters full,lora] [--checkpointing] [--offload] [--json out.json]
-                                      [--merge a.json,...]
+                                      [--merge a.json,...] [--arch sd15|sdxl]
+
+``--arch sdxl`` measures SDXL-shaped UNets instead: SDXL's config (three levels, transformer depths
+1, 2 and 10, linear projections, 64-wide heads, cross-attention on 77 × 2048 hidden states of both
+text encoders, the ``text_time`` added embedding of a 1280-wide pooled embedding and 6 time ids)
+with block widths (w, 2w, 4w) and those text widths scaled by w / 320, conditioned by a :class:`~resalign.components.Conditioning`, under the
+``sdxl`` preset; the projection is SDXL's UNet (2.6 B parameters) at 128 × 128 latents (1024 px),
+in fp32 and with bf16 autocast (saved activations counted with the UNet in bf16, plus autocast's
+bf16 copy of W, half a copy of fp32 W).
 
 Each measurement runs in a fresh process (a process's resident set never shrinks back to what it
 was): an SD-1.5 UNet config (four levels, two layers each, cross-attention on 77 × 768 text
@@ -49,6 +58,9 @@ from pathlib import Path
 MALLOC_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
 STAGES = ("losses", "adapt", "problem", "solve", "pullback", "update")
 SD15 = {"width": 320, "latent": 64}
+SDXL = {"width": 320, "latent": 128}
+#: SDXL's text widths: both encoders' hidden states side by side, the second's pooled projection
+SDXL_TEXT, SDXL_POOLED, SDXL_TIME_DIM = 2048, 1280, 256
 
 
 def unet_config(width: int, latent: int) -> dict:
@@ -60,6 +72,52 @@ def unet_config(width: int, latent: int) -> dict:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
     )
+
+
+def sdxl_text_widths(width: int) -> tuple[int, int, int]:
+    """(hidden-state width, pooled width, time-id features) of an SDXL-shaped UNet of block width w:
+    SDXL's (2048, 1280, 256) at w = 320, scaled with w below it (multiples of 64, 64 and 8)."""
+    if width >= 320:
+        return SDXL_TEXT, SDXL_POOLED, SDXL_TIME_DIM
+    return (max(64, SDXL_TEXT * width // 320 // 64 * 64), max(64, SDXL_POOLED * width // 320 // 64 * 64),
+            max(8, SDXL_TIME_DIM * width // 320 // 8 * 8))
+
+
+def sdxl_unet_config(width: int, latent: int) -> dict:
+    """SDXL's UNet2DConditionModel config with block widths (w, 2w, 4w) (SDXL: w = 320), its text
+    widths scaled with w (:func:`sdxl_text_widths`)."""
+    text, pooled, time_dim = sdxl_text_widths(width)
+    return dict(
+        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(width, 2 * width, 4 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=tuple(max(1, c // 64) for c in (width, 2 * width, 4 * width)),
+        use_linear_projection=True, cross_attention_dim=text, norm_num_groups=32,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled,
+    )
+
+
+def arch_config(arch: str, width: int, latent: int) -> dict:
+    return sdxl_unet_config(width, latent) if arch == "sdxl" else unet_config(width, latent)
+
+
+def random_cond(arch: str, n: int, generator=None, device="cpu", zeros: bool = False, width: int = 320):
+    """Text conditioning of ``n`` samples: (n, 77, 768) hidden states, or the Conditioning of an
+    SDXL-shaped UNet of block width ``width``."""
+    import torch
+
+    from resalign.components import Conditioning
+
+    def make(*shape):
+        return torch.zeros(*shape, device=device) if zeros else torch.randn(*shape, generator=generator).to(device)
+
+    if arch != "sdxl":
+        return make(n, 77, 768)
+    text, pooled, _ = sdxl_text_widths(width)
+    ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device=device).expand(n, 6)
+    return Conditioning(make(n, 77, text), make(n, pooled), ids)
 
 
 def rss() -> int:
@@ -106,7 +164,8 @@ class StagePeaks:
         self._thread.join()
 
 
-def activation_bytes(unet, latent: int, device: str = "cpu") -> int:
+def activation_bytes(unet, latent: int, device: str = "cpu", arch: str = "sd15") -> int:
+    width = unet.config.block_out_channels[0]
     """Bytes of the tensors one training step's graph saves at batch 1 (parameters excluded)."""
     import torch
 
@@ -120,27 +179,34 @@ def activation_bytes(unet, latent: int, device: str = "cpu") -> int:
             seen[key] = base.untyped_storage().nbytes() if device != "meta" else base.numel() * base.element_size()
         return t
 
+    from resalign.components import unet_kwargs
+
     unet.requires_grad_(True)
-    x = torch.zeros(1, 4, latent, latent, device=device)
-    cond = torch.zeros(1, 77, 768, device=device)
+    dtype = next(unet.parameters()).dtype
+    x = torch.zeros(1, 4, latent, latent, device=device, dtype=dtype)
+    cond = random_cond(arch, 1, device=device, zeros=True, width=width).to(dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = unet(x, torch.tensor([500], device=device), encoder_hidden_states=cond, return_dict=False)[0]
+        out = unet(x, torch.tensor([500], device=device), **unet_kwargs(cond), return_dict=False)[0]
     del out
     unet.requires_grad_(False)
     return int(sum(seen.values()))
 
 
-def sd15_counts() -> dict:
-    """SD-1.5's parameter count and activation bytes at 64 × 64 latents, on the meta device."""
+def sd15_counts(arch: str = "sd15") -> dict:
+    """SD-1.5's (SDXL's) parameter count and activation bytes at 64 × 64 (128 × 128) latents, on the
+    meta device; ``activation_bytes_bf16`` counts them with the UNet in bf16."""
     import torch
     from diffusers import UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    full = SDXL if arch == "sdxl" else SD15
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config(SD15["width"], SD15["latent"]))
+        unet = UNet2DConditionModel(**arch_config(arch, full["width"], full["latent"]))
     with sdpa_kernel(SDPBackend.MATH):
-        act = activation_bytes(unet, SD15["latent"], device="meta")
-    return {"params": sum(p.numel() for p in unet.parameters()), "activation_bytes": act}
+        act = activation_bytes(unet, full["latent"], device="meta", arch=arch)
+        act16 = activation_bytes(unet.to(torch.bfloat16), full["latent"], device="meta", arch=arch)
+    return {"params": sum(p.numel() for p in unet.parameters()), "activation_bytes": act,
+            "activation_bytes_bf16": act16}
 
 
 def child(args) -> None:
@@ -168,10 +234,10 @@ def child(args) -> None:
     from resalign.registry import get_registry
 
     before_model, host_before = rss(), host_rss()
-    unet = UNet2DConditionModel(**unet_config(args.width, args.latent)).requires_grad_(False).eval()
+    unet = UNet2DConditionModel(**arch_config(args.arch, args.width, args.latent)).requires_grad_(False).eval()
     n_params = sum(p.numel() for p in unet.parameters())
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        act = activation_bytes(unet, args.latent)
+        act = activation_bytes(unet, args.latent, arch=args.arch)
     model = FunctionalUNet(unet, checkpointing=args.checkpointing)
     schedule = NoiseSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                                           beta_start=0.00085, beta_end=0.012))
@@ -179,11 +245,11 @@ def child(args) -> None:
 
     def pairs(n):
         return PairSet(torch.randn(n, 4, args.latent, args.latent, generator=g),
-                       torch.randn(n, 77, 768, generator=g), [f"p{i}" for i in range(n)])
+                       random_cond(args.arch, n, g, width=args.width), [f"p{i}" for i in range(n)])
 
-    ctx = DiffusionContext(model, model.base_params(), schedule, torch.randn(1, 77, 768, generator=g))
+    ctx = DiffusionContext(model, model.base_params(), schedule, random_cond(args.arch, 1, g, width=args.width))
     data = TrainingData(harmful=pairs(8), preserve=pairs(8), finetune=pairs(8))
-    sd = PRESETS["sd"].run
+    sd = PRESETS["sdxl" if args.arch == "sdxl" else "sd"].run
     extra = {"curvature_samples": sd["curvature_samples"]} if "curvature_samples" in sd else {}
     settings = MethodSettings(beta=sd["beta"], alpha=sd["alpha"], J=args.J, outer_lr=sd["outer_lr"],
                               harm_batch=sd["harm_batch"], preserve_batch=sd["preserve_batch"], ft_size=sd["ft_size"],
@@ -193,7 +259,7 @@ def child(args) -> None:
                       adapters=[args.adapter], batch_size=1, max_lr_steps=0.0,
                       adapter_options={"lora": {"rank": 4, "alpha": 4.0}})
     reg = get_registry()
-    trainer = ResAlign(ctx, Parameterization(sd["params"], ctx.theta0), harmful_loss=reg.create("harmful-loss", "ga"),
+    trainer = ResAlign(ctx, Parameterization(args.params or sd["params"], ctx.theta0), harmful_loss=reg.create("harmful-loss", "ga"),
                        regularizer=reg.create("regularizer", "distill"), solver=reg.create("solver", "richardson"),
                        pool=pool, data=data, settings=settings, registry=reg)
     peaks = StagePeaks()
@@ -220,7 +286,7 @@ def child(args) -> None:
     trainer.outer_step()
     seconds = time.perf_counter() - t0
     peaks.stop()
-    print(json.dumps({"width": args.width, "latent": args.latent, "J": args.J, "optimizer": args.optimizer,
+    print(json.dumps({"arch": args.arch, "params_kind": args.params or sd["params"], "width": args.width, "latent": args.latent, "J": args.J, "optimizer": args.optimizer,
                       "checkpointing": args.checkpointing, "offload": args.offload,
                       "adapter": args.adapter, "params": n_params, "activation_bytes": act, "seconds": seconds,
                       "base_rss": before_model, "process_rss_at_start": base,
@@ -262,6 +328,9 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true",
                     help="outer AdamW moments in host memory between updates (offload_outer_state); host-held "
                          "tensors in shared memory, so that the peaks count only what an accelerator holds")
+    ap.add_argument("--arch", default="sd15", choices=["sd15", "sdxl"],
+                    help="UNet shape measured and projected: SD-1.5's (512 px) or SDXL's (1024 px)")
+    ap.add_argument("--params", default=None, choices=["full", "xattn", "lora"], help="θ (default: the preset's)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--latent", type=int, default=8, help=argparse.SUPPRESS)
@@ -280,7 +349,8 @@ def main() -> None:
     rows = [r for f in (args.merge or "").split(",") if f for r in json.loads(Path(f).read_text())["rows"]]
     for w, lat, j, o, a in runs:
         cmd = [sys.executable, __file__, "--child", "--width", str(w), "--latent", str(lat), "--J", str(j),
-               "--optimizer", o, "--adapter", a] + (["--checkpointing"] if args.checkpointing else []) \
+               "--optimizer", o, "--adapter", a, "--arch", args.arch] + (["--params", args.params] if args.params else []) \
+            + (["--checkpointing"] if args.checkpointing else []) \
             + (["--offload"] if args.offload else [])
         env = {**MALLOC_ENV, **({"RESALIGN_HOST_MEMORY": "shared"} if args.offload else {})}
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -295,33 +365,43 @@ def main() -> None:
         print("merged:")
         for row in rows[: len(rows) - len(runs)]:
             show(row)
-    sd = sd15_counts()
-    print(f"SD-1.5 UNet: {sd['params'] / 1e6:.0f}M parameters, {sd['activation_bytes'] / 2**30:.2f} GiB of "
-          "saved activations per training step at 64x64 latents, batch 1 (meta device)")
-    report = {"rows": rows, "sd15": sd, "fits": {}}
+    rows = [r for r in rows if r.get("arch", "sd15") == args.arch]
+    sd = sd15_counts(args.arch)
+    name, full = ("SDXL", SDXL) if args.arch == "sdxl" else ("SD-1.5", SD15)
+    print(f"{name} UNet: {sd['params'] / 1e6:.0f}M parameters, {sd['activation_bytes'] / 2**30:.2f} GiB of saved "
+          f"activations per training step at {full['latent']}x{full['latent']} latents, batch 1 "
+          f"({sd['activation_bytes_bf16'] / 2**30:.2f} GiB in bf16; meta device)")
+    report = {"rows": rows, "arch": args.arch, "sd15" if args.arch == "sd15" else "sdxl": sd, "fits": {}}
     for j in sorted({r["J"] for r in rows}):
         for o in sorted({r["optimizer"] for r in rows}):
             for a in sorted({r["adapter"] for r in rows}):
                 sub = [r for r in rows if (r["J"], r["optimizer"], r["adapter"]) == (j, o, a)]
                 if len({(r["params"], r["activation_bytes"]) for r in sub}) < 3:
                     continue
-                proj, parts = {}, {}
+                proj, proj16, parts = {}, {}, {}
                 for stage in STAGES:
                     if not all(stage in r["peaks"] for r in sub):
                         continue
                     a0, c, b = fit(sub, stage)
                     proj[stage] = a0 + c * 4 * sd["params"] + b * sd["activation_bytes"]
+                    # bf16 autocast: fp32 master weights and state, bf16 saved activations, autocast's bf16 W
+                    proj16[stage] = a0 + (c + 0.5) * 4 * sd["params"] + b * sd["activation_bytes_bf16"]
                     parts[stage] = {"copies_of_W": round(c, 2), "activation_multiple": round(b, 2),
                                     "constant_gib": round(a0 / 2**30, 3)}
                 peak_stage = max(proj, key=proj.get)
                 key = f"J={j} {o} {a}"
-                report["fits"][key] = {"stages": parts, "projected_gib": {k: v / 2**30 for k, v in proj.items()}}
+                report["fits"][key] = {"stages": parts, "projected_gib": {k: v / 2**30 for k, v in proj.items()},
+                                       "projected_bf16_gib": {k: v / 2**30 for k, v in proj16.items()}}
                 print(f"{key}: fit per stage (copies of W, activation multiple): "
                       + ", ".join(f"{s} {p['copies_of_W']}/{p['activation_multiple']}" for s, p in parts.items()))
                 where = "device memory, host-held tensors apart" if args.offload else "one memory"
-                print(f"  projected SD-1.5 (512 px, batch 1, fp32, checkpointing {'on' if args.checkpointing else 'off'}, "
+                px = 8 * full["latent"]
+                print(f"  projected {name} ({px} px, batch 1, fp32, checkpointing {'on' if args.checkpointing else 'off'}, "
                       f"{where}): peak {proj[peak_stage] / 1e9:.1f} GB "
                       f"({proj[peak_stage] / 2**30:.1f} GiB) in stage {peak_stage}")
+                peak16 = max(proj16, key=proj16.get)
+                print(f"  projected {name} with bf16 autocast (fp32 master weights): peak {proj16[peak16] / 1e9:.1f} GB "
+                      f"({proj16[peak16] / 2**30:.1f} GiB) in stage {peak16}")
     for o in sorted({r["optimizer"] for r in rows}):
         for a in sorted({r["adapter"] for r in rows}):
             one, many = report["fits"].get(f"J=1 {o} {a}"), [k for k in report["fits"] if k.endswith(f" {o} {a}")]

@@ -18,6 +18,13 @@ It stops taking steps once another one would pass ``--budget-s`` (so it ends wit
 H100/H200). Smoke mode, on the CPU with tiny widths (not part of the test suite)::
 
     PYTHONPATH=. python benchmarks/gpu_sd.py --device cpu --tiny --steps 2
+
+``--sdxl`` runs the ``sdxl`` preset on an SDXL-shaped model instead: SDXL's UNet (2.6 B parameters,
+``text_time`` added embedding), its two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG with its
+projection; penultimate hidden states side by side, the second's pooled output, time ids of 1024 px)
+and its VAE (kept in fp32, ``force_upcast``), 1024 × 1024 images::
+
+    PYTHONPATH=. python benchmarks/gpu_sd.py --sdxl --steps 3      # CPU smoke: --device cpu --tiny --sdxl
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import statistics
 import time
 
 import torch
-from bench_memory import unet_config
+from bench_memory import sdxl_text_widths, sdxl_unet_config, unet_config
 
 #: SD-1.5's CLIP ViT-L/14 text encoder and its VAE (the configs of the released model)
 TEXT_ENCODER = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -38,6 +45,51 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=
            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
            layers_per_block=2, norm_num_groups=32, sample_size=512)
 VAE_SCALE = 0.18215
+#: SDXL's second text encoder (OpenCLIP ViT-bigG/14 with its projection) and VAE scaling factor
+TEXT_ENCODER_2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                      num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+SDXL_VAE_SCALE = 0.13025
+
+
+def build_sdxl(tiny: bool, device: str):
+    """UNet, both text encoders and VAE of SDXL's shapes (``tiny``: widths 32, 64 px images, one text
+    layer each, the text widths scaled as :func:`bench_memory.sdxl_text_widths`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    width, latent = (32, 8) if tiny else (320, 128)
+    unet = UNet2DConditionModel(**sdxl_unet_config(width, latent))
+    te1_cfg, te2_cfg = TEXT_ENCODER, TEXT_ENCODER_2
+    if tiny:  # one layer each, the widths of the tiny UNet (hidden states side by side, pooled projection)
+        text, pooled, _ = sdxl_text_widths(width)
+        small = dict(num_hidden_layers=1, intermediate_size=256, num_attention_heads=2)
+        te1_cfg = dict(TEXT_ENCODER, **small, hidden_size=text - pooled, projection_dim=text - pooled)
+        te2_cfg = dict(TEXT_ENCODER_2, **small, hidden_size=pooled, projection_dim=pooled)
+    te1 = CLIPTextModel(CLIPTextConfig(**te1_cfg))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg))
+    vae = dict(VAE, force_upcast=True, scaling_factor=SDXL_VAE_SCALE, sample_size=1024)
+    vae = dict(vae, block_out_channels=(32,) * 4, layers_per_block=1, sample_size=8 * latent) if tiny else vae
+    return unet.to(device), (te1.to(device), te2.to(device)), AutoencoderKL(**vae).to(device), 8 * latent
+
+
+@torch.no_grad()
+def encode_sdxl_data(text_encoders, vae, pixels: int, n: int, device: str, dtype, seed: int = 0):
+    """SDXL prompt-image pairs from random images and token ids: latents through the fp32 VAE, the
+    Conditioning of StableDiffusionXLPipeline.encode_prompt (penultimate hidden states of both encoders
+    side by side, the second's projected pooled output, time ids (pixels, pixels, 0, 0, pixels, pixels))."""
+    from resalign.components import Conditioning
+    from resalign.core.meta import PairSet
+
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 3, pixels, pixels, generator=g) * 2 - 1).to(device)
+    latents = torch.cat([vae.encode(images[i:i + 1]).latent_dist.mean for i in range(n)]) * vae.config.scaling_factor
+    ids = torch.randint(0, text_encoders[0].config.vocab_size, (n, 77), generator=g).to(device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+        outs = [te(ids, output_hidden_states=True) for te in text_encoders]
+    hidden = torch.cat([o.hidden_states[-2].float() for o in outs], dim=-1)
+    time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=torch.float32, device=device).expand(n, 6)
+    return PairSet(latents.float(), Conditioning(hidden, outs[1][0].float(), time_ids), [f"prompt {i}" for i in range(n)])
 
 
 def build(tiny: bool, device: str):
@@ -77,6 +129,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny widths (a CPU smoke run)")
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("-J", type=int, default=None, help="simulations per outer step (default: the preset's)")
+    ap.add_argument("--sdxl", action="store_true", help="an SDXL-shaped model and the sdxl preset (1024 px)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     from diffusers import DDPMScheduler
@@ -92,14 +145,15 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     dtype = DTYPES[args.dtype]
-    unet, text_encoder, vae, pixels = build(args.tiny, args.device)
-    data = TrainingData(*(encode_data(text_encoder, vae, pixels, 8, args.device, dtype, seed) for seed in (1, 2, 3)))
-    uncond = encode_data(text_encoder, vae, pixels, 1, args.device, dtype, 4).cond
+    build_fn, encode_fn = (build_sdxl, encode_sdxl_data) if args.sdxl else (build, encode_data)
+    unet, text_encoder, vae, pixels = build_fn(args.tiny, args.device)
+    data = TrainingData(*(encode_fn(text_encoder, vae, pixels, 8, args.device, dtype, seed) for seed in (1, 2, 3)))
+    uncond = encode_fn(text_encoder, vae, pixels, 1, args.device, dtype, 4).cond
     del text_encoder, vae
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    preset = PRESETS["sd"].run
+    preset = PRESETS["sdxl" if args.sdxl else "sd"].run
     fields = {f.name for f in dataclasses.fields(MethodSettings)}
     settings = MethodSettings(**{k: v for k, v in preset.items() if k in fields})
     if args.J is not None:
@@ -135,7 +189,7 @@ def main() -> None:
     timed = times[1:] or times
     per_step = statistics.mean(timed)
     result = {
-        "benchmark": "gpu_sd", "device": torch.cuda.get_device_name() if cuda else args.device,
+        "benchmark": "gpu_sd", "model": "sdxl" if args.sdxl else "sd15", "device": torch.cuda.get_device_name() if cuda else args.device,
         "params": n_params, "dtype": args.dtype, "checkpointing": not args.no_checkpointing, "J": settings.J,
         "steps": len(times), "seconds_per_step": times, "mean_seconds_per_step": per_step,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

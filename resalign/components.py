@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Union, runtime_checkable
 
 from resalign.errors import ConfigError
 
@@ -145,25 +145,141 @@ def _check_scalar_types(config_cls: type, options: Mapping[str, Any], where: str
 # --------------------------------------------------------------------------- diffusion data
 
 
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """The text conditioning c of ε_θ(x_t, t, c) for a model with more than hidden states (SDXL).
+
+    ``hidden`` (B, L, D) is the UNet's ``encoder_hidden_states`` (for SDXL both text encoders'
+    penultimate hidden states, concatenated along D); ``pooled`` (B, P) the second encoder's pooled,
+    projected output and ``time_ids`` (B, 6) the micro-conditioning (original height and width, crop
+    top and left, target height and width), which the UNet reads as ``added_cond_kwargs``
+    (``text_embeds``, ``time_ids``). A model with one text encoder (SD 1.x / 2.x, the toy world) is
+    conditioned by its hidden states alone, and a bare (B, L, D) tensor stands for it everywhere a
+    conditioning is taken (:data:`Cond`).
+
+    A conditioning behaves like its rows: ``c[idx]`` selects samples, ``torch.cat([c1, c2])`` stacks
+    them (classifier-free guidance, ESD's conditional and unconditional predictions in one call),
+    ``c.expand(n, ...)`` repeats a single row, ``c.to(...)`` / ``c.float()`` move or cast every part,
+    and ``shape`` / ``dtype`` / ``device`` are the hidden states'. So a loss written for hidden-state
+    tensors switches the pooled embedding and time ids with the prompt without knowing of them.
+    """
+
+    hidden: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
+        return Conditioning(fn(self.hidden), None if self.pooled is None else fn(self.pooled),
+                            None if self.time_ids is None else fn(self.time_ids))
+
+    @property
+    def shape(self):
+        return self.hidden.shape
+
+    @property
+    def dtype(self):
+        return self.hidden.dtype
+
+    @property
+    def device(self):
+        return self.hidden.device
+
+    @property
+    def ndim(self) -> int:
+        return self.hidden.ndim
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def size(self, dim: int | None = None):
+        return self.hidden.size() if dim is None else self.hidden.size(dim)
+
+    def __getitem__(self, rows) -> Conditioning:
+        """The samples ``rows`` (an index tensor or list, a slice, an int) of every part."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 if rows != -1 else None)
+        return self._map(lambda x: x[rows.to(x.device) if hasattr(rows, "to") else rows])
+
+    def to(self, *args, **kwargs) -> Conditioning:
+        return self._map(lambda x: x.to(*args, **kwargs))
+
+    def float(self) -> Conditioning:
+        return self._map(lambda x: x.float())
+
+    def detach(self) -> Conditioning:
+        return self._map(lambda x: x.detach())
+
+    def expand(self, n: int, *_rest) -> Conditioning:
+        """``n`` rows of a one-row conditioning (as ``tensor.expand(n, -1, -1)`` of hidden states)."""
+        return self._map(lambda x: x.expand(n, *x.shape[1:]))
+
+    def chunk(self, k: int) -> tuple[Conditioning, ...]:
+        n = -(-len(self) // k)
+        return tuple(self[slice(i, i + n)] for i in range(0, len(self), n))
+
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        """Rows of ``conds`` stacked (all tensors, or all conditionings with the same parts)."""
+        import torch
+
+        conds = list(conds)
+        if not any(isinstance(c, Conditioning) for c in conds):
+            return torch.cat(conds)
+        if not all(isinstance(c, Conditioning) for c in conds) or len(
+                {(c.pooled is None, c.time_ids is None) for c in conds}) != 1:
+            raise ValueError("cannot concatenate conditionings with different parts (hidden / pooled / time ids)")
+        parts = [torch.cat([getattr(c, k) for c in conds]) if getattr(conds[0], k) is not None else None
+                 for k in ("hidden", "pooled", "time_ids")]
+        return Conditioning(*parts)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        import torch
+
+        kwargs = kwargs or {}
+        if func is torch.cat and not kwargs.get("dim") and (len(args) < 2 or args[1] == 0):
+            return cls.cat(args[0] if args else kwargs["tensors"])
+        raise TypeError(f"{getattr(func, '__name__', func)} is not defined for a Conditioning; use its parts "
+                        "(hidden, pooled, time_ids)")
+
+
+#: A conditioning as every loss, regularizer and model function takes it: hidden states alone (a
+#: tensor, one-encoder models) or a :class:`Conditioning` (SDXL: with pooled embeddings and time ids).
+Cond = Union["Tensor", Conditioning]
+
+
+def unet_kwargs(cond: Cond) -> dict[str, Any]:
+    """The keyword arguments of a diffusers ``UNet2DConditionModel`` call for ``cond``:
+    ``encoder_hidden_states`` and, where the conditioning has them, ``added_cond_kwargs``
+    (``text_embeds`` the pooled embedding, ``time_ids`` the micro-conditioning)."""
+    if not isinstance(cond, Conditioning):
+        return {"encoder_hidden_states": cond}
+    kwargs: dict[str, Any] = {"encoder_hidden_states": cond.hidden}
+    added = {k: v for k, v in (("text_embeds", cond.pooled), ("time_ids", cond.time_ids)) if v is not None}
+    if added:
+        kwargs["added_cond_kwargs"] = added
+    return kwargs
+
+
 @dataclass
 class DenoiseBatch:
     """Prompt-image pairs in model space (VAE latents for SD, pixels in [-1, 1] for the toy world)."""
 
     x0: Tensor  # (B, C, H, W)
-    cond: Tensor  # (B, L, D) text-encoder hidden states of ``prompts``
+    cond: Cond  # (B, L, D) text-encoder hidden states of ``prompts`` (a Conditioning for SDXL)
     prompts: list[str] = field(default_factory=list)
-    anchor_cond: Tensor | None = None  # CA: embeddings of the anchor concept's prompts
+    anchor_cond: Cond | None = None  # CA: the conditioning of the anchor concept's prompts
     prior: DenoiseBatch | None = None  # DreamBooth prior-preservation pairs
 
 
 @dataclass
 class PairSet:
-    """Prompt-image pairs in model space, with text embeddings (and CA anchor embeddings)."""
+    """Prompt-image pairs in model space, with their conditioning (and CA anchor conditioning)."""
 
     x0: Tensor
-    cond: Tensor
+    cond: Cond
     prompts: list[str]
-    anchor_cond: Tensor | None = None
+    anchor_cond: Cond | None = None
 
     def __len__(self) -> int:
         return int(self.x0.shape[0])
@@ -192,9 +308,10 @@ class TrainingData:
 
 
 class ModelFn(Protocol):
-    """ε_θ(x_t, t, c): the UNet as a function of a parameter dict (torch.func.functional_call)."""
+    """ε_θ(x_t, t, c): the UNet as a function of a parameter dict (torch.func.functional_call); c is
+    hidden states or a :class:`Conditioning` (:func:`unet_kwargs`)."""
 
-    def __call__(self, params: Params, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor: ...
+    def __call__(self, params: Params, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
 
 
 class Schedule(Protocol):
@@ -220,7 +337,7 @@ class DiffusionContext:
     model: ModelFn
     theta0: Params  # the frozen original parameters (distillation, ESD and CA targets)
     schedule: Schedule
-    uncond: Tensor  # (1, L, D) embedding of the empty prompt
+    uncond: Cond  # (1, L, D) conditioning of the empty prompt (with its pooled embedding for SDXL)
 
 
 # --------------------------------------------------------------------------- losses

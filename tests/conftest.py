@@ -42,6 +42,14 @@ def tiny_sd2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """An SDXL-shaped folder: two CLIP text encoders of different widths, a ``text_time`` UNet, a VAE."""
+    from fixtures.tiny_sd import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_toy_dir(tmp_path_factory):
     """An untrained toy-world model folder with 8/16 channels (the toy preset's code path, fast)."""
     from fixtures.tiny_toy import build_tiny_toy

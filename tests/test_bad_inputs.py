@@ -102,7 +102,7 @@ CASES = [
     ("eval-unknown-scorer", ["eval", "--scorer", "nope"], "unknown scorer 'nope'"),
     ("eval-missing-model", ["eval", "{root}/no-model"], "does not exist"),
     ("eval-category-no-file", ["eval", "--category", "sexual"], "--category filters a CSV"),
-    ("eval-unknown-preset", ["eval", "--preset", "sdxl"], "--preset 'sdxl': expected one of toy, sd (paper = sd)"),
+    ("eval-unknown-preset", ["eval", "--preset", "sd3"], "--preset 'sd3': expected one of toy, sd, sdxl (paper = sd)"),
     # resalign score
     ("score-strict-images", ["score", "{root}/mixed", "--scorer", "toy-harm", "--strict-images"],
      "--strict-images: '{root}/mixed/x.png' is not a readable image"),

@@ -27,8 +27,8 @@ def test_paper_is_the_sd_preset_under_every_command():
     gen = resolve_generation("paper")
     assert (gen.images_per_prompt, gen.steps, gen.guidance) == (3, 30, 7.5)  # Sec. 4.1: 3 images, 30 steps, CFG 7.5
     assert default_scorers("paper", "harmful") == ["nudenet"]
-    with pytest.raises(ConfigError, match=r"--preset 'sdxl': expected one of toy, sd"):
-        preset_named("sdxl")
+    with pytest.raises(ConfigError, match=r"--preset 'sd3': expected one of toy, sd, sdxl"):
+        preset_named("sd3")
 
 
 def test_commands_read_their_defaults_from_the_one_table():

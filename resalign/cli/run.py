@@ -27,11 +27,13 @@ def _default(key: str) -> str:
 
     *path, last = key.split(".")
     values = []
-    for name in ("toy", "sd"):
+    shown = {}
+    for name in ("toy", "sd", "sdxl"):
         v = PRESETS[name].run
         for k in path:
             v = v.get(k, {})
-        if last in v:
+        if last in v and not (name == "sdxl" and shown.get("sd") == v[last]):
+            shown[name] = v[last]
             values.append(f"{name} {fmt(v[last])}")
     if values:
         return "\\[default: " + "; ".join(values) + "]"

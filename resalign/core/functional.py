@@ -30,7 +30,7 @@ from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from resalign import fastpath
-from resalign.components import Params
+from resalign.components import Cond, Params, unet_kwargs
 
 
 @contextlib.contextmanager
@@ -99,6 +99,9 @@ class ParameterSlots:
 class FunctionalUNet:
     """``model(params, x_t, t, cond) -> ε`` for a diffusers ``UNet2DConditionModel`` (``components.ModelFn``).
 
+    ``cond`` is hidden states or a :class:`~resalign.components.Conditioning`, whose pooled embedding
+    and time ids go to the UNet as ``added_cond_kwargs`` (SDXL's ``text_time`` embedding).
+
     ``compute_dtype`` (bf16 / fp16) runs the forward pass under autocast while the parameters given
     stay fp32 (master weights); the prediction is then returned in fp32. ``checkpointing`` recomputes
     the UNet blocks' activations in the backward pass (:func:`functional_checkpoint`).
@@ -125,10 +128,10 @@ class FunctionalUNet:
         """The module's own parameters (the frozen original θ_0), without copies."""
         return {k: v.detach() for k, v in self.unet.named_parameters()}
 
-    def __call__(self, params: Params, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def __call__(self, params: Params, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        kwargs = {"encoder_hidden_states": cond, "return_dict": False}
+        kwargs = {**unet_kwargs(cond), "return_dict": False}
         if self.compute_dtype is None:
             return self._call(params, (x_t, t), kwargs)[0]
         with torch.autocast(device_type=x_t.device.type, dtype=self.compute_dtype):

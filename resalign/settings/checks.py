@@ -44,6 +44,10 @@ def validate(cfg: RunConfig, registry) -> dict[str, Any]:
         missing = [p for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
         if missing:
             raise ModelLoadError(f"model: folder {cfg.model!r} lacks {', '.join(missing)} (diffusers layout expected)")
+        from resalign.models.sdxl import check_sdxl_folder, is_sdxl_folder
+
+        if is_sdxl_folder(path):
+            check_sdxl_folder(path)
     else:
         from resalign.models.toy import toy_model_dir
 

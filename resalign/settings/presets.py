@@ -1,9 +1,11 @@
 """The presets: every default a preset fixes, for every command, in one table (:data:`PRESETS`).
 
 A preset is chosen once per command from the model (:func:`~resalign.settings.run.preset_of`;
-``auto``): ``toy`` for the embedded toy world (no model, or a toy model folder), ``sd`` for a Stable
+``auto``): ``toy`` for the embedded toy world (no model, or a toy model folder), ``sdxl`` for an
+SDXL-layout folder (:func:`~resalign.models.sdxl.is_sdxl_folder`), ``sd`` for any other Stable
 Diffusion folder. ``sd`` follows the paper (Sec. 4.1, App. B.3, B.4) and the authors' scripts; its
 other name ``paper`` (the official evaluation of Tab. 1) is accepted wherever a preset is named.
+``sdxl`` is ``sd`` with the changes of :data:`SDXL_CHANGES` (Tab. 5's models, 1024 px images).
 Each preset holds the :class:`~resalign.settings.run.RunConfig` values of ``run`` (``Preset.run``),
 the sampling and scorers of ``eval`` and of the evaluations inside ``run``/``attack``/``compare``
 (``Preset.evaluate``), the downstream fine-tuning of ``attack`` (``Preset.attack``) and the sizes of
@@ -19,7 +21,7 @@ from typing import Any
 from resalign.errors import ConfigError
 from resalign.models.toy import GUIDANCE as TOY_GUIDANCE
 
-PRESET_NAMES = ("auto", "toy", "sd")
+PRESET_NAMES = ("auto", "toy", "sd", "sdxl")
 #: Other names of presets.
 PRESET_ALIASES = {"paper": "sd"}
 
@@ -196,6 +198,29 @@ _SD_RUN: dict[str, Any] = {
     },
 }
 
+#: ``sdxl``'s run settings where they differ from ``sd``'s; everything else (the sampling of the
+#: evaluations: 3 images per prompt, 30 steps, CFG 7.5, NudeNet; J, K, γ, β, α, the learning rates)
+#: is the paper's, as for SD 1.x. Images are the model's own 1024 px (its UNet's sample_size × 8),
+#: four times SD 1.5's latent positions: what changes is what that costs.
+SDXL_CHANGES: dict[str, Any] = {
+    # one 1024 px image per generation batch: 4 would hold four 128x128 latent CFG pairs and decode
+    # them through the fp32 VAE at once
+    "data": {"gen_batch_size": 1},
+    # the downstream fine-tuning of Tab. 5's SDXL models is LoRA (DreamBooth++ and DiffusionDB), and
+    # a full-parameter simulation would hold Adam moments of the 2.6 B-parameter UNet
+    "pool": {"adapters": ["lora"]},
+}
+
+
+def _with_changes(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = {**base[k], **v} if isinstance(v, Mapping) and isinstance(base.get(k), Mapping) else v
+    return out
+
+
+_SDXL_RUN = _with_changes(_SD_RUN, SDXL_CHANGES)
+
 PRESETS: dict[str, Preset] = {
     # the embedded world: DDIM 20 steps at the toy model's CFG scale, 100 prompts x 1 image per set
     # (>= 100 images per figure); fine-tuning at 10x each method's reference learning rate
@@ -230,6 +255,9 @@ PRESETS: dict[str, Preset] = {
                           utility_metric="frechet_distance", utility_budget=None),
     ),
 }
+#: SDXL (Tab. 5): the paper's sampling and fine-tuning, the run settings of :data:`SDXL_CHANGES`
+PRESETS["sdxl"] = Preset(name="sdxl", run=_SDXL_RUN, evaluate=PRESETS["sd"].evaluate, attack=PRESETS["sd"].attack,
+                         compare=PRESETS["sd"].compare)
 
 
 def preset_named(name: str, flag: str = "--preset") -> Preset:

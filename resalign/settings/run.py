@@ -151,7 +151,11 @@ def preset_of(model: str | None, preset: str = "auto") -> str:
         text = index.read_text(errors="replace") if index.is_file() else ""
     except OSError as exc:
         raise ModelLoadError(f"model: cannot read {str(index)!r}: {exc.strerror or exc}") from None
-    return "toy" if "ResAlignToyPipeline" in text else "sd"
+    if "ResAlignToyPipeline" in text:
+        return "toy"
+    from resalign.models.sdxl import is_sdxl_folder
+
+    return "sdxl" if is_sdxl_folder(model) else "sd"
 
 
 def load_run_config(raw: dict[str, Any], config_file: str | Path | None = None) -> RunConfig:

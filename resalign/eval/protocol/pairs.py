@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from resalign.components import DenoiseBatch
+from resalign.components import Cond, DenoiseBatch
 from resalign.errors import ConfigError, DataError
 
 
@@ -67,22 +67,30 @@ def _resize_square(images: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass
 class Encoded:
-    """A pair set in model space: x_0 (N, C, h, w) and caption embeddings c (N, L, D), float32."""
+    """A pair set in model space: x_0 (N, C, h, w) and the captions' conditioning c (N, L, D; with
+    SDXL's pooled embeddings and time ids), float32."""
 
     x0: torch.Tensor
-    cond: torch.Tensor
+    cond: Cond
     name: str = ""
 
 
 def encode_pairs(bundle: Any, data: PairData, *, prompts: Sequence[str] | None = None, batch: int = 16) -> Encoded:
     """Images to model space x_0 (VAE latents or pixels) and captions to text embeddings c, once."""
-    images = _resize_square(np.asarray(data.images), bundle.image_size)
+    original = np.asarray(data.images)
+    images = _resize_square(original, bundle.image_size)
     caps = list(prompts) if prompts is not None else list(data.prompts)
     xs, generator = [], torch.Generator(device=bundle.device).manual_seed(0)  # the VAE posterior's sample
     for i in range(0, len(images), batch):
         t = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         xs.append(bundle.encode_images(t, generator).float())
-    return Encoded(torch.cat(xs), bundle.encode_prompts(caps).float(), getattr(data, "name", ""))
+    # SDXL's time ids: the size before resizing and the centre crop's corner, as train_text_to_image_sdxl.py
+    h, w = int(original.shape[1]), int(original.shape[2])
+    scale = bundle.image_size / min(h, w)
+    top = (max(bundle.image_size, round(h * scale)) - bundle.image_size) // 2
+    left = (max(bundle.image_size, round(w * scale)) - bundle.image_size) // 2
+    cond = bundle.encode_prompts(caps, original_size=(h, w), crop_top_left=(top, left)).float()
+    return Encoded(torch.cat(xs), cond, getattr(data, "name", ""))
 
 
 class Batches:

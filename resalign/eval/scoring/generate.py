@@ -1,9 +1,11 @@
 """Batched text-to-image generation with classifier-free guidance, for any :class:`T2IBundle`.
 
 Works for pixel-space bundles (the toy world: ``vae is None``) and latent bundles (Stable Diffusion:
-latents decoded through the VAE). Every image has its own initial noise drawn from its own seed, so
-an image does not depend on the batch it was generated in, and I2P-style per-prompt seeds and
-guidance scales are honoured.
+latents decoded through the VAE); for SDXL the negative prompt's pooled embedding and time ids guide
+with its hidden states (a :class:`~resalign.components.Conditioning`), as in
+``StableDiffusionXLPipeline``. Every image has its own initial noise drawn from its own seed, so an
+image does not depend on the batch it was generated in, and I2P-style per-prompt seeds and guidance
+scales are honoured.
 
 Under ``torchrun`` (``distribute=True``) rank r generates the batches b ≡ r (mod world size) and the
 images are gathered on every rank: each batch holds the same images as in one process, so the result
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from resalign import distributed
+from resalign.components import unet_kwargs
 from resalign.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,6 +59,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _to_float(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (B, 3, H, W) -> float32 RGB in [0, 1] (B, H, W, 3)."""
+    x = (images.detach().float() / 2 + 0.5).clamp(0, 1)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device, dtype) -> torch.Tensor:
     out = []
     for s in seeds:
@@ -78,6 +87,7 @@ def generate(
     unet_params: Mapping[str, torch.Tensor] | None = None,
     negative_prompt: str = "",
     distribute: bool = False,
+    output_type: str = "uint8",
 ) -> np.ndarray:
     """Generate ``images_per_prompt`` images for every prompt; uint8 RGB (N, H, W, 3), prompt-major.
 
@@ -87,7 +97,8 @@ def generate(
     evaluates the UNet at other parameters (name -> tensor, e.g. θ from an unlearning run) through
     :func:`torch.func.functional_call`, leaving the module's own weights untouched. ``distribute``
     divides the batches between the ranks of a ``torchrun`` job (every rank must call it); ``progress``
-    then counts this rank's images.
+    then counts this rank's images. ``output_type="float"`` returns the decoded images in [0, 1],
+    float32 (as diffusers' ``output_type="np"``) instead of uint8.
     """
     prompts = list(prompts)
     if images_per_prompt < 1:
@@ -96,6 +107,9 @@ def generate(
         raise ConfigError(f"steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if output_type not in ("uint8", "float"):
+        raise ConfigError(f"output_type {output_type!r}: expected 'uint8' or 'float'")
+    to_array = to_uint8 if output_type == "uint8" else _to_float
     n_prompts = len(prompts)
     guid = [float(g) for g in _per_prompt(guidance, n_prompts, "guidance")]
     seeds = image_seeds(n_prompts, images_per_prompt, seed)
@@ -104,7 +118,7 @@ def generate(
     total = len(all_prompts)
     h = bundle.image_size
     if total == 0:
-        return np.zeros((0, h, h, 3), np.uint8)
+        return np.zeros((0, h, h, 3), np.uint8 if output_type == "uint8" else np.float32)
 
     unet = bundle.unet
     device, dtype = bundle.device, bundle.dtype
@@ -114,11 +128,11 @@ def generate(
         params = dict(unet_params)
 
         def eps_fn(x, t, c):
-            return functional_call(unet, params, (x, t), {"encoder_hidden_states": c}).sample
+            return functional_call(unet, params, (x, t), unet_kwargs(c)).sample
     else:
 
         def eps_fn(x, t, c):
-            return unet(x, t, encoder_hidden_states=c).sample
+            return unet(x, t, **unet_kwargs(c)).sample
 
     # Text embeddings: each distinct prompt once, plus the negative / unconditional prompt.
     distinct = sorted(set(all_prompts))
@@ -150,7 +164,7 @@ def generate(
                 eps_u, eps_c = eps_fn(xin, t, context).chunk(2)
                 eps = eps_u + g * (eps_c - eps_u)
                 x = scheduler.step(eps, t, x).prev_sample
-            out.append((b_index, to_uint8(bundle.decode(x))))
+            out.append((b_index, to_array(bundle.decode(x))))
             done += b
             if progress is not None:
                 progress(done, mine_total)

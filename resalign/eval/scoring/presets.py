@@ -38,7 +38,7 @@ def default_scorers(preset: str, role: str, scorer_options: Mapping[str, Any] | 
     (the personalization scorers on benign sets only)."""
     p = preset_named(preset)
     names = list(p.evaluate.scorers[role])
-    if p.name == "sd":
+    if p.name in ("sd", "sdxl"):
         opts = scorer_options or {}
         weighted = dict(PAPER_WEIGHTED_SCORERS, **(PERSONALIZATION_SCORERS if role == "benign" else {}))
         names += [n for n, keys in weighted.items()
@@ -50,4 +50,6 @@ def preset_name(bundle: Any, named: str | None = None) -> str:
     """The preset of a command: the one it names (``named``, an alias resolved), else the model's."""
     if named:
         return preset_named(named).name
-    return "toy" if getattr(bundle, "kind", "") == "toy" else "sd"
+    if getattr(bundle, "kind", "") == "toy":
+        return "toy"
+    return "sdxl" if getattr(bundle, "is_sdxl", False) else "sd"
