@@ -15,7 +15,7 @@ the sampling and scorers of ``eval`` and of the evaluations inside ``run``/``att
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from resalign.errors import ConfigError
@@ -257,7 +257,9 @@ PRESETS: dict[str, Preset] = {
 }
 #: SDXL (Tab. 5): the paper's sampling and fine-tuning, the run settings of :data:`SDXL_CHANGES`
 PRESETS["sdxl"] = Preset(name="sdxl", run=_SDXL_RUN, evaluate=PRESETS["sd"].evaluate, attack=PRESETS["sd"].attack,
-                         compare=PRESETS["sd"].compare)
+                         compare=PRESETS["sd"].compare,
+                         # the downstream fine-tuning of Tab. 5's SDXL models is LoRA: the sweep's ADAPT too
+                         sweep=replace(PRESETS["sd"].sweep, adapts=("lora",)))
 
 
 def preset_named(name: str, flag: str = "--preset") -> Preset:
