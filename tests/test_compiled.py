@@ -84,9 +84,11 @@ def test_a_compiled_simulation_equals_the_fast_one_and_repeats_bitwise(path):
     assert d1["delta_norm"] == pytest.approx(d0["delta_norm"], rel=1e-7)
 
 
-def test_a_failing_backend_falls_back_to_the_fast_path_once_with_a_warning(path, monkeypatch):
-    """A compiler that fails (here: every compiled call raises) is reported once; the simulation then
-    equals the fast path's bit for bit, and later calls do not try again."""
+@pytest.mark.parametrize("where", ["call", "setup"])
+def test_a_failing_backend_falls_back_to_the_fast_path_once_with_a_warning(path, monkeypatch, where):
+    """A compiler that fails (every compiled call raises, or ``torch.compile`` refuses the platform)
+    is reported once; the simulation then equals the fast path's bit for bit, and later calls do not
+    try again."""
     ctx = tiny_context()
     path("fast")
     h_fast, d_fast = _simulate(ctx, "denoise", 3)
@@ -96,7 +98,7 @@ def test_a_failing_backend_falls_back_to_the_fast_path_once_with_a_warning(path,
         attempts.append(1)
         raise RuntimeError("InductorError: no working C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: broken)
+    monkeypatch.setattr(torch, "compile", (lambda fn, **options: broken) if where == "call" else broken)
     path("compiled")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -117,3 +119,34 @@ def test_compilation_turned_off_runs_the_fast_path_without_trying(path, monkeypa
     path("compiled")
     h, d = _simulate(ctx, "denoise", 3)
     assert all(torch.equal(h[k], h_fast[k]) for k in h) and d == d_fast
+
+
+@pytest.mark.slow
+def test_compiled_runs_split_over_two_ranks_and_resumed_after_a_kill_equal_one_process(tiny_toy_dir, tmp_path,
+                                                                                       monkeypatch):
+    """The equality guarantees of tests/test_distributed_run.py on the compiled path: a two-rank run
+    gives the single-process weights (to the order of the hypergradient sums), and a run killed after
+    a checkpoint resumes to the uninterrupted run's weights bit for bit (each process compiles, or
+    loads from Inductor's cache, the same kernels)."""
+    from test_distributed_run import _kill_after_checkpoint, _ok, _run_args, _torchrun, _weights
+
+    import sys
+
+    monkeypatch.setenv(compiled.ENV, "1")
+    args = ["--outer-steps", "2", "--set", "checkpoint_every=1"]
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    _ok([sys.executable, "-m", "resalign", *_run_args(tiny_toy_dir, one, *args)], timeout=600)
+    _ok(_torchrun("-m", "resalign", *_run_args(tiny_toy_dir, two, *args)), timeout=600)
+    a, b = _weights(one), _weights(two)
+    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
+    assert diff <= 1e-6 * sum(float(t.double().pow(2).sum()) for t in a.values()) ** 0.5
+    cmd = [sys.executable, "-m", "resalign", *_run_args(tiny_toy_dir, killed, *args)]
+    assert _kill_after_checkpoint(cmd, killed, 1, timeout=600) < 2
+    _ok([sys.executable, "-m", "resalign", "run", "--resume", "--out", str(killed), "--no-progress"], timeout=600)
+    c = _weights(killed)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    # the runs did compile: the fast path's weights differ from the compiled ones by float rounding
+    monkeypatch.setenv(compiled.ENV, "0")
+    _ok([sys.executable, "-m", "resalign", *_run_args(tiny_toy_dir, tmp_path / "fast", *args)], timeout=600)
+    f = _weights(tmp_path / "fast")
+    assert any(not torch.equal(a[k], f[k]) for k in a)

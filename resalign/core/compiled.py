@@ -82,7 +82,10 @@ class CompiledCall:
         def call(params: dict[str, torch.Tensor], args: tuple, kwargs: dict[str, Any]):
             return functional_call(module, params, args, kwargs, strict=False)
 
-        self._fn = torch.compile(call, dynamic=False)
+        try:  # a platform torch.compile does not support refuses here
+            self._fn = torch.compile(call, dynamic=False)
+        except Exception as exc:  # noqa: BLE001
+            _give_up(exc)
 
     def __call__(self, params, args: tuple, kwargs: dict[str, Any]):
         if not available():
