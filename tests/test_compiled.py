@@ -133,7 +133,7 @@ def test_compiled_runs_split_over_two_ranks_and_resumed_after_a_kill_equal_one_p
     import sys
 
     monkeypatch.setenv(compiled.ENV, "1")
-    args = ["--outer-steps", "2", "--set", "checkpoint_every=1"]
+    args = ["--outer-steps", "2", "--set", "checkpoint_every=1", "--set", "quick_eval=0"]
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     _ok([sys.executable, "-m", "resalign", *_run_args(tiny_toy_dir, one, *args)], timeout=600)
     _ok(_torchrun("-m", "resalign", *_run_args(tiny_toy_dir, two, *args)), timeout=600)
