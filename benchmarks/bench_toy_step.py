@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_toy_step.py [--rounds 5] [--outer-steps 4] [--data-dir DIR] [--paths fast,reference]
+    python benchmarks/bench_toy_step.py [--rounds 5] [--outer-steps 4] [--data-dir DIR] [--paths compiled,fast,reference]
                                         [--profile cprofile|torch] [--json out.json]
 
 The configuration is pinned (the toy preset's run settings of issue #26, whatever the preset becomes):
@@ -30,8 +30,10 @@ the time spent waiting for a core of a shared machine); ``--clock wall`` reads t
   ``first_outer_step_s``).
 
 ``--paths`` names the inner-loop implementations timed side by side (:mod:`resalign.fastpath`:
-``fast`` the default path, ``reference`` the straightforward loop it replaced); a checkout without
-that module times its own code as ``default``. Each path's outer steps run on a trainer of its own, in
+``compiled`` the default path, ``fast`` the same without ``torch.compile``, ``reference`` the
+straightforward loop they replaced); a checkout without that module times its own code as ``default``.
+The compiled path's compilation happens in the warm-up (``first_outer_step_s``; Inductor's on-disk
+cache makes it a few seconds in a later process). Each path's outer steps run on a trainer of its own, in
 turn (A, B, A, B, ...), and ``outer_step_speedup_over_<last path>`` is the median of the per-round
 ratios.
 """

@@ -68,8 +68,14 @@ def inner(a: Params, b: Params) -> float:
 
 
 def norm(a: Params) -> float:
-    """‖a‖₂ over all entries, as a float."""
-    return math.sqrt(sum(float(v.detach().double().pow(2).sum()) for v in a.values()))
+    """‖a‖₂ over all entries, as a float: every tensor's norm accumulated in float64 by one
+    ``torch._foreach_norm`` (no float64 copy of ``a``, one synchronisation), then combined."""
+    values = [v.detach() for v in a.values()]
+    if not values:
+        return 0.0
+    if not all(v.is_floating_point() for v in values):
+        return math.sqrt(sum(float(v.double().pow(2).sum()) for v in values))
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(values, 2, dtype=torch.float64))))
 
 
 def clip_by_norm(a: Params, max_norm: float) -> Params:
@@ -117,5 +123,12 @@ def to_host(p: Params) -> Params:
 
 
 def all_finite(a: Params) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in a.values())
-
+    """Whether every entry of ``a`` is finite. A finite 2-norm of every tensor (one
+    ``torch._foreach_norm``, one synchronisation) says so at once (a NaN or an inf makes its
+    tensor's norm NaN or inf); only when one is not (a non-finite entry, or a float32 norm that
+    overflowed) are the entries checked one tensor at a time."""
+    values = [v.detach() for v in a.values()]
+    if values and all(v.is_floating_point() for v in values) \
+            and bool(torch.isfinite(torch.stack(torch._foreach_norm(values, 2))).all()):
+        return True
+    return all(bool(torch.isfinite(v).all()) for v in values)

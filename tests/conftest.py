@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the compiled inner loop (resalign.core.compiled) compiles each model and input shape once per
+# process: for the suite's many small models that costs more than it saves. tests/test_compiled.py
+# and the equality tests of the compiled path turn it on.
+os.environ.setdefault("RESALIGN_COMPILE", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402

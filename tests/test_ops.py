@@ -28,6 +28,21 @@ def test_vector_operations_equal_the_flat_vector_ones():
     assert ops.randn_like(a, 3)["w"].shape == (4, 3) and torch.equal(ops.randn_like(a, 3)["w"], ops.randn_like(a, 3)["w"])
 
 
+def test_norm_accumulates_in_float64_and_all_finite_sees_every_entry():
+    """‖a‖ of float32 tensors whose float32 sum of squares would overflow equals the float64 norm of
+    the flat vector; a NaN or an inf in any entry of any tensor is seen, a large finite value is not."""
+    g = torch.Generator().manual_seed(1)
+    a = {f"t{i}": torch.randn(7, i + 1, generator=g) * 1e25 for i in range(40)}
+    assert ops.norm(a) == pytest.approx(float(_flat(a).double().norm()), rel=1e-14)
+    assert ops.norm({"x": torch.tensor([3, 4])}) == 5.0 and ops.norm({}) == 0.0
+    assert ops.all_finite({**a, "big": torch.tensor([3e38, -3e38])})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        b = {k: v.clone() for k, v in a.items()}
+        b["t39"][6, 39] = bad
+        assert not ops.all_finite(b)
+        assert not ops.all_finite({**a, "x": torch.tensor([bad], dtype=torch.float64)})
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])
 def test_clip_by_norm_is_clip_grad_norm(max_norm):
     a, _ = _pair(1)

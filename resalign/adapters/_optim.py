@@ -179,9 +179,17 @@ class Adam:
         b1, b2 = self.betas
         state["t"] += 1
         state["step"].fill_(state["t"])
+        grads = _same_layout(grads, params)
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
         kernel(params, grads, state["m"], state["v"], [], [state["step"]] * len(params), lr=self.lr, beta1=b1,
                beta2=b2, weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
+
+
+def _same_layout(grads: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads``, each in its parameter's memory layout: the fused kernel walks a parameter and its
+    gradient element by element in memory order, so a gradient with other strides (a compiled
+    backward may return a convolution's weight gradient channels-last) would be read out of place."""
+    return [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, params)]
 
 
 #: entries of φ updated by one group of ``torch._foreach_*`` kernels in :meth:`Adam.step_`: its two

@@ -8,7 +8,8 @@ Alg. 2 needs. The same ``adapt`` is downstream fine-tuning (:mod:`resalign.eval.
 
 Without a graph to keep (``differentiable=False``), the fast path (:mod:`resalign.fastpath`) makes φ
 leaves once and updates them in place with the optimizer's fused kernel (``fused_step_``) between
-steps; the reference path re-makes the leaves every step and updates them with ``step_``.
+steps (on the compiled path, with the model's calls compiled: :mod:`resalign.core.compiled`); the
+reference path re-makes the leaves every step and updates them with ``step_``.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ class MergedAdapter(Component):
         state = opt.fused_init(params)
         losses: list[float] = []
         for _ in range(cfg.steps):
-            value = loss(self.merge(base, leaves))
-            grads = torch.autograd.grad(value, params, allow_unused=True)
+            with fastpath.compile_region():  # the model's calls may run compiled (first-order only)
+                value = loss(self.merge(base, leaves))
+                grads = torch.autograd.grad(value, params, allow_unused=True)
             if any(g is None for g in grads):
                 grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
             if cfg.max_grad_norm:

@@ -16,7 +16,9 @@ Calling cost. ``functional_call`` walks the module tree on every call (to untie 
 find each parameter's submodule): for a small UNet a tenth of its forward pass. On the fast path
 (:mod:`resalign.fastpath`) :class:`FunctionalUNet` looks every parameter's slot up once and swaps the
 given tensors into the slots for the call, what ``functional_call`` does for a module without tied
-weights (a module with tied weights, or a name it does not hold, takes ``functional_call``).
+weights (a module with tied weights, or a name it does not hold, takes ``functional_call``). On the
+compiled path, the calls of the non-differentiable ADAPT loop go through one ``torch.compile``-d
+``functional_call`` instead (:mod:`resalign.core.compiled`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from resalign import fastpath
 from resalign.components import Cond, Params, unet_kwargs
+from resalign.core import compiled
 
 
 @contextlib.contextmanager
@@ -114,8 +117,15 @@ class FunctionalUNet:
         if checkpointing:
             unet.enable_gradient_checkpointing(gradient_checkpointing_func=functional_checkpoint)
         self._slots: ParameterSlots | None = None
+        self._compiled = None
 
     def _call(self, params: Params, args: tuple, kwargs: dict):
+        if not self.checkpointing and compiled.active():
+            if self._compiled is None:
+                self._compiled = compiled.CompiledCall(self.unet)
+            out = self._compiled(params, args, kwargs)
+            if out is not None:
+                return out
         if fastpath.enabled():
             if self._slots is None:
                 self._slots = ParameterSlots(self.unet)
