@@ -30,7 +30,7 @@ the time spent waiting for a core of a shared machine); ``--clock wall`` reads t
   ``first_outer_step_s``).
 
 ``--paths`` names the inner-loop implementations timed side by side (:mod:`resalign.fastpath`:
-``compiled`` the default path, ``fast`` the same without ``torch.compile``, ``reference`` the
+``fast`` the default path, ``compiled`` the same with ``torch.compile``, ``reference`` the
 straightforward loop they replaced); a checkout without that module times its own code as ``default``.
 The compiled path's compilation happens in the warm-up (``first_outer_step_s``; Inductor's on-disk
 cache makes it a few seconds in a later process). Each path's outer steps run on a trainer of its own, in

@@ -1,4 +1,4 @@
-"""Which implementation the hot loops of a simulation run: ``compiled`` (the default), ``fast`` or ``reference``.
+"""Which implementation the hot loops of a simulation run: ``fast`` (the default), ``compiled`` or ``reference``.
 
 A simulated fine-tuning (and downstream fine-tuning, which runs the same ADAPT) is hundreds of small
 training steps whose cost on a small model is the dispatch of many small kernels, not arithmetic. The
@@ -16,6 +16,10 @@ training steps whose cost on a small model is the dispatch of many small kernels
 The ``compiled`` path is the ``fast`` one with the UNet's calls inside the non-differentiable ADAPT
 loop compiled by ``torch.compile`` (:mod:`resalign.core.compiled`: equal to the ``fast`` path to float
 rounding; where compilation is unavailable, or ``RESALIGN_COMPILE=0``, it runs as the ``fast`` path).
+It is chosen with ``RESALIGN_INNER_LOOP=compiled``, not by default: on the toy model a compiled step
+is about 1.2x faster, but a process pays the compilation first (tens of seconds of CPU per input
+shape, seconds with Inductor's cache warm), so a toy run of the preset's length gains nothing end to
+end (``docs/performance.md``).
 
 The ``reference`` path is the straightforward implementation these replaced, kept to test the fast
 one against (``tests/test_fastpath.py``: equal to 1e-6 relative, the fused kernels' rounding apart)
@@ -32,7 +36,7 @@ from collections.abc import Iterator
 from resalign.errors import ConfigError
 
 #: The implementations, the default first.
-PATHS = ("compiled", "fast", "reference")
+PATHS = ("fast", "compiled", "reference")
 #: Environment variable that selects the path for a process.
 ENV = "RESALIGN_INNER_LOOP"
 

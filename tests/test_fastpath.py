@@ -31,7 +31,7 @@ def rel(a: dict, b: dict) -> float:
 
 
 def test_the_path_is_chosen_by_name():
-    assert fastpath.PATHS[1] == "fast"  # after the compiled path that builds on it (tests/test_compiled.py)
+    assert fastpath.PATHS[0] == "fast"  # the default; the compiled path builds on it (tests/test_compiled.py)
     with pytest.raises(ConfigError, match="inner loop 'quick'"):
         fastpath.use("quick")
 
