@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from fixtures.tiny import random_batch, tiny_context
+from fixtures.tiny import hvp_and_finite_difference, random_batch, tiny_context
 
 from resalign.core import tree
 from resalign.core.hvp import make_hvp
@@ -31,17 +31,7 @@ def test_hvp_matches_finite_differences_of_gradients_float64():
     batch = random_batch(2, dtype=torch.float64)
     loss = _loss(ctx, batch)
     theta = tree.detach(ctx.theta0)
-    g = torch.Generator().manual_seed(3)
-    v = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in theta.items()}
-    v = tree.scale(v, 1.0 / tree.norm(v))
-    hv = make_hvp(loss, theta)(v)
-
-    def grad_at(p):
-        p = tree.leaves(p)
-        return tree.grads_or_zeros(torch.autograd.grad(loss(p), list(p.values()), allow_unused=True), p)
-
-    eps = 1e-5
-    fd = tree.scale(tree.add(grad_at(tree.add(theta, v, eps)), grad_at(tree.add(theta, v, -eps)), -1.0), 0.5 / eps)
+    hv, fd = hvp_and_finite_difference(loss, theta)
     cos = float(tree.dot(hv, fd)) / (tree.norm(hv) * tree.norm(fd))
     assert cos > 0.999
     assert abs(tree.norm(hv) - tree.norm(fd)) / tree.norm(fd) < 1e-3

@@ -115,7 +115,8 @@ def test_esd_target_equals_the_diffusers_unet_with_both_encoders(bundle):
 
 
 def test_hvp_through_the_sdxl_unet_matches_float64_finite_differences(tiny_sdxl_dir):
-    from resalign.core.hvp import make_hvp
+    from fixtures.tiny import hvp_and_finite_difference
+
     from resalign.losses._common import denoising_loss
 
     b = T2IBundle.load(tiny_sdxl_dir)
@@ -127,17 +128,7 @@ def test_hvp_through_the_sdxl_unet_matches_float64_finite_differences(tiny_sdxl_
         return denoising_loss(ctx, p, batch, torch.Generator().manual_seed(0))
 
     theta = tree.detach(ctx.theta0)
-    g = torch.Generator().manual_seed(3)
-    v = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in theta.items()}
-    v = tree.scale(v, 1.0 / tree.norm(v))
-    hv = make_hvp(loss, theta)(v)
-
-    def grad_at(p):
-        p = tree.leaves(p)
-        return tree.grads_or_zeros(torch.autograd.grad(loss(p), list(p.values()), allow_unused=True), p)
-
-    eps = 1e-5
-    fd = tree.scale(tree.add(grad_at(tree.add(theta, v, eps)), grad_at(tree.add(theta, v, -eps)), -1.0), 0.5 / eps)
+    hv, fd = hvp_and_finite_difference(loss, theta)
     cos = float(tree.dot(hv, fd)) / (tree.norm(hv) * tree.norm(fd))
     assert cos > 0.999
     assert abs(tree.norm(hv) - tree.norm(fd)) / tree.norm(fd) < 1e-3
