@@ -133,6 +133,7 @@ def test_compiled_runs_split_over_two_ranks_and_resumed_after_a_kill_equal_one_p
     import sys
 
     monkeypatch.setenv(compiled.ENV, "1")
+    monkeypatch.setenv(fastpath.ENV, "compiled")
     args = ["--outer-steps", "2", "--set", "checkpoint_every=1", "--set", "quick_eval=0"]
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     _ok([sys.executable, "-m", "resalign", *_run_args(tiny_toy_dir, one, *args)], timeout=600)
@@ -146,7 +147,7 @@ def test_compiled_runs_split_over_two_ranks_and_resumed_after_a_kill_equal_one_p
     c = _weights(killed)
     assert all(torch.equal(a[k], c[k]) for k in a)
     # the runs did compile: the fast path's weights differ from the compiled ones by float rounding
-    monkeypatch.setenv(compiled.ENV, "0")
+    monkeypatch.setenv(fastpath.ENV, "fast")
     _ok([sys.executable, "-m", "resalign", *_run_args(tiny_toy_dir, tmp_path / "fast", *args)], timeout=600)
     f = _weights(tmp_path / "fast")
     assert any(not torch.equal(a[k], f[k]) for k in a)

@@ -103,3 +103,22 @@ def test_an_imma_run_simulates_its_one_configuration_with_the_unrolled_solver(ti
     sims = [s for step in steps for s in step.get("simulations", [])]
     assert len(sims) == 1 and sims[0]["config"] == "full/adam/lr=0.0001/T=1/denoise"
     assert sims[0].get("solver") == "unrolled"
+
+
+def test_strength_matching_extends_the_matched_runs_from_a_reused_resalign_run():
+    """``--match strength --match-max-factor F``: the matched methods run F times ResAlign's outer
+    steps, also when ResAlign's run is a finished one that ``--run`` reuses (it is then not among the
+    configurations to run)."""
+    from resalign.eval.protocol.matching import candidate_runs
+    from resalign.eval.protocol.methods import method_roles
+    from resalign.settings.run import RunConfig
+
+    roles = method_roles(["ca", "resalign"], {"ca": "ca", "resalign": "ca"})
+    steps = {"ca": RunConfig(loss="ca", beta=0.0, outer_steps=30)}
+    reused = RunConfig(outer_steps=40)
+    out = candidate_runs(steps, lambda rc: rc.outer_steps, 6, 3, roles, reused)
+    assert (out["ca"].outer_steps, out["ca"].checkpoint_every, out["ca"].keep_checkpoints) == (120, 6, 0)
+    assert candidate_runs(steps, lambda rc: rc.outer_steps, 6, 3, roles)["ca"].outer_steps == 30
+    both = {**steps, "resalign": RunConfig(outer_steps=20)}
+    assert candidate_runs(both, lambda rc: rc.outer_steps, 6, 3, roles)["ca"].outer_steps == 60
+    assert candidate_runs(both, lambda rc: rc.outer_steps, 6, 3, roles)["resalign"].outer_steps == 20

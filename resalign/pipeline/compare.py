@@ -163,8 +163,9 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
     rcs = {u: {m: method_run_config(m, cfg.model, u, cfg.unlearn, cfg.device, cfg.dtype) for m in todo}
            for u in unlearn_seeds}
     if cfg.match == "strength":
+        reused = next((run_config_of(cfg.runs[m]) for m in cfg.methods if roles[m]["ours"] and m in cfg.runs), None)
         rcs = {u: candidate_runs(by_method, lambda rc: resolve(rc).outer_steps, cfg.match_every, cfg.match_max_factor,
-                                 roles) for u, by_method in rcs.items()}
+                                 roles, reused) for u, by_method in rcs.items()}
     first = rcs[unlearn_seeds[0]]
     losses = {m: resolve(rc).loss for m, rc in first.items()} | {m: run_config_of(d).loss for m, d in cfg.runs.items()
                                                               if not is_released(d)}
