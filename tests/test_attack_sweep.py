@@ -7,8 +7,6 @@ import itertools
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,6 @@ from resalign.eval.protocol.sweep import (AttackSweep, Plan, SweepSettings, best
                                           utility_loss, worst_case)
 from resalign.settings.presets import preset_named
 
-ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"lr_factor": [1.0, 3.0], "steps": [10, 20, 40], "adapt": ["full", "lora"]}
 #: Fine-tuning of two steps and an evaluation of 4 prompts per set at 2 sampling steps: seconds per trial.
 TINY = ["--set", "search_space.steps=[2]", "--toy-prompts", "4", "--sample-steps", "2", "--threads", "1", "--quiet"]
@@ -168,14 +165,10 @@ def test_attack_sweep_resumed_recomputes_no_finished_trial(whole, tmp_path, coun
 
 @pytest.mark.slow
 def test_attack_sweep_on_two_gloo_ranks_gives_the_single_process_rows(whole, tmp_path):
-    from tests.test_sweeps import _env, _free_port
+    from tests.test_sweeps import run_on_two_gloo_ranks
 
     out = tmp_path / "ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "resalign", *_attack_args(out)]
-    res = subprocess.run(cmd, cwd=ROOT, env={**_env(), "RESALIGN_DIST_TIMEOUT_S": "240"}, stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_on_two_gloo_ranks(_attack_args(out))
     assert _report(out)["results"] == _report(whole)["results"]
     ranks = {json.loads(p.read_text())["rank"] for p in (out / "cells").glob("sweep-toy-base-trial*.json")}
     assert ranks == {0, 1}
