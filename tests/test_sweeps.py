@@ -92,18 +92,19 @@ def test_compare_killed_between_cells_resumes_without_recomputing(uninterrupted,
     assert _report(out) == uninterrupted
 
 
-def run_on_two_gloo_ranks(args) -> None:
+def run_on_two_gloo_ranks(args) -> subprocess.CompletedProcess:
     """``python -m resalign ARGS`` under torchrun with two gloo ranks; fails the test with its stderr."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "resalign", *args]
     res = subprocess.run(cmd, cwd=ROOT, env={**_env(), "RESALIGN_DIST_TIMEOUT_S": "240"}, stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def test_compare_on_two_gloo_ranks_gives_the_single_process_rows(uninterrupted, tmp_path):
     out = tmp_path / "ranks"
-    run_on_two_gloo_ranks(_compare_args(out))
+    res = run_on_two_gloo_ranks(_compare_args(out))
     assert _report(out)["results"] == uninterrupted["results"]
     assert _report(out)["settings"] == uninterrupted["settings"]
     records = _records(out).values()
