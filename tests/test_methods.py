@@ -109,16 +109,20 @@ def test_strength_matching_extends_the_matched_runs_from_a_reused_resalign_run()
     """``--match strength --match-max-factor F``: the matched methods run F times ResAlign's outer
     steps, also when ResAlign's run is a finished one that ``--run`` reuses (it is then not among the
     configurations to run)."""
-    from resalign.eval.protocol.matching import candidate_runs
-    from resalign.eval.protocol.methods import method_roles
+    from types import SimpleNamespace
+
+    from resalign.eval.protocol.methods import method_roles, unlearning_configs
     from resalign.settings.run import RunConfig
 
     roles = method_roles(["ca", "resalign"], {"ca": "ca", "resalign": "ca"})
-    steps = {"ca": RunConfig(loss="ca", beta=0.0, outer_steps=30)}
-    reused = RunConfig(outer_steps=40)
-    out = candidate_runs(steps, lambda rc: rc.outer_steps, 6, 3, roles, reused)
-    assert (out["ca"].outer_steps, out["ca"].checkpoint_every, out["ca"].keep_checkpoints) == (120, 6, 0)
-    assert candidate_runs(steps, lambda rc: rc.outer_steps, 6, 3, roles)["ca"].outer_steps == 30
-    both = {**steps, "resalign": RunConfig(outer_steps=20)}
-    assert candidate_runs(both, lambda rc: rc.outer_steps, 6, 3, roles)["ca"].outer_steps == 60
-    assert candidate_runs(both, lambda rc: rc.outer_steps, 6, 3, roles)["resalign"].outer_steps == 20
+    cfg = SimpleNamespace(methods=["ca", "resalign"], runs={}, model=None, unlearn={"outer_steps": 20}, device="cpu",
+                          dtype="fp32", match="strength", match_every=6, match_max_factor=3)
+    made = unlearning_configs(cfg, roles, [0, 1])
+    assert list(made[0]) == ["resalign", "ca"]  # ResAlign first: the strength the others are matched to
+    assert (made[1]["ca"].outer_steps, made[1]["ca"].checkpoint_every, made[1]["ca"].keep_checkpoints) == (60, 6, 0)
+    assert made[1]["resalign"].outer_steps == 20
+    reused = SimpleNamespace(**{**vars(cfg), "runs": {"resalign": "RUN"}})
+    out = unlearning_configs(reused, roles, [0], reused_config=lambda path: RunConfig(outer_steps=40))
+    assert list(out[0]) == ["ca"] and out[0]["ca"].outer_steps == 120
+    steps = SimpleNamespace(**{**vars(cfg), "match": "steps"})
+    assert unlearning_configs(steps, roles, [0])[0]["ca"].outer_steps == 20

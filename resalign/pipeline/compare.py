@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,20 +35,20 @@ from resalign import distributed
 from resalign.cells import Cell, Sweep
 from resalign.checkpoints import run_config_of
 from resalign.data.training import shared_data
-from resalign.config import from_dict, to_dict
+from resalign.config import to_dict
 from resalign.errors import ConfigError
 from resalign.eval.protocol.methods import (
     check_comparison,
     describe_run,
     is_released,
     method_roles,
-    method_settings,
+    method_run_config,
     parse_method,
+    unlearning_configs,
     with_released,
 )
 from resalign.eval.protocol.comparison import Comparison
 from resalign.eval.protocol.finetune import FinetuneSpec
-from resalign.eval.protocol.matching import candidate_runs
 from resalign.eval.protocol.sweep_runs import SweepSettings, comparison_sweep
 from resalign.eval.reports.sweep import write_sweep_report
 from resalign.eval.reports.tidy import TidyReport
@@ -91,14 +90,6 @@ class CompareConfig(EvaluationSettings, SweepSettings):
     match: str = "strength"  # strength | steps (see the module docstring)
     match_every: int = 2  # checkpoint interval of the baselines' runs, the candidates of matching
     match_max_factor: int = 1  # --match strength: baselines run up to this many times ResAlign's outer steps
-
-
-def method_run_config(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str, dtype: str):
-    """The :class:`RunConfig` that unlearns ``method``: a β = 0 baseline or ResAlign (``resalign[-LOSS]``)."""
-    from resalign.settings.run import RunConfig, with_preset_tables
-
-    settings = with_preset_tables(method_settings(method, model, seed, overrides, device, dtype))
-    return from_dict(RunConfig, settings, where="--unlearn-option")
 
 
 def check_compare_config(cfg: CompareConfig) -> None:
@@ -156,16 +147,8 @@ def _open(cfg: CompareConfig, out: str | Path, resume: bool) -> tuple[Comparison
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     unlearn_seeds = [cfg.seed + i for i in range(cfg.unlearn_seeds)]
     swept = comparison_sweep(cfg, preset, cfg.datasets, benign_sets, base.bundle.image_size) if cfg.sweep else None
-    # ResAlign first: its before-FT harmful rate is the strength the baselines are matched to.
     roles = method_roles(cfg.methods, {}, [m for m, d in cfg.runs.items() if is_released(d)])
-    todo = sorted((m for m in cfg.methods if roles[m]["unlearns"] and m not in cfg.runs),
-                  key=lambda m: not roles[m]["ours"])
-    rcs = {u: {m: method_run_config(m, cfg.model, u, cfg.unlearn, cfg.device, cfg.dtype) for m in todo}
-           for u in unlearn_seeds}
-    if cfg.match == "strength":
-        reused = next((run_config_of(cfg.runs[m]) for m in cfg.methods if roles[m]["ours"] and m in cfg.runs), None)
-        rcs = {u: candidate_runs(by_method, lambda rc: resolve(rc).outer_steps, cfg.match_every, cfg.match_max_factor,
-                                 roles, reused) for u, by_method in rcs.items()}
+    rcs = unlearning_configs(cfg, roles, unlearn_seeds)
     first = rcs[unlearn_seeds[0]]
     losses = {m: resolve(rc).loss for m, rc in first.items()} | {m: run_config_of(d).loss for m, d in cfg.runs.items()
                                                               if not is_released(d)}

@@ -47,15 +47,11 @@ def earliest_as_strong(rates: Iterable[tuple[int, float]], target: float, n: int
 
 
 def candidate_runs(run_configs: Mapping[str, Any], outer_steps: Callable[[Any], int], every: int, max_factor: int,
-                   roles: Mapping[str, Mapping[str, Any]], reused_ours: Any = None) -> dict[str, Any]:
+                   roles: Mapping[str, Mapping[str, Any]], ours_steps: int | None) -> dict[str, Any]:
     """The methods' run configurations with the matched methods' checkpoints (``roles[m]["matched"]``:
     baselines and peers) made the candidates of matching: a checkpoint every ``every`` outer steps, all
-    kept, and at least ``max_factor`` times ResAlign's (``roles[m]["ours"]``) outer steps
-    (``outer_steps(rc)``: a configuration's resolved outer steps; ``reused_ours``: the configuration of
-    a finished ResAlign run that ``--run`` reuses, when ResAlign is not among ``run_configs``); the
-    other runs are unchanged."""
-    ours = next((outer_steps(rc) for m, rc in run_configs.items() if roles[m]["ours"]),
-                None if reused_ours is None else outer_steps(reused_ours))
+    kept, and at least ``max_factor`` times ResAlign's outer steps ``ours_steps`` (``outer_steps(rc)``:
+    a configuration's resolved outer steps); the other runs are unchanged."""
     return {m: dataclasses.replace(rc, checkpoint_every=every, keep_checkpoints=0,
-                                   outer_steps=max(outer_steps(rc), max_factor * (ours or 0)))
+                                   outer_steps=max(outer_steps(rc), max_factor * (ours_steps or 0)))
             if roles[m]["matched"] else rc for m, rc in run_configs.items()}

@@ -15,7 +15,7 @@ from typing import Any
 
 from resalign.components import MethodRecipe
 from resalign.errors import ConfigError
-from resalign.eval.protocol.matching import MATCH_MODES
+from resalign.eval.protocol.matching import MATCH_MODES, candidate_runs
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,44 @@ def method_roles(methods: Sequence[str], losses: Mapping[str, str | None], relea
         roles[name] = {"ours": r.ours, "matched": r.matched, "unlearns": r.unlearns,
                        "twin": twin if twin in methods and twin != name else None}
     return roles
+
+
+def method_run_config(method: str, model: str | None, seed: int, overrides: Mapping[str, Any], device: str, dtype: str):
+    """The :class:`~resalign.settings.run.RunConfig` that unlearns ``method`` (:func:`method_settings`
+    over the preset's tables)."""
+    from resalign.config import from_dict
+    from resalign.settings.run import RunConfig, with_preset_tables
+
+    settings = with_preset_tables(method_settings(method, model, seed, overrides, device, dtype))
+    return from_dict(RunConfig, settings, where="--unlearn-option")
+
+
+def unlearning_configs(cfg: Any, roles: Mapping[str, Mapping[str, Any]], unlearn_seeds: Sequence[int],
+                       reused_config: Callable[[str], Any] | None = None) -> dict[int, dict[str, Any]]:
+    """The unlearning runs of a ``CompareConfig`` by unlearning seed and method, ResAlign first (its
+    before-FT harmful rate is the strength the others are matched to): every method that unlearns and
+    is not reused with ``--run``. With ``--match strength`` the matched methods' runs are the
+    :func:`candidate_runs` of matching, at least ``--match-max-factor`` times ResAlign's outer steps,
+    those of its run here or of the finished run ``--run`` reuses (``reused_config(DIR)``: the
+    resolved configuration a run directory recorded; :func:`resalign.checkpoints.run_config_of`)."""
+    from resalign.checkpoints import run_config_of
+    from resalign.settings.run import resolve
+
+    todo = sorted((m for m in cfg.methods if roles[m]["unlearns"] and m not in cfg.runs),
+                  key=lambda m: not roles[m]["ours"])
+    rcs = {u: {m: method_run_config(m, cfg.model, u, cfg.unlearn, cfg.device, cfg.dtype) for m in todo}
+           for u in unlearn_seeds}
+    if cfg.match != "strength":
+        return rcs
+    ours = next((m for m in cfg.methods if roles[m]["ours"]), None)
+    if ours is None:
+        ours_steps = None
+    elif ours in cfg.runs:
+        ours_steps = (reused_config or run_config_of)(cfg.runs[ours]).outer_steps
+    else:
+        ours_steps = resolve(rcs[unlearn_seeds[0]][ours]).outer_steps
+    return {u: candidate_runs(by_method, lambda rc: resolve(rc).outer_steps, cfg.match_every, cfg.match_max_factor,
+                              roles, ours_steps) for u, by_method in rcs.items()}
 
 
 def check_comparison(cfg: Any, made_from: Callable[[Path], str | None]) -> None:
